@@ -1,0 +1,155 @@
+"""Typed, frozen configuration: the training recipe and the spec of one run.
+
+Every field carries its unit. Both backends read the same Recipe, so every
+hyperparameter that differs between framework defaults (BN momentum, Adam
+epsilon, weight-decay semantics...) is set here once, explicitly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+WEIGHT_DECAY_MODES = ("coupled_l2", "decoupled")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+PRECISIONS = ("fp32", "bf16", "fp16")
+INIT_SCHEMES = ("torch_default", "he_normal_fan_out", "glorot_uniform")
+# Execution modes per backend; "best" lets the backend pick its fastest correct one.
+BACKEND_MODES = {
+    "torch": ("best", "eager", "compile"),
+    "tensorflow": ("best", "eager", "graph", "xla"),
+}
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of CIFAR-10 train, in [0, 1]
+CIFAR_STD = (0.2470, 0.2435, 0.2616)  # per-channel std of CIFAR-10 train, in [0, 1]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train. Identical for both backends; each maps it onto its own API."""
+
+    epochs: int = 10  # full passes over the training set
+    batch_size: int = 128  # images per training step
+    eval_batch_size: int = 500  # images per evaluation step (does not change results)
+    drop_last: bool = True  # drop the final partial training batch
+    optimizer: str = "sgd"  # one of OPTIMIZERS
+    lr: float = 0.05  # peak learning rate (per step, not scaled by batch size)
+    momentum: float = 0.9  # SGD momentum (torch semantics: buf = m*buf + g)
+    nesterov: bool = True  # SGD Nesterov momentum
+    weight_decay: float = 5e-4  # L2 / decoupled decay coefficient
+    weight_decay_mode: str = "coupled_l2"  # coupled_l2: g += wd*w (torch SGD); decoupled: w -= lr*wd*w
+    decay_bn_and_bias: bool = True  # apply weight decay to BN parameters and biases too
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.999  # Adam second-moment decay
+    adam_epsilon: float = 1e-8  # added to sqrt(v_hat) (torch placement, not keras's)
+    schedule: str = "cosine"  # one of SCHEDULES; evaluated per step in common.schedules
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr, in epochs
+    step_milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of training
+    step_gamma: float = 0.1  # step schedule: LR multiplier at each milestone
+    onecycle_pct_start: float = 0.25  # one-cycle: fraction of steps spent rising
+    final_lr_fraction: float = 0.0  # cosine / one-cycle: final LR as a fraction of lr
+    label_smoothing: float = 0.0  # cross-entropy label smoothing, in [0, 1)
+    bn_momentum: float = 0.1  # torch convention: running = (1-m)*running + m*batch
+    bn_epsilon: float = 1e-5  # added to the variance in BatchNorm
+    init_scheme: str = "torch_default"  # one of INIT_SCHEMES (common.init)
+    augment: bool = True  # random pad-and-crop plus horizontal flip
+    crop_padding: int = 4  # pixels of zero padding before the random crop
+    mean: tuple[float, float, float] = CIFAR_MEAN  # normalisation mean per channel, in [0, 1]
+    std: tuple[float, float, float] = CIFAR_STD  # normalisation std per channel, in [0, 1]
+
+    def __post_init__(self) -> None:
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("weight_decay_mode", self.weight_decay_mode, WEIGHT_DECAY_MODES)
+        _one_of("schedule", self.schedule, SCHEDULES)
+        _one_of("init_scheme", self.init_scheme, INIT_SCHEMES)
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("eval_batch_size", self.eval_batch_size)
+        _positive("lr", self.lr)
+        for name in ("momentum", "adam_beta1", "adam_beta2", "bn_momentum"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.adam_epsilon <= 0 or self.bn_epsilon <= 0:
+            raise ConfigError("adam_epsilon and bn_epsilon must be > 0")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ConfigError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if self.crop_padding < 0:
+            raise ConfigError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ConfigError("mean and std need one value per channel, std > 0")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: one backend training one model on one dataset with one seed."""
+
+    model: str  # registered model name (common.registry.list_models())
+    backend: str  # "torch" or "tensorflow" (or a test backend)
+    data: str = "synthetic"  # dataset SPEC (common.data)
+    seed: int = 0  # drives init weights, sampler order, augmentation, subsets
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (TensorFlow: GPU:N)
+    precision: str = "fp32"  # one of PRECISIONS
+    mode: str = "best"  # execution mode, one of BACKEND_MODES[backend]
+    channels_last: bool | None = None  # torch memory format; None = backend decides
+    deterministic: bool = False  # framework determinism switches (slower)
+    allow_tf32: bool = False  # TensorFloat-32 matmuls/convs on Ampere+ GPUs
+    threads: int | None = None  # intra-op threads for both frameworks; None = all cores
+    train_subset: int | None = None  # stratified training subset size (images)
+    test_subset: int | None = None  # stratified test subset size (images)
+    warmup_steps: int = 5  # steps excluded from throughput (after the compile step)
+    max_steps_per_epoch: int | None = None  # cap steps per epoch (smoke tests, bench)
+    checkpoint_dir: str | None = None  # per-epoch checkpoints here; resume if present
+    recipe: Recipe = field(default_factory=Recipe)
+
+    def __post_init__(self) -> None:
+        modes = BACKEND_MODES.get(self.backend)
+        if modes is not None:
+            _one_of(f"mode for {self.backend}", self.mode, modes)
+        _one_of("precision", self.precision, PRECISIONS)
+        if self.threads is not None:
+            _positive("threads", self.threads)
+        for name in ("train_subset", "test_subset", "max_steps_per_epoch"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(name, value)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunSpec":
+        raw = dict(raw)
+        recipe_raw = dict(raw.pop("recipe", {}) or {})
+        for key in ("step_milestones", "mean", "std"):
+            if key in recipe_raw:
+                recipe_raw[key] = tuple(recipe_raw[key])
+        return cls(**raw, recipe=Recipe(**recipe_raw))
+
+    def run_id(self) -> str:
+        """Stable identifier of this run inside a results folder."""
+        return f"{self.model}__{self.backend}__seed{self.seed}"
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")

@@ -1,0 +1,174 @@
+"""ONE timed training loop for both backends.
+
+What is timed, and where the clock is read:
+
+* ``backend.synchronize()`` runs before every ``perf_counter()`` read, so a
+  step's time covers its device work, not just its launch.
+* Step time (compute-only) = from just before the step call to after its
+  synchronize. The batch was already produced by the pipeline iterator.
+* Epoch train time (pipeline-inclusive) = from the epoch's first fetch to the
+  last step's synchronize; evaluation is timed separately and excluded.
+* The run's first step is the compile step (tracing, XLA / inductor
+  compilation, cuDNN autotune): reported as ``compile_s``, excluded from
+  throughput along with the next ``spec.warmup_steps`` steps.
+* The loss is read to the host after the clock stops (a NaN/inf loss ends the
+  run with status ``diverged``); no other host round trip in the hot loop.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from common.config import RunSpec
+from common.metrics import classification_report, cross_entropy, median_ci, percentile
+from common.sampler import epoch_plan
+from common.schedules import lr_at
+
+
+@dataclass
+class LoopState:
+    """Where training is; saved in checkpoints so a resumed run continues exactly."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0  # optimiser steps completed
+    train_time_s: float = 0.0  # cumulative training wall time (evaluation excluded)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class LoopResult:
+    status: str = "ok"  # ok | diverged
+    diverged_step: int | None = None
+    state: LoopState = field(default_factory=LoopState)
+    compile_s: float | None = None
+    eval_compile_s: float | None = None
+    step_times_s: list[float] = field(default_factory=list)  # steady-state steps only
+    step_batch_sizes: list[int] = field(default_factory=list)
+    steady_images: int = 0  # images in steady-state steps
+    steady_wall_s: float = 0.0  # pipeline-inclusive wall time of those steps
+    eval_images: int = 0
+    eval_time_s: float = 0.0
+    final_logits: np.ndarray | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """Throughput figures for the RunResult (None where not measured)."""
+        per_step = [b / t for b, t in zip(self.step_batch_sizes, self.step_times_s) if t > 0]
+        median, lo, hi = median_ci(per_step) if per_step else (None, None, None)
+        walls = [e["train_time_s"] for e in self.state.epochs if e.get("train_time_s")]
+        return {
+            "train_images_per_sec": median,
+            "train_images_per_sec_ci": [lo, hi] if per_step else None,
+            "pipeline_images_per_sec": (self.steady_images / self.steady_wall_s) if self.steady_wall_s > 0 else None,
+            "eval_images_per_sec": (self.eval_images / self.eval_time_s) if self.eval_time_s > 0 else None,
+            "step_time_p50_s": percentile(self.step_times_s, 50) if self.step_times_s else None,
+            "step_time_p90_s": percentile(self.step_times_s, 90) if self.step_times_s else None,
+            "compile_s": self.compile_s,
+            "eval_compile_s": self.eval_compile_s,
+            "train_time_s": self.state.train_time_s,
+            "epoch_wall_s": float(np.median(walls)) if walls else None,
+        }
+
+
+def evaluate(backend: Any, eval_step: Callable, result: LoopResult) -> np.ndarray:
+    """Logits for the whole test split (numpy, in test-set order), timed apart from training."""
+    outputs = []
+    backend.synchronize()
+    for index, (images, _labels) in enumerate(backend.eval_batches()):
+        t0 = time.perf_counter()
+        logits = eval_step(images)
+        backend.synchronize()
+        elapsed = time.perf_counter() - t0
+        array = backend.to_numpy(logits)
+        if result.eval_compile_s is None and index == 0:
+            result.eval_compile_s = elapsed  # first call traces/compiles: not throughput
+        else:
+            result.eval_images += len(array)
+            result.eval_time_s += elapsed
+        outputs.append(array.astype(np.float32))
+    return np.concatenate(outputs)
+
+
+def train(backend: Any, train_step: Callable, eval_step: Callable, spec: RunSpec, num_train: int,
+          test_labels: np.ndarray, *, state: LoopState | None = None,
+          on_epoch_end: Callable[[LoopState], None] | None = None,
+          on_step: Callable[[int, int, float], None] | None = None) -> LoopResult:
+    """Train for ``spec.recipe.epochs`` epochs (continuing from ``state``) and evaluate after each."""
+    recipe = spec.recipe
+    result = LoopResult(state=state or LoopState())
+    first_plan = _plan(spec, 0, num_train)
+    steps_per_epoch = min(first_plan.num_batches, spec.max_steps_per_epoch or first_plan.num_batches)
+    skip = 1 + spec.warmup_steps  # compile step + warm-up steps, counted from this process's start
+    steps_this_process = 0
+    while result.state.epoch < recipe.epochs:
+        plan = first_plan if result.state.epoch == 0 else _plan(spec, result.state.epoch, num_train)
+        losses, correct, seen = [], 0.0, 0
+        backend.synchronize()
+        epoch_start = time.perf_counter()
+        steady_start = epoch_start if steps_this_process >= skip else None
+        for index, ((images, labels), size) in enumerate(zip(backend.train_batches(plan), plan.batch_sizes())):
+            if index >= steps_per_epoch:
+                break
+            lr = lr_at(recipe, result.state.global_step, steps_per_epoch)
+            t0 = time.perf_counter()
+            loss, n_correct = train_step(images, labels, lr)
+            backend.synchronize()
+            t1 = time.perf_counter()
+            loss_value = float(backend.to_numpy(loss))
+            result.state.global_step += 1
+            steps_this_process += 1
+            if steps_this_process == 1:
+                result.compile_s = t1 - t0
+            elif steps_this_process > skip:
+                result.step_times_s.append(t1 - t0)
+                result.step_batch_sizes.append(size)
+                result.steady_images += size
+            if steps_this_process == skip:
+                steady_start = t1  # pipeline-inclusive clock starts after warm-up
+            if not math.isfinite(loss_value):
+                result.status, result.diverged_step = "diverged", result.state.global_step
+                return result
+            losses.append(loss_value * size)
+            correct += float(backend.to_numpy(n_correct))
+            seen += size
+            if on_step is not None:
+                on_step(result.state.epoch, index, loss_value)
+        backend.synchronize()
+        epoch_end = time.perf_counter()
+        if steady_start is not None:
+            result.steady_wall_s += epoch_end - steady_start
+        train_time = epoch_end - epoch_start
+        result.state.train_time_s += train_time
+        logits = evaluate(backend, eval_step, result)
+        result.final_logits = logits
+        result.state.epoch += 1
+        result.state.epochs.append({
+            "epoch": result.state.epoch,
+            "train_loss": sum(losses) / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "test_loss": cross_entropy(logits, test_labels),
+            "test_accuracy": float((logits.argmax(axis=1) == test_labels).mean()),
+            "wall_s": result.state.train_time_s,  # cumulative training time at this evaluation
+            "train_time_s": train_time,
+            "images": seen,
+            "lr_last": lr_at(recipe, max(result.state.global_step - 1, 0), steps_per_epoch),
+        })
+        if on_epoch_end is not None:
+            on_epoch_end(result.state)
+    return result
+
+
+def final_report(result: LoopResult, test_labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Accuracy, loss, confusion matrix and per-class scores of the final evaluation."""
+    if result.final_logits is None:
+        return {}
+    return classification_report(result.final_logits, test_labels, num_classes)
+
+
+def _plan(spec: RunSpec, epoch: int, num_train: int):
+    r = spec.recipe
+    return epoch_plan(spec.seed, epoch, num_train, r.batch_size, drop_last=r.drop_last,
+                      augment=r.augment, crop_padding=r.crop_padding)

@@ -1,0 +1,88 @@
+"""The lockstep sampler: all training randomness, drawn once in numpy.
+
+For a (seed, epoch) it fixes the order of the training set, the pad-and-crop
+offset and the flip bit of every sample, and the batch boundaries. Both
+backend pipelines apply exactly these numbers, so both frameworks see the same
+bytes in the same order. ``epoch_plan`` is a pure function of its inputs.
+
+``augment_reference`` is the numpy definition of the augmentation that the
+torch and tf pipelines are tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_STREAM_ORDER, _STREAM_CROP, _STREAM_FLIP = 1, 2, 3  # independent streams per (seed, epoch)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch does. Offsets and flips are indexed by position in ``order``."""
+
+    epoch: int  # 0-based epoch index
+    order: np.ndarray  # int64 (n,): permutation of training indices
+    crop_offsets: np.ndarray  # int32 (n, 2): (dy, dx) top-left corner in the padded image, in [0, 2*pad]
+    flips: np.ndarray  # bool (n,): mirror horizontally after the crop
+    batch_size: int  # images per full batch
+    drop_last: bool  # whether the final partial batch is dropped
+    crop_padding: int  # zero padding (pixels) on each side before cropping
+
+    @property
+    def num_batches(self) -> int:
+        n = len(self.order)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batch_bounds(self) -> list[tuple[int, int]]:
+        """(start, stop) positions in ``order`` of every batch, in order."""
+        n = len(self.order)
+        return [(b * self.batch_size, min((b + 1) * self.batch_size, n)) for b in range(self.num_batches)]
+
+    def batch_sizes(self) -> list[int]:
+        return [stop - start for start, stop in self.batch_bounds()]
+
+
+def epoch_plan(seed: int, epoch: int, num_examples: int, batch_size: int, *,
+               drop_last: bool = True, augment: bool = True, crop_padding: int = 4) -> EpochPlan:
+    """The plan for ``epoch`` (0-based). Without augmentation offsets are centred and flips off."""
+    if num_examples <= 0 or batch_size <= 0:
+        raise ValueError("num_examples and batch_size must be positive")
+    if drop_last and num_examples < batch_size:
+        from common.errors import ConfigError
+
+        raise ConfigError(f"batch size {batch_size} is larger than the {num_examples} training "
+                          "images and the last partial batch is dropped: lower --batch-size")
+    order = np.random.default_rng([seed, epoch, _STREAM_ORDER]).permutation(num_examples).astype(np.int64)
+    if augment:
+        offsets = np.random.default_rng([seed, epoch, _STREAM_CROP]).integers(
+            0, 2 * crop_padding + 1, size=(num_examples, 2)).astype(np.int32)
+        flips = np.random.default_rng([seed, epoch, _STREAM_FLIP]).random(num_examples) < 0.5
+    else:
+        offsets = np.full((num_examples, 2), crop_padding, np.int32)
+        flips = np.zeros(num_examples, bool)
+    return EpochPlan(epoch, order, offsets, flips, batch_size, drop_last, crop_padding)
+
+
+def augment_reference(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: int) -> np.ndarray:
+    """Zero-pad each uint8 NHWC image by ``pad``, crop at ``offsets``, mirror where ``flips``."""
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = offsets[:, 0, None] + np.arange(h)  # (n, h)
+    cols = offsets[:, 1, None] + np.arange(w)  # (n, w)
+    cols = np.where(flips[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def normalize_reference(images_uint8: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 NHWC -> float32 (x/255 - mean)/std, the normalisation both pipelines apply."""
+    x = images_uint8.astype(np.float32) / np.float32(255.0)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def plan_batch_reference(images: np.ndarray, plan: EpochPlan, batch_index: int) -> np.ndarray:
+    """The uint8 NHWC batch ``batch_index`` of ``plan`` (numpy reference)."""
+    start, stop = plan.batch_bounds()[batch_index]
+    idx = plan.order[start:stop]
+    return augment_reference(images[idx], plan.crop_offsets[start:stop], plan.flips[start:stop],
+                             plan.crop_padding)

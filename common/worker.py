@@ -1,0 +1,148 @@
+"""One complete run in this process: what ``python -m torch_impl.worker SPEC.json OUT.json`` does.
+
+The backend workers are thin: they call ``run_worker(backend_name, argv)``.
+The worker writes its RunResult atomically to OUT.json (also on failure, with
+the status and a one-line error) and reports progress on stdout as lines
+``DUALBENCH_EVENT {json}`` that the runner turns into progress bars.
+Host peak RSS is filled in by the parent from ``os.wait4``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from common.architectures import arch_spec
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.config import RunSpec
+from common.errors import UserError
+from common.init import initial_weights
+from common.loop import LoopState, final_report, train
+from common.manifest import collect_manifest
+from common.results import RunResult, write_json_atomic
+
+EVENT_PREFIX = "DUALBENCH_EVENT "
+_PROCESS_START = time.perf_counter()
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One progress line for the parent (flushed: the parent reads it live)."""
+    print(EVENT_PREFIX + json.dumps({"event": event, **fields}), flush=True)
+
+
+def common_settings(spec: RunSpec, dataset: Any) -> dict[str, Any]:
+    """Audit values that come from the spec itself rather than from a framework object."""
+    r = spec.recipe
+    return {"init_scheme": r.init_scheme, "lr_schedule": f"{r.schedule} (common.schedules, per step)",
+            "batch_size": r.batch_size, "data_fingerprint": dataset.fingerprint, "sampler_seed": spec.seed}
+
+
+def execute(backend: Any, spec: RunSpec) -> RunResult:
+    """Set up, build, train and evaluate; returns the filled RunResult (status ok or diverged)."""
+    from common.data import load_dataset
+
+    result = RunResult(run_id=spec.run_id(), model=spec.model, backend=spec.backend, seed=spec.seed,
+                       spec=spec.to_dict())
+    effective = backend.setup(spec)
+    dataset = load_dataset(spec.data, train_subset=spec.train_subset, test_subset=spec.test_subset,
+                           subset_seed=spec.seed, progress=False)
+    arch = arch_spec(spec.model, dataset.num_classes, dataset.in_shape)
+    model = backend.build_model(spec.model, dataset.num_classes, dataset.in_shape,
+                                bn_momentum=spec.recipe.bn_momentum, bn_epsilon=spec.recipe.bn_epsilon)
+    backend.set_weights(model, initial_weights(arch, spec.recipe.init_scheme, spec.seed))
+    backend.attach_data(dataset, spec)
+    train_step = backend.make_train_step(model, spec)
+    eval_step = backend.make_eval_step(model)
+    state = _resume(backend, model, train_step, spec)
+    result.settings = {**backend.audit(model, train_step), **common_settings(spec, dataset)}
+    result.trainable_params = backend.trainable_param_count(model)
+    result.buffers = backend.buffer_count(model)
+    result.macs_per_image = arch.macs()
+    result.class_names = list(dataset.class_names)
+    result.manifest = collect_manifest(versions=backend.versions(), effective=effective,
+                                       data_fingerprint=dataset.fingerprint, data_spec=spec.data,
+                                       train_images=len(dataset.train_labels),
+                                       test_images=len(dataset.test_labels))
+    result.startup_s = time.perf_counter() - _PROCESS_START
+    emit("ready", run_id=result.run_id, epochs=spec.recipe.epochs, settings=result.settings)
+
+    def on_epoch_end(loop_state: LoopState) -> None:
+        if spec.checkpoint_dir:
+            save_checkpoint(spec.checkpoint_dir, backend.get_weights(model), train_step.optimizer_state(),
+                            loop_state, spec.run_id())
+        emit("epoch", **loop_state.epochs[-1])
+
+    backend.reset_peak_memory()
+    loop = train(backend, train_step, eval_step, spec, len(dataset.train_labels), dataset.test_labels,
+                 state=state, on_epoch_end=on_epoch_end)
+    result.device_peak_bytes = backend.peak_device_memory_bytes()
+    result.status, result.diverged_step = loop.status, loop.diverged_step
+    result.epochs = loop.state.epochs
+    result.step_times_s, result.step_batch_sizes = loop.step_times_s, loop.step_batch_sizes
+    for key, value in loop.summary().items():
+        setattr(result, key, value)
+    report = final_report(loop, dataset.test_labels, dataset.num_classes)
+    if report and loop.status == "ok":
+        result.test_accuracy, result.test_loss = report["accuracy"], report["loss"]
+        result.confusion_matrix, result.per_class = report["confusion_matrix"], report["per_class"]
+    if loop.status == "diverged":
+        result.error = f"loss became NaN/inf at step {loop.diverged_step}"
+    return result
+
+
+def _resume(backend: Any, model: Any, train_step: Any, spec: RunSpec) -> LoopState | None:
+    if not spec.checkpoint_dir:
+        return None
+    saved = load_checkpoint(spec.checkpoint_dir, spec.run_id())
+    if saved is None:
+        return None
+    weights, optimizer, state = saved
+    backend.set_weights(model, weights)
+    train_step.load_optimizer_state(optimizer)
+    emit("resumed", epoch=state.epoch, global_step=state.global_step)
+    return state
+
+
+def run_worker(backend_name: str, argv: list[str] | None = None) -> int:
+    """Entry point of a worker process; returns its exit code (0 ok, 1 failed, 2 user error)."""
+    parser = argparse.ArgumentParser(prog=f"{backend_name} worker")
+    parser.add_argument("spec", help="RunSpec JSON file")
+    parser.add_argument("out", help="where to write the RunResult JSON")
+    args = parser.parse_args(argv)
+    spec = RunSpec.from_dict(json.loads(Path(args.spec).read_text()))
+    if spec.backend != backend_name:
+        raise SystemExit(f"spec is for backend {spec.backend!r}, this worker runs {backend_name!r}")
+    from common.registry import get_backend
+
+    backend = None
+    try:
+        backend = get_backend(backend_name)
+        result = execute(backend, spec)
+        code = 0
+    except Exception as exc:  # recorded, never lost: the parent reads OUT.json
+        status = "oom" if backend is not None and backend.is_out_of_memory(exc) else "error"
+        result = RunResult(run_id=spec.run_id(), model=spec.model, backend=spec.backend, seed=spec.seed,
+                           status=status, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+                           spec=spec.to_dict())
+        if not isinstance(exc, UserError):
+            traceback.print_exc(file=sys.stderr)
+        else:
+            print(f"dualbench worker: error: {exc}", file=sys.stderr)
+        code = 2 if isinstance(exc, UserError) else 1
+    write_json_atomic(args.out, result.to_dict())
+    return code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--backend", required=True)
+    known, rest = parser.parse_known_args()
+    return run_worker(known.backend, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
