@@ -41,12 +41,10 @@ def common_settings(spec: RunSpec, dataset: Any) -> dict[str, Any]:
             "batch_size": r.batch_size, "data_fingerprint": dataset.fingerprint, "sampler_seed": spec.seed}
 
 
-def execute(backend: Any, spec: RunSpec) -> RunResult:
-    """Set up, build, train and evaluate; returns the filled RunResult (status ok or diverged)."""
+def build(backend: Any, spec: RunSpec) -> dict[str, Any]:
+    """Everything before training: setup, data, model with the initial weights, steps, audit."""
     from common.data import load_dataset
 
-    result = RunResult(run_id=spec.run_id(), model=spec.model, backend=spec.backend, seed=spec.seed,
-                       spec=spec.to_dict())
     effective = backend.setup(spec)
     dataset = load_dataset(spec.data, train_subset=spec.train_subset, test_subset=spec.test_subset,
                            subset_seed=spec.seed, progress=False)
@@ -56,9 +54,21 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
     backend.set_weights(model, initial_weights(arch, spec.recipe.init_scheme, spec.seed))
     backend.attach_data(dataset, spec)
     train_step = backend.make_train_step(model, spec)
+    settings = {**backend.audit(model, train_step), **common_settings(spec, dataset)}
+    return {"effective": effective, "dataset": dataset, "arch": arch, "model": model,
+            "train_step": train_step, "settings": settings}
+
+
+def execute(backend: Any, spec: RunSpec) -> RunResult:
+    """Set up, build, train and evaluate; returns the filled RunResult (status ok or diverged)."""
+    result = RunResult(run_id=spec.run_id(), model=spec.model, backend=spec.backend, seed=spec.seed,
+                       spec=spec.to_dict())
+    built = build(backend, spec)
+    effective, dataset, arch = built["effective"], built["dataset"], built["arch"]
+    model, train_step = built["model"], built["train_step"]
     eval_step = backend.make_eval_step(model)
     state = _resume(backend, model, train_step, spec)
-    result.settings = {**backend.audit(model, train_step), **common_settings(spec, dataset)}
+    result.settings = built["settings"]
     result.trainable_params = backend.trainable_param_count(model)
     result.buffers = backend.buffer_count(model)
     result.macs_per_image = arch.macs()
@@ -112,6 +122,8 @@ def run_worker(backend_name: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"{backend_name} worker")
     parser.add_argument("spec", help="RunSpec JSON file")
     parser.add_argument("out", help="where to write the RunResult JSON")
+    parser.add_argument("--audit-only", action="store_true",
+                        help="build everything, write {'settings': ...} to OUT and exit without training")
     args = parser.parse_args(argv)
     spec = RunSpec.from_dict(json.loads(Path(args.spec).read_text()))
     if spec.backend != backend_name:
@@ -121,6 +133,10 @@ def run_worker(backend_name: str, argv: list[str] | None = None) -> int:
     backend = None
     try:
         backend = get_backend(backend_name)
+        if args.audit_only:
+            write_json_atomic(args.out, {"run_id": spec.run_id(), "status": "ok",
+                                         "settings": build(backend, spec)["settings"]})
+            return 0
         result = execute(backend, spec)
         code = 0
     except Exception as exc:  # recorded, never lost: the parent reads OUT.json

@@ -1,0 +1,139 @@
+"""Throughput and memory without full training: the measurement `dualbench bench` runs per subprocess.
+
+For one (backend, model, batch size, mode, precision) it measures, with the
+same clock rules as common.loop (synchronize before every clock read, the
+first call timed apart as compile time, warm-up steps excluded):
+
+* train/compute: the same device-resident batch stepped repeatedly;
+* train/pipeline: batches drawn from the real pipeline, one per step;
+* infer/compute: the eval step on a device-resident batch;
+* infer/pipeline: the eval step over the eval pipeline.
+
+``python -m common.bench --backend torch REQUEST.json OUT.json`` writes one
+JSON object with a list of measurements; an out-of-memory error is recorded
+as status "oom" for that batch size (the runner then stops growing it).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from common.config import Recipe, RunSpec
+from common.metrics import median_ci, percentile
+from common.results import write_json_atomic
+from common.sampler import epoch_plan
+
+
+def _timed(backend: Any, call: Callable[[], Any], steps: int, warmup: int, batch: int) -> dict[str, Any]:
+    """Time ``steps`` calls after ``warmup`` untimed ones; the very first call is compile time."""
+    backend.synchronize()
+    t0 = time.perf_counter()
+    call()
+    backend.synchronize()
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        call()
+    backend.synchronize()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        call()
+        backend.synchronize()
+        times.append(time.perf_counter() - t0)
+    median, lo, hi = median_ci([batch / t for t in times])
+    return {"images_per_sec": median, "images_per_sec_ci": [lo, hi], "compile_s": compile_s,
+            "step_time_p50_s": percentile(times, 50), "step_time_p90_s": percentile(times, 90),
+            "steps": steps}
+
+
+def _pipeline_timed(backend: Any, step: Callable[[Any, Any], Any], batches, steps: int, warmup: int,
+                    batch: int) -> dict[str, Any]:
+    """Wall time per step including fetching each batch from the pipeline (after warm-up)."""
+    iterator = iter(batches)
+    for _ in range(warmup):
+        step(*next(iterator))
+    backend.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(*next(iterator))
+    backend.synchronize()
+    elapsed = time.perf_counter() - t0
+    return {"images_per_sec": steps * batch / elapsed, "images_per_sec_ci": None, "compile_s": None,
+            "step_time_p50_s": elapsed / steps, "step_time_p90_s": None, "steps": steps}
+
+
+def measure(backend: Any, spec: RunSpec, steps: int, phases: tuple[str, ...] = ("train", "infer")) -> list[dict]:
+    """All measurements for one spec (the backend process is fresh: memory figures are its own)."""
+    from common.worker import build
+
+    batch = spec.recipe.batch_size
+    built = build(backend, spec)
+    model, train_step, dataset = built["model"], built["train_step"], built["dataset"]
+    warmup = spec.warmup_steps
+    plans = (epoch_plan(spec.seed, e, len(dataset.train_labels), batch) for e in itertools.count())
+    pipeline = (b for plan in plans for b in backend.train_batches(plan))
+    first_images, first_labels = next(iter(backend.train_batches(next(plans))))
+    lr = spec.recipe.lr
+    rows = []
+    backend.reset_peak_memory()
+    if "train" in phases:
+        compute = _timed(backend, lambda: train_step(first_images, first_labels, lr), steps, warmup, batch)
+        rows.append({"phase": "train", "measure": "compute", **compute})
+        piped = _pipeline_timed(backend, lambda x, y: train_step(x, y, lr), pipeline, steps, warmup, batch)
+        rows.append({"phase": "train", "measure": "pipeline", **piped})
+    if "infer" in phases:
+        eval_step = backend.make_eval_step(model)
+        compute = _timed(backend, lambda: eval_step(first_images), steps, warmup, batch)
+        rows.append({"phase": "infer", "measure": "compute", **compute})
+        eval_pipeline = itertools.cycle(list(backend.eval_batches()))
+        piped = _pipeline_timed(backend, lambda x, y: eval_step(x), eval_pipeline, steps, warmup, batch)
+        rows.append({"phase": "infer", "measure": "pipeline", **piped})
+    device_peak = backend.peak_device_memory_bytes()
+    common = {"model": spec.model, "backend": spec.backend, "batch_size": batch, "mode": spec.mode,
+              "resolved_mode": built["settings"].get("execution_mode"), "precision": spec.precision,
+              "data_format": built["settings"].get("data_format"), "device": built["settings"].get("device"),
+              "threads": built["settings"].get("intra_op_threads"), "device_peak_bytes": device_peak,
+              "status": "ok"}
+    return [{**common, **row} for row in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m common.bench")
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("request", help="JSON: {'spec': RunSpec dict, 'steps': int, 'phases': [...]}")
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+    request = json.loads(Path(args.request).read_text())
+    spec = RunSpec.from_dict(request["spec"])
+    from common.registry import get_backend
+
+    backend = get_backend(args.backend)
+    try:
+        rows = measure(backend, spec, int(request["steps"]), tuple(request.get("phases", ("train", "infer"))))
+        code = 0
+    except Exception as exc:  # an OOM is a result (the boundary), anything else an error row
+        status = "oom" if backend.is_out_of_memory(exc) else "error"
+        rows = [{"model": spec.model, "backend": spec.backend, "batch_size": spec.recipe.batch_size,
+                 "mode": spec.mode, "precision": spec.precision, "status": status,
+                 "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}]
+        code = 0 if status == "oom" else 1
+    write_json_atomic(args.out, {"rows": rows})
+    return code
+
+
+def bench_spec(model: str, backend: str, batch_size: int, data: str, **overrides: Any) -> RunSpec:
+    """The RunSpec a bench measurement uses: one epoch, eval batches the same size as training ones."""
+    recipe = Recipe(batch_size=batch_size, eval_batch_size=batch_size, epochs=1)
+    return replace(RunSpec(model=model, backend=backend, data=data, recipe=recipe), **overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
