@@ -24,8 +24,8 @@ COMMANDS = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own errors: one line, exit 2
-        self.exit(2, f"dualbench: error: {message} (see `dualbench {self.prog.split()[-1]} --help`)\n"
-                  if " " in self.prog else f"dualbench: error: {message} (see `dualbench --help`)\n")
+        command = " ".join(["dualbench", *self.prog.split()[1:]])  # e.g. "dualbench data prepare"
+        self.exit(2, f"dualbench: error: {message} (see `{command} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
