@@ -56,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _print_tables(reports: list[dict], full_layers: bool) -> None:
     summary = pd.DataFrame(reports)[SUMMARY_COLUMNS]
+    summary["published_params"] = summary["published_params"].astype("Int64")  # None -> <NA>, not nan
     print("Parity summary (counts, exact weight round trip, worst logit difference over modes/directions)")
     print(summary.to_markdown(index=False))
     directions = [c for c in reports[0] if c.endswith("_max_abs_diff") and c != "max_abs_diff"]
