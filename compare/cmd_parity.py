@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import pandas as pd
+
 
 from common.registry import parse_models
 from compare.parity import DEFAULT_ATOL, run_parity
@@ -55,6 +55,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _print_tables(reports: list[dict], full_layers: bool) -> None:
+    import pandas as pd  # lazily: keeps every other `dualbench` command's start-up fast
+
     summary = pd.DataFrame(reports)[SUMMARY_COLUMNS]
     summary["published_params"] = summary["published_params"].astype("Int64")  # None -> <NA>, not nan
     print("Parity summary (counts, exact weight round trip, worst logit difference over modes/directions)")

@@ -1,0 +1,186 @@
+"""`dualbench run`: train models on both backends (one worker subprocess per run) and report.
+
+Order of work: validate every option and the dataset in this process (no
+worker starts on bad input) -> fairness audit (one audit-only worker per model
+and backend; ``--strict`` stops on an asymmetry) -> runs in ABAB order, each
+upserted into OUT/runs.jsonl as it finishes (already-ok runs are skipped) ->
+tables, plots, report.md/.html. Exit codes: 0 all runs ok, 1 some run failed,
+2 bad input, 130 interrupted (what finished is kept and reported).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+from common.config import RunSpec
+from common.errors import ConfigError
+from compare import options
+from compare.runner import plan_runs
+
+# pandas / matplotlib / tqdm are imported inside the functions that use them, so that
+# building the CLI parser (every `dualbench` command, even `list`) stays fast
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Options of `dualbench run`."""
+    options.add_selection_options(parser)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
+    options.add_recipe_options(parser)
+    options.add_spec_options(parser)
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per worker before its process group is killed (status timeout)")
+    parser.add_argument("--out", required=True, help="results folder (created; reruns resume in it)")
+    parser.add_argument("--force", action="store_true", help="rerun runs that are already ok in --out")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse to train (exit 2) when the fairness audit finds an asymmetry")
+    parser.add_argument("--checkpoint", "--resume-epochs", dest="checkpoint", action="store_true",
+                        help="checkpoint every epoch under OUT/checkpoints/<run_id>; a killed run resumes there")
+
+
+def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
+    """Every run's validated RunSpec, in ABAB execution order."""
+    models, backends = options.parse_selection(args)
+    seeds = options.parse_seeds(args.seeds)
+    modes = options.parse_modes(args.mode, backends)
+    recipe = options.build_recipe(args)
+    shared = options.spec_kwargs(args)
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    specs = []
+    for model, seed, backend in plan_runs(models, backends, seeds):
+        checkpoint = None
+        if args.checkpoint:
+            checkpoint = str(store.checkpoint_dir(f"{model}__{backend}__seed{seed}").resolve())
+        specs.append(options.make_spec(model, backend, seed, modes[backend], recipe, shared, checkpoint))
+    return specs
+
+
+def validate_dataset(spec: RunSpec, seeds: list[int]) -> Any:
+    """Load (and cache) the dataset once in this process, so a bad SPEC fails before any worker starts."""
+    from common.data import load_dataset
+
+    dataset = None
+    for seed in seeds:  # subsets are drawn per seed: every one must be possible
+        dataset = load_dataset(spec.data, train_subset=spec.train_subset, test_subset=spec.test_subset,
+                               subset_seed=seed, progress=sys.stderr.isatty())
+        if spec.train_subset is None and spec.test_subset is None:
+            break
+    n_train = len(dataset.train_labels)
+    if spec.recipe.drop_last and spec.recipe.batch_size > n_train:
+        raise ConfigError(f"--batch-size {spec.recipe.batch_size} is larger than the {n_train} training images "
+                          "(the last partial batch is dropped): lower --batch-size")
+    return dataset
+
+
+def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any) -> None:
+    from common.manifest import collect_manifest
+
+    store.write_json("manifest.json", collect_manifest(
+        command=options.command_for([s.to_dict() for s in specs], str(store.root)),
+        argv=sys.argv, data_spec=specs[0].data, data_fingerprint=dataset.fingerprint,
+        train_images=int(len(dataset.train_labels)), test_images=int(len(dataset.test_labels)),
+        models=list(dict.fromkeys(s.model for s in specs)),
+        backends=list(dict.fromkeys(s.backend for s in specs)),
+        seeds=sorted({s.seed for s in specs})))
+
+
+def _print_audit(audit: dict[str, Any], warn: bool) -> None:
+    from compare.tables import audit_frame, to_text
+
+    frame = audit_frame(audit)
+    frame["asymmetry"] = ["ASYMMETRY" if flag else "" for flag in frame["asymmetry"]]
+    for column in frame.columns[2:-2]:  # backend value columns: fingerprints are 64 hex digits
+        frame[column] = [v if len(v) <= 24 else v[:16] + "..." for v in frame[column]]
+    print("\nFairness audit (settings each backend built):")
+    print(to_text(frame))
+    for model, entry in audit.items():
+        for backend, error in (entry.get("failures") or {}).items() if warn else ():
+            print(f"warning: the audit worker for {model} on {backend} failed ({error})", file=sys.stderr)
+
+
+def _strict_check(audit: dict[str, Any]) -> None:
+    failed = [f"{model} on {backend} ({error})" for model, entry in audit.items()
+              for backend, error in (entry.get("failures") or {}).items()]
+    if failed:
+        raise ConfigError(f"--strict: the fairness audit could not run for {'; '.join(failed)}; "
+                          "see OUT/logs/audit__*.log, or drop --strict")
+    problems = []
+    for model, entry in audit.items():
+        for row in entry["rows"]:
+            if row["asymmetry"]:
+                values = ", ".join(f"{b}={row.get(b)!r}" for b in entry["backends"])
+                problems.append(f"{model}: {row['setting']} ({values})")
+    if problems:
+        raise ConfigError(f"--strict: the fairness audit found {len(problems)} asymmetr"
+                          f"{'y' if len(problems) == 1 else 'ies'}: {'; '.join(problems)}; "
+                          "fix them or drop --strict")
+
+
+def _finish(store: Any) -> None:
+    from compare.report import render_all
+    from compare.tables import build_tables, terminal_summary, to_text
+
+    written = render_all(store)
+    tables = build_tables(store.load_runs())
+    print("\nSummary (all columns in summary.csv):")
+    print(to_text(terminal_summary(tables["summary"])))
+    print("\nHead to head:")
+    print(to_text(tables["head_to_head"]))
+    if not tables["failures"].empty:
+        print("\nFailures:")
+        print(to_text(tables["failures"]))
+    print("\nWritten:")
+    for path in [store.runs_path, store.manifest_path, store.audit_json, store.audit_csv, *written]:
+        if path.exists():
+            print(f"  {path}")
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM (CI cancel, kill): stop the worker like Ctrl-C does
+    raise KeyboardInterrupt
+
+
+def main(args: argparse.Namespace) -> int:
+    """Validate, audit, run, report. Returns the exit code."""
+    from compare.progress import Progress
+    from compare.runner import Runner
+    from compare.store import ResultsStore
+
+    store = ResultsStore(args.out)
+    specs = build_specs(args, store)
+    store.ensure_writable()
+    seeds = sorted({s.seed for s in specs}, key=[s.seed for s in specs].index)
+    dataset = validate_dataset(specs[0], seeds)
+    runner = Runner(store, timeout_s=args.timeout, force=args.force)
+    runner.check_existing(specs)
+    _write_manifest(store, specs, dataset)
+    pending = runner.pending(specs)
+    interrupted, progress = False, None
+    try:
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread (embedded use): Ctrl-C handling still works
+        previous_handler = None
+    try:
+        if pending:  # audit every backend of each model that still has runs to do
+            audit = runner.audit([s for s in specs if s.model in {p.model for p in pending}])
+            _print_audit(audit, warn=not args.strict)  # with --strict the error line names failures
+            if args.strict:
+                _strict_check(audit)
+        progress = runner.progress = Progress(len(specs))  # bars start after the audit table is printed
+        runner.run_all(specs)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: the current worker was stopped; rendering what finished", file=sys.stderr)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if progress is not None:
+            progress.close()
+    if store.load_rows():
+        _finish(store)
+    if interrupted:
+        return 130
+    ids = {s.run_id() for s in specs}
+    statuses = [row.get("status") for row in store.load_rows() if row.get("run_id") in ids]
+    return 0 if statuses and all(status == "ok" for status in statuses) else 1

@@ -1,0 +1,225 @@
+"""Render everything a results folder shows from ``runs.jsonl`` (+ audit.json, manifest.json if present).
+
+``render_all(store)`` writes the tables (CSV + Parquet), the plots, report.md
+and report.html. It needs nothing but the folder, so ``dualbench report OUT``
+re-renders a finished, interrupted or copied results folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from common.audit import compare_settings
+from common.errors import UserError
+from common.results import RunResult
+from compare import plots
+from compare.document import Block, to_html, to_markdown
+from compare.options import command_for
+from compare.store import ResultsStore
+from compare.tables import audit_frame, build_tables, ordered_backends, ordered_models, runs_table
+
+SPEC_SETTINGS = ("data", "device", "precision", "threads", "channels_last", "deterministic", "allow_tf32",
+                 "train_subset", "test_subset", "warmup_steps", "max_steps_per_epoch")
+
+
+def audit_models(store: ResultsStore, results: list[RunResult]) -> dict[str, dict[str, Any]]:
+    """Audit per model from audit.json; models missing there are audited from the runs' settings."""
+    stored = store.load_audit()["models"]
+    out: dict[str, dict[str, Any]] = {}
+    for model in ordered_models(results):
+        if model in stored and stored[model].get("rows"):
+            out[model] = stored[model]
+            continue
+        settings: dict[str, dict[str, Any]] = {}
+        for r in results:
+            if r.model == model and r.settings and r.backend not in settings:
+                settings[r.backend] = r.settings
+        if settings:
+            out[model] = {"backends": ordered_backends([r for r in results if r.backend in settings]),
+                          "rows": compare_settings(settings), "source": "runs"}
+    return out
+
+
+def _settings_table(results: list[RunResult]) -> pd.DataFrame:
+    spec = next((r.spec for r in results if r.spec), {})
+    rows = [{"setting": f"recipe.{k}", "value": json.dumps(v) if isinstance(v, (list, tuple)) else v}
+            for k, v in (spec.get("recipe") or {}).items()]
+    rows += [{"setting": k, "value": spec.get(k)} for k in SPEC_SETTINGS]
+    modes = {r.backend: r.spec.get("mode") for r in results if r.spec}
+    rows += [{"setting": f"mode ({b})", "value": m} for b, m in modes.items()]
+    return pd.DataFrame([{**row, "value": "none" if row["value"] is None else str(row["value"])}
+                         for row in rows], columns=["setting", "value"])
+
+
+def _environment(manifest: dict[str, Any], results: list[RunResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(machine table, per-backend table) from manifest.json or, failing that, the first run's manifest."""
+    base = manifest or next((r.manifest for r in results if r.manifest), {})
+    keys = ("cpu_model", "cpu_count", "usable_cores", "os", "python", "hostname", "git_commit",
+            "data_spec", "data_fingerprint", "train_images", "test_images", "created_utc")
+    machine = [{"item": k, "value": str(base.get(k))} for k in keys if base.get(k) is not None]
+    packages = base.get("packages") or {}
+    machine += [{"item": f"package {k}", "value": v} for k, v in packages.items()]
+    per_backend = []
+    for backend in ordered_backends(results):
+        m = next((r.manifest for r in results if r.backend == backend and r.manifest), {})
+        per_backend.append({
+            "backend": backend,
+            "versions": ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()) or "n/a",
+            "effective settings": ", ".join(f"{k}={v}" for k, v in (m.get("effective") or {}).items()) or "n/a",
+            "data fingerprint": str(m.get("data_fingerprint") or "n/a")[:16],
+        })
+    return (pd.DataFrame(machine, columns=["item", "value"]),
+            pd.DataFrame(per_backend, columns=["backend", "versions", "effective settings", "data fingerprint"]))
+
+
+def caveats(results: list[RunResult], tables: dict[str, pd.DataFrame], audit: dict[str, Any]) -> list[str]:
+    """Everything a reader must know before trusting a number in this report."""
+    notes = []
+    failed = [r for r in results if r.status != "ok"]
+    if failed:
+        listed = ", ".join(f"{r.run_id} ({r.status})" for r in failed)
+        notes.append(f"{len(failed)} of {len(results)} runs did not finish ok and are excluded from the "
+                     f"figures: {listed}. See the failures table and OUT/logs/.")
+    for model, entry in audit.items():
+        flagged = [row["setting"] for row in entry.get("rows", []) if row.get("asymmetry")]
+        if flagged:
+            notes.append(f"**Fairness audit: {model} has asymmetries in {', '.join(flagged)}**; "
+                         "the comparison is not like for like until they are fixed.")
+    summary = tables["summary"]
+    oks = summary["runs_ok"].tolist() if not summary.empty else []
+    if oks and min(oks) < 3:
+        notes.append(f"Only {min(oks)} ok seed(s) for some model/backend: "
+                     + ("one seed gives no noise estimate, so an accuracy difference cannot be judged."
+                        if min(oks) < 2 else "the seed-noise intervals are wide; use --seeds with 3 or more."))
+    if not summary.empty and summary["device_peak_mib"].isna().any():
+        notes.append("Device memory is n/a where the run was on the CPU (or not measured): only GPU "
+                     "allocator peaks are recorded, never a 0 for 'not measured'.")
+    notes.append("Throughput excludes the first (compile/tracing) step and the warm-up steps after it; "
+                 "compile_s is reported on its own, startup_s covers process start to ready-to-train. "
+                 "The images/s interval pools the steady-state steps of all seeds.")
+    notes.append("Host peak RSS is the whole worker process (framework runtime, data arrays, model), "
+                 "measured by the parent from os.wait4.")
+    spec = next((r.spec for r in results if r.spec), {})
+    if spec.get("max_steps_per_epoch"):
+        notes.append(f"Epochs were capped at {spec['max_steps_per_epoch']} steps (--max-steps-per-epoch): "
+                     "accuracies are not those of full training.")
+    if spec.get("train_subset") or spec.get("test_subset"):
+        notes.append("Training/test subsets were used (--train-subset/--test-subset).")
+    recipes = {json.dumps(r.spec.get("recipe"), sort_keys=True) for r in results if r.spec}
+    if len(recipes) > 1:
+        notes.append("**Runs in this folder do not all share one recipe**; the settings table shows the first.")
+    return notes
+
+
+def _title(results: list[RunResult]) -> str:
+    return "dualbench report: " + " vs ".join(ordered_backends(results))
+
+
+def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], plot_paths: list[Path],
+                   store: ResultsStore) -> list[Block]:
+    """The report, as blocks (rendered to Markdown and HTML)."""
+    models, backends = ordered_models(results), ordered_backends(results)
+    manifest = store.load_manifest()
+    audit = audit_models(store, results)
+    machine, per_backend = _environment(manifest, results)
+    device = next((r.spec.get("device") for r in results if r.spec), "auto")
+    blocks = [
+        Block("h1", _title(results)),
+        Block("p", f"**Question:** for {', '.join(models)}, on this machine (device `{device}`, "
+                   f"{machine_value(machine, 'cpu_model')}), how do {' and '.join(backends)} compare in accuracy, "
+                   "speed and memory when trained with the same recipe, the same initial weights and the same "
+                   "data order?"),
+        Block("h2", "Summary"),
+        Block("p", "Accuracy: final-epoch top-1 on the test split, mean and sample std over seeds (%). "
+                   "Throughput: median images/s of steady-state steps with a 95% interval. Memory: median over runs of "
+                   "each run's peak, in MiB. runs_ok/runs_total count seeds."),
+        Block("table", table=tables["summary"]),
+        Block("h2", "Head to head"),
+        Block("p", "Ratios are other/baseline (above 1: the other backend is faster or uses more memory). "
+                   "The accuracy difference (points) comes with Welch's 95% interval over seeds."),
+        Block("table", table=tables["head_to_head"]),
+        Block("h2", "Runs"),
+        Block("table", table=runs_table(results)),
+    ]
+    if not tables["failures"].empty:
+        blocks += [Block("h2", "Failures"), Block("table", table=tables["failures"])]
+        for r in results:
+            if r.status != "ok" and r.stderr_tail:
+                blocks += [Block("p", f"`{r.run_id}`: last lines of the worker's stderr"),
+                           Block("code", text=r.stderr_tail)]
+    blocks += _per_class_blocks(tables["per_class"])
+    blocks.append(Block("h2", "Plots"))
+    for path in plot_paths:
+        blocks.append(Block("image", text=path.stem.replace("_", " "), path=path,
+                            link=str(path.relative_to(store.root))))
+    blocks += [Block("h2", "Settings used"), Block("table", table=_settings_table(results))]
+    blocks += _audit_blocks(audit)
+    blocks += [Block("h2", "Environment"), Block("table", table=machine), Block("table", table=per_backend)]
+    blocks += [Block("h2", "Caveats"), Block("list", items=caveats(results, tables, audit))]
+    command = manifest.get("command") or command_for([r.spec for r in results if r.spec], str(store.root))
+    blocks += [Block("h2", "How to reproduce"), Block("code", text=command),
+               Block("p", f"Re-render this report from the results alone: `dualbench report {store.root}`")]
+    return blocks
+
+
+def machine_value(machine: pd.DataFrame, item: str) -> str:
+    """One value of the machine table ('unknown CPU' when absent)."""
+    match = machine[machine["item"] == item]["value"]
+    return str(match.iloc[0]) if len(match) else "unknown CPU"
+
+
+def _per_class_blocks(per_class: pd.DataFrame) -> list[Block]:
+    """Per-class F1 side by side (one table per model: classes x backends)."""
+    if per_class.empty:
+        return []
+    blocks = [Block("h2", "Per-class F1"),
+              Block("p", "F1 of each class on the test split (mean over ok seeds); precision and recall are in "
+                         "per_class.csv.")]
+    for model, frame in per_class.groupby("model", sort=False):
+        classes = list(dict.fromkeys(frame["class"]))  # label order, not alphabetical
+        wide = frame.pivot(index="class", columns="backend", values="f1").reindex(classes).reset_index()
+        wide = wide[["class", *[b for b in frame["backend"].unique()]]]
+        wide.columns.name = None
+        blocks += [Block("h3", model), Block("table", table=wide)]
+    return blocks
+
+
+def _audit_blocks(audit: dict[str, Any]) -> list[Block]:
+    blocks = [Block("h2", "Fairness audit"),
+              Block("p", "Each backend reports the settings it actually built (read back from its layers, "
+                         "optimizer and framework flags). 'must match' settings that differ are asymmetries "
+                         "(highlighted); 'framework-native' ones are expected to differ.")]
+    if not audit:
+        return blocks + [Block("p", "No audit available (no run reported its settings).")]
+    frame = audit_frame(audit)
+    flagged = frame["asymmetry"].tolist()
+    found = sum(flagged)
+    blocks.append(Block("p", f"**{found} asymmetr{'y' if found == 1 else 'ies'} found.**" if found
+                        else "No asymmetries: every must-match setting is identical."))
+    return blocks + [Block("table", table=frame, highlight=flagged)]
+
+
+def render_all(store: ResultsStore) -> list[Path]:
+    """Tables, plots and reports for the folder; returns every path written."""
+    results = store.load_runs()
+    if not results:
+        raise UserError(f"no results in {store.runs_path}: run `dualbench run --out {store.root} ...` first")
+    tables = build_tables(results)
+    written: list[Path] = []
+    for name in ("summary", "head_to_head", "curves", "per_class"):
+        written += store.write_table(name, tables[name])
+    failures_csv = store.root / "failures.csv"
+    if not tables["failures"].empty:
+        written += store.write_table("failures", tables["failures"], parquet=False)
+    elif failures_csv.exists():
+        failures_csv.unlink()  # stale from an earlier invocation whose failures were since rerun ok
+    plot_paths = plots.render_plots(results, tables, store.plots_dir, ordered_models(results),
+                                    ordered_backends(results))
+    written += plot_paths
+    blocks = build_document(results, tables, plot_paths, store)
+    written.append(store.write_text("report.md", to_markdown(blocks)))
+    written.append(store.write_text("report.html", to_html(blocks, _title(results))))
+    return written

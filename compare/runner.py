@@ -1,0 +1,238 @@
+"""The runner: plan runs in ABAB order, audit fairness, run each in its own worker, store results.
+
+Each run is one ``python -m <worker> SPEC.json OUT.json`` subprocess
+(compare.process): a framework never loads in this process, a crash or a
+hang costs one run, never the others, and every finished run is upserted
+into ``OUT/runs.jsonl`` atomically before the next one starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common.audit import asymmetries, compare_settings
+from common.config import RunSpec
+from common.errors import UserError
+from common.registry import worker_command
+from common.results import STATUSES, RunResult, write_json_atomic
+from compare.process import ProcessOutcome, run_process, stderr_tail, worker_env
+
+CHECKPOINT_SPEC = "runspec.json"  # the spec a checkpoint folder belongs to (written by the runner)
+
+
+def plan_runs(models: list[str], backends: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
+    """(model, seed, backend) in execution order.
+
+    Backends alternate inside every (model, seed) — torch, tensorflow, torch,
+    tensorflow, ... (ABAB) — so slow drift of the machine (thermal throttling,
+    background load, page cache) hits both frameworks alike instead of one
+    framework's whole block.
+    """
+    return [(model, seed, backend) for model in models for seed in seeds for backend in backends]
+
+
+def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
+    """A stored or current spec as JSON values, without fields that do not change results."""
+    clean = json.loads(json.dumps(spec, sort_keys=True))
+    clean.pop("checkpoint_dir", None)
+    return clean
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
+def _one_line(text: str | None, limit: int = 500) -> str:
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:limit]
+
+
+def result_from_outcome(spec: RunSpec, outcome: ProcessOutcome, raw: dict[str, Any] | None,
+                        log_path: Path, timeout_s: float | None) -> RunResult:
+    """Turn how the worker ended (+ its OUT.json, if any) into one RunResult."""
+    usable = (isinstance(raw, dict) and raw.get("run_id") == spec.run_id() and raw.get("status") in STATUSES)
+    if outcome.interrupted:
+        result = _bare(spec, "interrupted", "interrupted by the user (Ctrl-C); rerun the same command to redo it")
+    elif outcome.timed_out:
+        result = _bare(spec, "timeout", f"no result after {timeout_s:g} s: the worker's process group was "
+                                        "killed (--timeout)")
+    elif usable:
+        result = RunResult.from_dict(raw)  # ok, diverged, error, oom... as the worker recorded it
+    elif outcome.signal_name:
+        hint = " (possibly the out-of-memory killer)" if outcome.signal_name == "SIGKILL" else ""
+        result = _bare(spec, "crashed", f"worker killed by {outcome.signal_name} "
+                                        f"(exit {outcome.returncode}){hint} before writing a result")
+    else:
+        result = _bare(spec, "crashed", f"worker exited with code {outcome.returncode} without writing a "
+                                        "result; see the stderr tail")
+    result.exit_code = outcome.returncode
+    result.host_peak_rss_bytes = outcome.host_peak_rss_bytes
+    if not result.spec:
+        result.spec = spec.to_dict()
+    if result.status != "ok":
+        result.error = _one_line(result.error) or f"status {result.status}"
+        tail = stderr_tail(log_path) or "\n".join(outcome.stdout_tail)
+        result.stderr_tail = tail or None
+    return result
+
+
+def _bare(spec: RunSpec, status: str, error: str) -> RunResult:
+    return RunResult(run_id=spec.run_id(), model=spec.model, backend=spec.backend, seed=spec.seed,
+                     status=status, error=error, spec=spec.to_dict())
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+class Runner:
+    """Runs specs against one results folder; counts worker launches (tests and the summary use it)."""
+
+    def __init__(self, store: Any, *, timeout_s: float | None = None, force: bool = False,
+                 progress: Any = None):
+        """``store``: a compare.store.ResultsStore; ``progress``: a compare.progress.Progress or None."""
+        self.store = store
+        self.timeout_s = timeout_s
+        self.force = force
+        self.progress = progress
+        self.launches = 0
+        self.env = worker_env()
+
+    # -- resume -----------------------------------------------------------------
+    def check_existing(self, specs: list[RunSpec]) -> None:
+        """Refuse to mix configurations: an ok run with this id but another spec cannot be 'resumed'."""
+        if self.force:
+            return
+        stored = {row.get("run_id"): row for row in self.store.load_rows()}
+        for spec in specs:
+            row = stored.get(spec.run_id())
+            if row and row.get("status") == "ok" and row.get("spec"):
+                diffs = _differences(_comparable(row["spec"]), _comparable(spec.to_dict()))
+                if diffs:
+                    raise UserError(f"{self.store.runs_path} already has {spec.run_id()} with other settings "
+                                    f"({'; '.join(diffs[:3])}): use a new --out, or --force to replace it")
+
+    def pending(self, specs: list[RunSpec]) -> list[RunSpec]:
+        """Specs still to run: everything with --force, else those without an ok row."""
+        if self.force:
+            return list(specs)
+        done = {row.get("run_id") for row in self.store.load_rows() if row.get("status") == "ok"}
+        return [spec for spec in specs if spec.run_id() not in done]
+
+    # -- one worker ---------------------------------------------------------------
+    def launch(self, spec: RunSpec, *, audit_only: bool = False, on_event=None):
+        """Start one worker for ``spec`` and wait for it: (outcome, OUT.json contents or None, log path)."""
+        workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=self.store.root))
+        try:
+            spec_path, out_path = workdir / "spec.json", workdir / "result.json"
+            write_json_atomic(spec_path, spec.to_dict())
+            argv = [sys.executable, *worker_command(spec.backend), str(spec_path), str(out_path)]
+            if audit_only:
+                argv.append("--audit-only")
+            log_path = self.store.log_path(("audit__" if audit_only else "") + spec.run_id())
+            self.launches += 1
+            outcome = run_process(argv, log_path=log_path, timeout_s=self.timeout_s, on_event=on_event,
+                                  env=self.env)
+            return outcome, _read_json(out_path), log_path
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    # -- fairness audit -----------------------------------------------------------
+    def audit(self, specs: list[RunSpec]) -> dict[str, dict[str, Any]]:
+        """Audit-only worker per (model, backend) (first seed); merge into audit.json; write audit.csv.
+
+        A worker that exits 2 (a user error: unusable device, bad dataset) stops
+        everything with its message; other failures are recorded and the
+        backend's settings show as '<not reported>'.
+        """
+        first: dict[tuple[str, str], RunSpec] = {}
+        for spec in specs:
+            first.setdefault((spec.model, spec.backend), dataclasses.replace(spec, checkpoint_dir=None))
+        audit = self.store.load_audit()
+        for model in dict.fromkeys(spec.model for spec in specs):
+            settings: dict[str, dict[str, Any]] = {}
+            failures: dict[str, str] = {}
+            for (m, backend), spec in first.items():
+                if m != model:
+                    continue
+                print(f"auditing {model} on {backend} ...", flush=True)
+                outcome, raw, log_path = self.launch(spec, audit_only=True)
+                if outcome.interrupted:
+                    raise KeyboardInterrupt
+                if raw and raw.get("status") == "ok" and isinstance(raw.get("settings"), dict):
+                    settings[backend] = raw["settings"]
+                    continue
+                error = _one_line((raw or {}).get("error")) or _one_line(stderr_tail(log_path, 1)) or "no output"
+                if outcome.returncode == 2:
+                    raise UserError(f"the {backend} worker refused {model}: {re.sub(r'^[A-Za-z]*Error: ', '', error)}")
+                how = f"{outcome.signal_name}, " if outcome.signal_name else ""
+                how += "timed out, " if outcome.timed_out else ""
+                failures[backend] = f"exit {outcome.returncode}, {how}{error}"
+                settings[backend] = {}
+            rows = compare_settings(settings)
+            audit["models"][model] = {"backends": list(settings), "rows": rows, "failures": failures,
+                                      "asymmetries": [row["setting"] for row in asymmetries(rows)]}
+        self.store.write_json("audit.json", audit)
+        from compare.tables import audit_frame  # pandas: only once there is a table to write
+
+        frame = audit_frame(audit["models"])
+        self.store.write_bytes("audit.csv", frame.to_csv(index=False).encode("utf-8"))
+        return audit["models"]
+
+    # -- training runs ------------------------------------------------------------
+    def _prepare_checkpoint(self, spec: RunSpec) -> None:
+        """Keep a checkpoint only if it belongs to exactly this spec (else it would resume wrong)."""
+        folder = Path(spec.checkpoint_dir)
+        marker = folder / CHECKPOINT_SPEC
+        current = _comparable(spec.to_dict())
+        if folder.exists() and (self.force or _read_json(marker) != current):
+            shutil.rmtree(folder, ignore_errors=True)
+        write_json_atomic(marker, current)
+
+    def run_one(self, spec: RunSpec) -> RunResult:
+        """Run one spec in a worker and upsert its RunResult; re-raises KeyboardInterrupt after recording."""
+        if spec.checkpoint_dir:
+            self._prepare_checkpoint(spec)
+        if self.progress:
+            self.progress.start_run(spec.run_id(), spec.recipe.epochs)
+        outcome, raw, log_path = self.launch(spec, on_event=self.progress.event if self.progress else None)
+        result = result_from_outcome(spec, outcome, raw, log_path, self.timeout_s)
+        previous = {r.get("run_id"): r for r in self.store.load_rows()}.get(spec.run_id())
+        if not (outcome.interrupted and previous and previous.get("status") == "ok"):
+            self.store.upsert_run(result)  # UserError (old file intact) if the write fails
+        if result.status == "ok" and spec.checkpoint_dir:
+            shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
+        if self.progress:
+            self.progress.end_run(result)
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+        return result
+
+    def run_all(self, specs: list[RunSpec]) -> list[RunResult]:
+        """Every spec in order; ones already ok in --out are skipped (unless --force)."""
+        todo = {spec.run_id() for spec in self.pending(specs)}
+        results = []
+        for spec in specs:
+            if spec.run_id() not in todo:
+                if self.progress:
+                    self.progress.end_run(spec.run_id(), skipped=True)
+                continue
+            results.append(self.run_one(spec))
+        return results

@@ -1,0 +1,294 @@
+"""pandas tables from RunResults: summary, head-to-head, per-epoch curves, failures.
+
+The DataFrames keep numbers numeric (NaN = not measured; written as "n/a" in
+CSV and in displayed tables, as null in Parquet), so a device peak that was not
+measured never shows up as 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from common.architectures import ARCHITECTURES
+from common.registry import REAL_BACKENDS
+from common.results import RunResult
+from compare import stats
+
+MIB = 1024 * 1024
+SUMMARY_COLUMNS = [
+    "model", "backend", "runs_ok", "runs_total", "test_acc_mean_pct", "test_acc_std_pct",
+    "train_img_s", "train_img_s_ci_lo", "train_img_s_ci_hi", "pipeline_img_s", "step_ms_p50", "step_ms_p90",
+    "compile_s", "startup_s", "epoch_wall_s", "host_peak_rss_mib", "device_peak_mib", "trainable_params",
+    "macs_per_image",
+]
+HEAD_TO_HEAD_COLUMNS = [
+    "model", "comparison", "train_img_s_ratio", "pipeline_img_s_ratio", "host_rss_ratio", "device_peak_ratio",
+    "acc_diff_pts", "acc_diff_ci_lo_pts", "acc_diff_ci_hi_pts", "seeds", "verdict",
+]
+CURVE_COLUMNS = ["model", "backend", "seed", "status", "epoch", "train_loss", "train_accuracy", "test_loss",
+                 "test_accuracy", "wall_s"]
+FAILURE_COLUMNS = ["run_id", "status", "exit_code", "error"]
+
+
+def ordered_models(results: Iterable[RunResult]) -> list[str]:
+    """Models in registry order (unknown names after, in first-seen order)."""
+    seen = list(dict.fromkeys(r.model for r in results))
+    known = [m for m in ARCHITECTURES if m in seen]
+    return known + [m for m in seen if m not in known]
+
+
+def ordered_backends(results: Iterable[RunResult]) -> list[str]:
+    """torch, tensorflow first (the baseline is the first), then other backends in first-seen order."""
+    seen = list(dict.fromkeys(r.backend for r in results))
+    known = [b for b in REAL_BACKENDS if b in seen]
+    return known + [b for b in seen if b not in known]
+
+
+def _values(runs: list[RunResult], name: str) -> list[float]:
+    out = []
+    for r in runs:
+        value = getattr(r, name)
+        if value is not None and isinstance(value, (int, float)) and math.isfinite(value):
+            out.append(float(value))
+    return out
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else math.nan
+
+
+def _pooled_step_throughputs(runs: list[RunResult]) -> tuple[list[float], list[float]]:
+    """(images/s per steady-state step, step seconds) pooled over ``runs``."""
+    throughputs, times = [], []
+    for r in runs:
+        for seconds, batch in zip(r.step_times_s or [], r.step_batch_sizes or []):
+            if seconds and seconds > 0:
+                throughputs.append(batch / seconds)
+                times.append(seconds)
+    return throughputs, times
+
+
+def _throughput(runs: list[RunResult]) -> dict[str, float]:
+    """Median images/s with its 95% CI from the pooled per-step throughputs of the ok runs.
+
+    Falls back to the median of the per-run medians (interval n/a) when no run
+    stored its step times.
+    """
+    per_step, step_times = _pooled_step_throughputs(runs)
+    if per_step:
+        median, lo, hi = stats.median_with_ci(per_step)
+        p50, p90 = np.percentile(step_times, [50, 90])
+        return {"train_img_s": median, "train_img_s_ci_lo": lo, "train_img_s_ci_hi": hi,
+                "step_ms_p50": 1000 * float(p50), "step_ms_p90": 1000 * float(p90)}
+    return {"train_img_s": _median(_values(runs, "train_images_per_sec")), "train_img_s_ci_lo": math.nan,
+            "train_img_s_ci_hi": math.nan, "step_ms_p50": 1000 * _median(_values(runs, "step_time_p50_s")),
+            "step_ms_p90": 1000 * _median(_values(runs, "step_time_p90_s"))}
+
+
+def _summary_row(model: str, backend: str, runs: list[RunResult]) -> dict[str, Any]:
+    ok = [r for r in runs if r.status == "ok"]
+    accuracies = [100 * a for a in _values(ok, "test_accuracy")]
+    device = _values(ok, "device_peak_bytes")
+    rss = _values(ok, "host_peak_rss_bytes")
+    params = _values(runs, "trainable_params")
+    macs = _values(runs, "macs_per_image")
+    return {
+        "model": model, "backend": backend, "runs_ok": len(ok), "runs_total": len(runs),
+        "test_acc_mean_pct": stats.mean(accuracies), "test_acc_std_pct": stats.sample_std(accuracies),
+        **_throughput(ok),
+        "pipeline_img_s": _median(_values(ok, "pipeline_images_per_sec")),
+        "compile_s": _median(_values(ok, "compile_s")),
+        "startup_s": _median(_values(ok, "startup_s")),
+        "epoch_wall_s": _median(_values(ok, "epoch_wall_s")),
+        "host_peak_rss_mib": _median(rss) / MIB if rss else math.nan,
+        "device_peak_mib": _median(device) / MIB if device else math.nan,  # None on CPU -> n/a, never 0
+        "trainable_params": int(params[0]) if params else pd.NA,
+        "macs_per_image": int(macs[0]) if macs else pd.NA,
+    }
+
+
+def summary_table(results: list[RunResult]) -> pd.DataFrame:
+    """One row per model x backend (a pair with only failed runs still gets a row, all n/a)."""
+    rows = []
+    for model in ordered_models(results):
+        for backend in ordered_backends(results):
+            runs = [r for r in results if r.model == model and r.backend == backend]
+            if runs:
+                rows.append(_summary_row(model, backend, runs))
+    frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    for column in ("trainable_params", "macs_per_image"):
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+def _number(value: Any) -> float:
+    """float(value), NaN for None / pd.NA / text."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _ratio(b: Any, a: Any) -> float:
+    a, b = _number(a), _number(b)
+    return b / a if math.isfinite(a) and math.isfinite(b) and a > 0 else math.nan
+
+
+def head_to_head_table(results: list[RunResult]) -> pd.DataFrame:
+    """Per model: every other backend against the baseline (torch when present, else the first)."""
+    summary = summary_table(results).set_index(["model", "backend"])
+    backends = ordered_backends(results)
+    rows = []
+    for model in ordered_models(results):
+        present = [b for b in backends if (model, b) in summary.index]
+        if len(present) < 2:
+            continue
+        base = present[0]
+        for other in present[1:]:
+            a, b = summary.loc[(model, base)], summary.loc[(model, other)]
+            acc = {name: [r.test_accuracy for r in results
+                          if r.model == model and r.backend == name and r.status == "ok"]
+                   for name in (base, other)}
+            ci = stats.welch_diff_ci(acc[base], acc[other])
+            rows.append({
+                "model": model, "comparison": f"{other}/{base}",
+                "train_img_s_ratio": _ratio(b["train_img_s"], a["train_img_s"]),
+                "pipeline_img_s_ratio": _ratio(b["pipeline_img_s"], a["pipeline_img_s"]),
+                "host_rss_ratio": _ratio(b["host_peak_rss_mib"], a["host_peak_rss_mib"]),
+                "device_peak_ratio": _ratio(b["device_peak_mib"], a["device_peak_mib"]),
+                "acc_diff_pts": 100 * ci.diff, "acc_diff_ci_lo_pts": 100 * ci.lo, "acc_diff_ci_hi_pts": 100 * ci.hi,
+                "seeds": f"{ci.n_a}/{ci.n_b}", "verdict": stats.verdict(ci, base, other),
+            })
+    return pd.DataFrame(rows, columns=HEAD_TO_HEAD_COLUMNS)
+
+
+def curves_table(results: list[RunResult]) -> pd.DataFrame:
+    """Tidy per-epoch rows of every run that recorded epochs (failed runs keep their partial curve)."""
+    rows = []
+    for r in results:
+        for epoch in r.epochs or []:
+            rows.append({"model": r.model, "backend": r.backend, "seed": r.seed, "status": r.status,
+                         **{k: epoch.get(k) for k in CURVE_COLUMNS[4:]}})
+    frame = pd.DataFrame(rows, columns=CURVE_COLUMNS)
+    for column in CURVE_COLUMNS[5:]:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    return frame
+
+
+def failures_table(results: list[RunResult]) -> pd.DataFrame:
+    """One row per run that did not finish ok: run_id, status, exit_code, error."""
+    rows = [{"run_id": r.run_id, "status": r.status, "exit_code": r.exit_code, "error": r.error}
+            for r in results if r.status != "ok"]
+    frame = pd.DataFrame(rows, columns=FAILURE_COLUMNS)
+    frame["exit_code"] = frame["exit_code"].astype("Int64")
+    return frame
+
+
+def runs_table(results: list[RunResult]) -> pd.DataFrame:
+    """One short row per run (for the report's list of runs)."""
+    rows = [{"run_id": r.run_id, "status": r.status,
+             "test_acc_pct": 100 * r.test_accuracy if r.test_accuracy is not None else math.nan,
+             "train_img_s": r.train_images_per_sec if r.train_images_per_sec is not None else math.nan,
+             "host_peak_rss_mib": r.host_peak_rss_bytes / MIB if r.host_peak_rss_bytes else math.nan}
+            for r in results]
+    return pd.DataFrame(rows, columns=["run_id", "status", "test_acc_pct", "train_img_s", "host_peak_rss_mib"])
+
+
+def per_class_table(results: list[RunResult]) -> pd.DataFrame:
+    """Per model, backend and class: precision, recall and F1 (mean over the ok seeds) and support."""
+    rows = []
+    for model in ordered_models(results):
+        for backend in ordered_backends(results):
+            runs = [r for r in results if r.model == model and r.backend == backend and r.status == "ok"
+                    and r.per_class.get("f1")]
+            for index in range(len(runs[0].per_class["f1"]) if runs else 0):
+                name = runs[0].class_names[index] if index < len(runs[0].class_names) else str(index)
+                scores = {k: stats.mean(r.per_class[k][index] for r in runs if len(r.per_class.get(k, [])) > index)
+                          for k in ("precision", "recall", "f1")}
+                rows.append({"model": model, "backend": backend, "class": name, **scores,
+                             "support": runs[0].per_class.get("support", [None] * (index + 1))[index]})
+    return pd.DataFrame(rows, columns=["model", "backend", "class", "precision", "recall", "f1", "support"])
+
+
+def build_tables(results: list[RunResult]) -> dict[str, pd.DataFrame]:
+    """All tables by name (the file stem they are written to)."""
+    return {"summary": summary_table(results), "head_to_head": head_to_head_table(results),
+            "curves": curves_table(results), "per_class": per_class_table(results),
+            "failures": failures_table(results)}
+
+
+def format_value(value: Any) -> str:
+    """Human-readable cell: 'n/a' for missing, thousands separators for big numbers."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}" if abs(int(value)) >= 10_000 else str(int(value))
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.2f}" if abs(value) >= 0.1 or value == 0 else f"{value:.3g}"
+    return str(value)
+
+
+def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy with every cell formatted as text (for terminal, Markdown and HTML tables)."""
+    return pd.DataFrame({c: [format_value(v) for v in frame[c].tolist()] for c in frame.columns},
+                        columns=list(frame.columns))
+
+
+def to_text(frame: pd.DataFrame, fmt: str = "simple") -> str:
+    """A table for the terminal (``fmt``: a tabulate format; 'pipe' gives Markdown)."""
+    if frame.empty:
+        return "(no rows)"
+    return display_frame(frame).to_markdown(index=False, tablefmt=fmt, disable_numparse=True)
+
+
+def _cell(value: Any) -> str:
+    """Audit values may be numbers, strings, lists or dicts: one readable string each."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value)
+    return str(value)
+
+
+def audit_frame(audit_models: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Long audit table: one row per (model, setting) with each backend's value as text.
+
+    ``audit_models``: {model: {"backends": [...], "rows": common.audit.compare_settings(...)}}.
+    """
+    rows = []
+    backends = list(dict.fromkeys(b for entry in audit_models.values() for b in entry.get("backends", [])))
+    for model, entry in audit_models.items():
+        for row in entry.get("rows", []):
+            rows.append({"model": model, "setting": row["setting"],
+                         **{b: _cell(row[b]) if b in row else "" for b in backends},
+                         "kind": row.get("kind", ""), "asymmetry": bool(row.get("asymmetry"))})
+    return pd.DataFrame(rows, columns=["model", "setting", *backends, "kind", "asymmetry"])
+
+
+def terminal_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's key columns, merged into readable text cells for an 80-160 column terminal."""
+    f = format_value
+    rows = []
+    for _, r in summary.iterrows():
+        rows.append({
+            "model": r["model"], "backend": r["backend"], "runs ok": f"{r['runs_ok']}/{r['runs_total']}",
+            "test acc %": f"{f(r['test_acc_mean_pct'])} ± {f(r['test_acc_std_pct'])}",
+            "train img/s [95% CI]": f"{f(r['train_img_s'])} [{f(r['train_img_s_ci_lo'])}, {f(r['train_img_s_ci_hi'])}]",
+            "pipeline img/s": f(r["pipeline_img_s"]),
+            "step ms p50/p90": f"{f(r['step_ms_p50'])}/{f(r['step_ms_p90'])}",
+            "compile s": f(r["compile_s"]), "host RSS MiB": f(r["host_peak_rss_mib"]),
+            "device MiB": f(r["device_peak_mib"]),
+        })
+    return pd.DataFrame(rows)

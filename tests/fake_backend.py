@@ -1,0 +1,227 @@
+"""A numpy backend for runner/report tests: fast, framework-free, with injectable misbehaviour.
+
+Registered only in tests, through the registry's extra-backends variable::
+
+    DUALBENCH_EXTRA_BACKENDS="fakea=tests.fake_backend:FakeBackend;fakeb=tests.fake_backend:FakeBackend"
+
+The model is multinomial logistic regression on 8x8-average-pooled images,
+trained by real SGD steps (momentum, coupled L2, label smoothing), so accuracy
+rises on the synthetic dataset. The canonical initial weights the worker loads
+(of the named CNN) are accepted and ignored: the fake model starts at zero, and
+``get_weights``/``set_weights`` use the fake's own names ``fake.kernel``/``fake.bias``
+(which is what a checkpoint stores and a resume loads back).
+
+Misbehaviour, from ``DUALBENCH_FAKE_FAULT`` = "TARGET:KIND[@STEP];...":
+TARGET is ``*``, ``seedN``, a backend name, or ``backend/seedN``; KIND is
+``segfault`` (SIGSEGV at training step STEP, default 1), ``hang`` (sleeps at
+that step), ``diverge`` (NaN loss at that step), ``error`` (RuntimeError),
+``oom`` (MemoryError -> status oom), ``slow`` (0.2 s per step), ``asym``
+(reports bn_epsilon 1e-3 in the audit) or ``audit_segfault`` (SIGSEGV while auditing). Faults in training steps never fire in
+``--audit-only`` workers, which build but do not train.
+
+``DUALBENCH_FAKE_LAUNCH_LOG``: each worker appends "audit|train RUN_ID PID" there.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+from common.config import RunSpec
+from common.sampler import EpochPlan, normalize_reference, plan_batch_reference
+
+FAULT_ENV = "DUALBENCH_FAKE_FAULT"
+LAUNCH_LOG_ENV = "DUALBENCH_FAKE_LAUNCH_LOG"
+POOL = 8  # pixels averaged per feature along each axis
+
+
+def faults_for(spec: RunSpec) -> dict[str, int]:
+    """{kind: step} of the faults in $DUALBENCH_FAKE_FAULT that target this run."""
+    targets = {"*", f"seed{spec.seed}", spec.backend, f"{spec.backend}/seed{spec.seed}"}
+    found = {}
+    for item in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
+        target, _, kind = item.partition(":")
+        kind, _, step = kind.partition("@")
+        if target.strip() in targets:
+            found[kind.strip()] = int(step) if step else 1
+    return found
+
+
+def pooled_features(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) float -> (N, H/POOL * W/POOL * C) block means."""
+    n, h, w, c = images.shape
+    blocks = images[:, : h // POOL * POOL, : w // POOL * POOL].reshape(n, h // POOL, POOL, w // POOL, POOL, c)
+    return blocks.mean(axis=(2, 4)).reshape(n, -1).astype(np.float64)
+
+
+class FakeModel:
+    def __init__(self, features: int, classes: int, bn_momentum: float, bn_epsilon: float):
+        self.kernel = np.zeros((features, classes))
+        self.bias = np.zeros(classes)
+        self.bn_momentum, self.bn_epsilon = bn_momentum, bn_epsilon
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return pooled_features(images) @ self.kernel + self.bias
+
+
+class FakeTrainStep:
+    """SGD with momentum on softmax cross-entropy, plus the configured faults."""
+
+    def __init__(self, model: FakeModel, spec: RunSpec):
+        self.model, self.spec, self.faults = model, spec, faults_for(spec)
+        self.buffers = {"kernel": np.zeros_like(model.kernel), "bias": np.zeros_like(model.bias)}
+        self.step = 0
+
+    def _fault(self) -> None:
+        f = self.faults
+        if f.get("slow"):
+            time.sleep(0.2)
+        if f.get("segfault") == self.step:
+            print("fake backend: simulating a segmentation fault", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if f.get("hang") == self.step:
+            print("fake backend: simulating a hang", file=sys.stderr, flush=True)
+            time.sleep(3600)
+        if f.get("error") == self.step:
+            raise RuntimeError("fake backend: simulated failure in a training step")
+        if f.get("oom") == self.step:
+            raise MemoryError("fake backend: simulated out of memory")
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray, lr: float):
+        self.step += 1
+        self._fault()
+        r, m = self.spec.recipe, self.model
+        x = pooled_features(images)
+        z = x @ m.kernel + m.bias
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        k = p.shape[1]
+        target = np.full_like(p, r.label_smoothing / k)
+        target[np.arange(len(labels)), labels] += 1.0 - r.label_smoothing
+        loss = float(-(target * np.log(p + 1e-12)).sum(axis=1).mean())
+        if self.faults.get("diverge") == self.step:
+            loss = float("nan")
+        grad_z = (p - target) / len(labels)
+        grads = {"kernel": x.T @ grad_z + r.weight_decay * m.kernel, "bias": grad_z.sum(axis=0) + r.weight_decay * m.bias}
+        for name, grad in grads.items():
+            buf = self.buffers[name]
+            buf *= r.momentum
+            buf += grad
+            update = grad + r.momentum * buf if r.nesterov else buf
+            setattr(m, name, getattr(m, name) - lr * update)
+        correct = int((z.argmax(axis=1) == labels).sum())
+        return np.float32(loss), np.int64(correct)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        return {"momentum/fake.kernel": self.buffers["kernel"].copy(),
+                "momentum/fake.bias": self.buffers["bias"].copy(), "step": np.array(self.step)}
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        self.buffers = {"kernel": np.array(state["momentum/fake.kernel"]),
+                        "bias": np.array(state["momentum/fake.bias"])}
+        self.step = int(state["step"])
+
+
+class FakeBackend:
+    """common.backend.Backend in numpy (see the module docstring)."""
+
+    name = "fake"
+
+    def setup(self, spec: RunSpec) -> dict[str, Any]:
+        self.spec, self.name = spec, spec.backend
+        log = os.environ.get(LAUNCH_LOG_ENV)
+        if log:
+            with open(log, "a", encoding="utf-8") as handle:
+                handle.write(f"{'audit' if '--audit-only' in sys.argv else 'train'} {spec.run_id()} {os.getpid()}\n")
+        return {"device": "cpu", "mode": spec.mode, "threads": spec.threads or 1}
+
+    def versions(self) -> dict[str, str]:
+        return {"fake": "1.0", "numpy": np.__version__}
+
+    def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
+                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5) -> FakeModel:
+        h, w, c = in_shape
+        return FakeModel((h // POOL) * (w // POOL) * c, num_classes, bn_momentum, bn_epsilon)
+
+    def trainable_param_count(self, model: FakeModel) -> int:
+        return int(model.kernel.size + model.bias.size)
+
+    def buffer_count(self, model: FakeModel) -> int:
+        return 0
+
+    def get_weights(self, model: FakeModel) -> dict[str, np.ndarray]:
+        return {"fake.kernel": model.kernel.copy(), "fake.bias": model.bias.copy()}
+
+    def set_weights(self, model: FakeModel, weights: dict[str, np.ndarray]) -> None:
+        if "fake.kernel" in weights:  # our own checkpoint; canonical CNN weights are ignored
+            assert weights["fake.kernel"].shape == model.kernel.shape
+            model.kernel, model.bias = np.array(weights["fake.kernel"]), np.array(weights["fake.bias"])
+
+    def predict(self, model: FakeModel, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
+        return model.logits(images_nhwc_float32).astype(np.float32)
+
+    def layer_outputs(self, model: FakeModel, images_nhwc_float32: np.ndarray, training: bool = False):
+        return {"fake": self.predict(model, images_nhwc_float32)}
+
+    def attach_data(self, dataset: Any, spec: RunSpec) -> None:
+        self.dataset = dataset
+
+    def _normalize(self, images: np.ndarray) -> np.ndarray:
+        return normalize_reference(images, self.spec.recipe.mean, self.spec.recipe.std)
+
+    def train_batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[Any, Any]]:
+        for index, (start, stop) in enumerate(plan.batch_bounds()):
+            images = plan_batch_reference(self.dataset.train_images, plan, index)
+            labels = self.dataset.train_labels[plan.order[start:stop]]
+            yield (images if raw else self._normalize(images)), labels
+
+    def eval_batches(self, raw: bool = False) -> Iterator[tuple[Any, Any]]:
+        size = self.spec.recipe.eval_batch_size
+        for start in range(0, len(self.dataset.test_labels), size):
+            images = self.dataset.test_images[start:start + size]
+            yield (images if raw else self._normalize(images)), self.dataset.test_labels[start:start + size]
+
+    def make_train_step(self, model: FakeModel, spec: RunSpec) -> FakeTrainStep:
+        return FakeTrainStep(model, spec)
+
+    def make_eval_step(self, model: FakeModel):
+        return model.logits
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+    def audit(self, model: FakeModel, train_step: FakeTrainStep) -> dict[str, Any]:
+        r, spec = self.spec.recipe, self.spec
+        settings = {
+            "bn_momentum": model.bn_momentum, "bn_epsilon": model.bn_epsilon, "bn_running_variance": "unbiased",
+            "strided_conv_padding": "symmetric", "optimizer": r.optimizer, "momentum": r.momentum,
+            "nesterov": r.nesterov, "weight_decay": r.weight_decay, "weight_decay_mode": r.weight_decay_mode,
+            "optimizer_epsilon": r.adam_epsilon, "loss": "softmax_cross_entropy_from_logits",
+            "label_smoothing": r.label_smoothing, "precision": spec.precision, "tf32": spec.allow_tf32,
+            "deterministic": spec.deterministic, "intra_op_threads": spec.threads or 1, "device_type": "cpu",
+            "device": "cpu", "execution_mode": spec.mode, "data_format": "NHWC", "inter_op_threads": 1,
+            "loss_scaling": None,
+        }
+        faults = faults_for(spec)
+        if "asym" in faults:
+            settings["bn_epsilon"] = 1e-3
+        if "audit_segfault" in faults:  # audit() also runs in training workers (common.worker.build)
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return settings
+
+    def synchronize(self) -> None:
+        pass
+
+    def reset_peak_memory(self) -> None:
+        pass
+
+    def peak_device_memory_bytes(self) -> int | None:
+        return None  # CPU: not measured (never 0)
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return isinstance(error, MemoryError)
