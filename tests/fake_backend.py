@@ -15,7 +15,8 @@ Misbehaviour, from ``DUALBENCH_FAKE_FAULT`` = "TARGET:KIND[@STEP];...":
 TARGET is ``*``, ``seedN``, a backend name, or ``backend/seedN``; KIND is
 ``segfault`` (SIGSEGV at training step STEP, default 1), ``hang`` (sleeps at
 that step), ``diverge`` (NaN loss at that step), ``error`` (RuntimeError),
-``oom`` (MemoryError -> status oom), ``slow`` (0.2 s per step), ``asym``
+``oom`` (MemoryError -> status oom), ``oombatch@N`` (MemoryError in every step when
+the batch size is >= N: an out-of-memory boundary for `dualbench bench`), ``slow`` (0.2 s per step), ``asym``
 (reports bn_epsilon 1e-3 in the audit) or ``audit_segfault`` (SIGSEGV while auditing). Faults in training steps never fire in
 ``--audit-only`` workers, which build but do not train.
 
@@ -90,6 +91,8 @@ class FakeTrainStep:
             raise RuntimeError("fake backend: simulated failure in a training step")
         if f.get("oom") == self.step:
             raise MemoryError("fake backend: simulated out of memory")
+        if "oombatch" in f and self.spec.recipe.batch_size >= f["oombatch"]:
+            raise MemoryError(f"fake backend: batch {self.spec.recipe.batch_size} does not fit")
 
     def __call__(self, images: np.ndarray, labels: np.ndarray, lr: float):
         self.step += 1

@@ -1,0 +1,99 @@
+"""`dualbench bench`: throughput and memory only, per model, backend, precision and batch size."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common.config import PRECISIONS
+from common.errors import ConfigError
+from compare import options
+from compare.bench import COLUMNS, BenchConfig, default_base, largest_fitting_batch, sweep
+from compare.store import write_file_atomic
+
+PHASES = ("train", "infer")
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    options.add_selection_options(parser)
+    parser.add_argument("--batch-sizes", default="32,128,512", help="comma-separated batch sizes to sweep")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after warm-up)")
+    parser.add_argument("--precisions", default="fp32", help=f"comma list of {', '.join(PRECISIONS)}")
+    parser.add_argument("--phases", default="train,infer", help="train, infer or both")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
+    parser.add_argument("--json", action="store_true", help="print a JSON list, one object per measurement")
+    parser.add_argument("--out", default=None, help="also write the table as CSV here")
+    p = parser.add_argument
+    p("--data", default="synthetic", help="dataset SPEC feeding the pipeline measurement (default synthetic)")
+    p("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p("--mode", default="best", help="as for `dualbench run`: one mode or per backend 'torch=compile,...'")
+    p("--threads", type=int, default=None, help="intra-op threads for both frameworks (default: all cores)")
+    p("--channels-last", choices=tuple(options.CHANNELS_LAST), default="auto", help="torch memory format")
+    p("--warmup-steps", type=int, default=5, help="untimed steps after the compile step")
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers like 32,128,512; got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{flag} needs positive integers, got {text!r}")
+    return values
+
+
+def _choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in allowed]
+    if not values or bad:
+        raise ConfigError(f"{flag}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
+    return values
+
+
+def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[str, ...]]:
+    """Validate everything before any worker starts."""
+    models, backends = options.parse_selection(args)
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    precisions = _choices(args.precisions, PRECISIONS, "--precisions")
+    phases = _choices(args.phases, PHASES, "--phases")
+    if args.steps <= 0 or args.warmup_steps < 0:
+        raise ConfigError("--steps must be positive and --warmup-steps >= 0")
+    modes = options.parse_modes(args.mode, backends)
+    base = default_base(data=args.data, device=args.device, threads=args.threads,
+                        warmup_steps=args.warmup_steps, channels_last=options.CHANNELS_LAST[args.channels_last])
+    from common.data import load_dataset
+
+    load_dataset(args.data, progress=False)  # a missing dataset fails here, once, before any worker
+    configs = [BenchConfig(m, b, p, modes[b], batch_sizes, base)
+               for m in models for p in precisions for b in backends]
+    return configs, phases
+
+
+def main(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    configs, phases = build_configs(args)
+    rows: list[dict] = []
+    for config in configs:
+        print(f"bench {config.model} / {config.backend} / {config.precision} / {config.mode}: "
+              f"batch sizes {','.join(map(str, config.batch_sizes))}", file=sys.stderr, flush=True)
+        rows += sweep(config, args.steps, phases, args.timeout)
+    frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    if args.out:
+        write_file_atomic(args.out, frame.to_csv(index=False).encode("utf-8"))
+    if args.json:
+        print(json.dumps(json.loads(frame.to_json(orient="records")), indent=2))
+        return 0 if all(r.get("status") in ("ok", "oom") for r in rows) else 1
+    shown = frame.drop(columns=["images_per_sec_ci", "error", "retry_of"]).copy()
+    shown["host_peak_rss_mib"] = shown.pop("host_peak_rss_bytes") / 2**20
+    shown["device_peak_mib"] = shown.pop("device_peak_bytes").map(
+        lambda v: "n/a" if v is None or pd.isna(v) else f"{v / 2**20:.0f}")
+    shown = shown.astype(object).where(shown.notna(), "")  # blank, not "nan", where not measured
+    print(shown.to_markdown(index=False, floatfmt=".4g"))
+    for (model, backend, precision), largest in largest_fitting_batch(rows).items():
+        print(f"largest batch that fits: {model} / {backend} / {precision}: {largest}")
+    failed = [r for r in rows if r.get("status") not in ("ok", "oom")]
+    for row in failed:
+        print(f"failed: {row['model']} / {row['backend']} / batch {row['batch_size']}: {row.get('error')}",
+              file=sys.stderr)
+    return 1 if failed else 0

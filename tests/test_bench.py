@@ -1,0 +1,35 @@
+"""`dualbench bench` on the fake backend: the sweep, the out-of-memory boundary, output formats, bad input."""
+import json
+
+from tests.runner_helpers import fake_env, run_cli  # noqa: F401
+from tests.fake_backend import FAULT_ENV
+
+
+def test_bench_json_rows_and_oom_boundary(fake_env, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(FAULT_ENV, "*:oombatch@64")
+    csv = tmp_path / "bench.csv"
+    code = run_cli("bench", "--models", "seed_cnn", "--backends", "fakea", "--batch-sizes", "16,32,64,128",
+                   "--steps", "3", "--warmup-steps", "1", "--data", "synthetic:256,128", "--json",
+                   "--out", str(csv))
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {(r["phase"], r["measure"]) for r in ok} == {("train", "compute"), ("train", "pipeline"),
+                                                        ("infer", "compute"), ("infer", "pipeline")}
+    for r in ok:
+        assert r["model"] == "seed_cnn" and r["backend"] == "fakea" and r["images_per_sec"] > 0
+        assert r["host_peak_rss_bytes"] > 10 * 2**20 and r["device_peak_bytes"] is None
+    # 64 does not fit: recorded as oom, retried at 48 (halfway from 32), 128 never tried
+    sizes = [(r["batch_size"], r["status"], r["retry_of"]) for r in rows]
+    assert (64, "oom", None) in sizes and (48, "ok", 64) in sizes
+    assert all(b != 128 for b, _, _ in sizes)
+    assert csv.read_text().splitlines()[0].startswith("model,backend,mode,precision,batch_size,phase")
+
+
+def test_bench_bad_input_is_one_line_and_exit_2(fake_env, capsys):
+    assert run_cli("bench", "--models", "seed_cnn", "--backends", "fakea", "--batch-sizes", "0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-sizes" in err[0]
+    assert run_cli("bench", "--models", "nope", "--backends", "fakea") == 2
+    assert run_cli("bench", "--models", "seed_cnn", "--backends", "fakea", "--data", "folder:/nonexistent") == 2
+    assert "Traceback" not in capsys.readouterr().err
