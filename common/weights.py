@@ -65,6 +65,8 @@ def from_torch(layer: LayerSpec, param: str, value: np.ndarray) -> np.ndarray:
         out = np.ascontiguousarray(out)
     else:
         raise WeightLayoutError(f"no torch layout for kind {layer.kind!r}")
+    if np.shares_memory(out, value):  # never hand out a view of a live framework tensor
+        out = out.copy()
     if tuple(out.shape) != layer.params[param]:
         raise WeightLayoutError(f"{layer.name}.{param}: torch shape {value.shape} "
                                 f"maps to {out.shape}, expected {layer.params[param]}")

@@ -136,3 +136,13 @@ def test_model_registry_rejects_models_without_a_spec():
     assert registry.create("resnet20") == "built"
     with pytest.raises(ConfigError):
         registry.create("seed_cnn")
+
+
+def test_from_torch_never_returns_a_view_of_its_input():
+    spec = arch_spec("resnet20")
+    for layer in (spec.layer("stem.bn"), spec.layer("head")):
+        for param, shape in layer.params.items():
+            live = np.zeros(to_torch(layer, param, np.zeros(shape, np.float32)).shape, np.float32)
+            out = from_torch(layer, param, live)
+            live += 1.0
+            assert not out.any(), f"{layer.name}.{param} aliases the framework tensor"
