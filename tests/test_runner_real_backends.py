@@ -1,0 +1,50 @@
+"""End to end: `dualbench run` with the REAL torch and tensorflow workers, through the CLI, in a subprocess."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common.results import RunResult
+from tests.runner_helpers import PROJECT_ROOT
+
+REQUIRED_FIELDS = ("test_accuracy", "test_loss", "train_images_per_sec", "pipeline_images_per_sec", "compile_s",
+                   "startup_s", "host_peak_rss_bytes", "trainable_params", "macs_per_image")
+
+
+@pytest.mark.slow
+def test_real_backends_end_to_end(tmp_path):
+    for module in ("torch", "tensorflow", "torch_impl.worker", "tf_impl.worker"):
+        if importlib.util.find_spec(module) is None:  # found without importing it here
+            pytest.skip(f"{module} is not installed")  # only a missing module skips; failures below are real
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("DUALBENCH_EXTRA_BACKENDS", "DUALBENCH_FAKE_FAULT")}
+    env.update({"DUALBENCH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(PROJECT_ROOT)})
+    argv = [sys.executable, "-m", "compare", "run", "--backends", "torch,tensorflow", "--models", "seed_cnn",
+            "--data", "synthetic", "--epochs", "1", "--max-steps-per-epoch", "3", "--train-subset", "256",
+            "--test-subset", "128", "--batch-size", "32",
+            "--warmup-steps", "1",  # 3 steps = compile step + 1 warm-up + 1 measured: throughput is not None
+            "--device", "cpu", "--timeout", "600", "--out", str(out)]
+    done = subprocess.run(argv, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((out / "logs").glob("*.log"))) if out.exists() else ""
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + logs
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["backend"] for r in rows) == ["tensorflow", "torch"]
+    for row in rows:
+        result = RunResult.from_dict(row)
+        assert result.status == "ok", (result.run_id, result.error, result.stderr_tail)
+        for name in REQUIRED_FIELDS:
+            assert getattr(result, name) is not None, (result.run_id, name)
+        assert 0.0 <= result.test_accuracy <= 1.0
+        assert result.host_peak_rss_bytes > 10 * 2 ** 20
+        assert result.device_peak_bytes is None  # CPU: not measured, never 0
+        assert len(result.epochs) == 1 and result.confusion_matrix and result.settings and result.manifest
+    assert rows[0]["trainable_params"] == rows[1]["trainable_params"]
+    assert rows[0]["settings"]["data_fingerprint"] == rows[1]["settings"]["data_fingerprint"]
+    for name in ("summary.csv", "summary.parquet", "head_to_head.csv", "curves.csv", "report.md", "report.html",
+                 "audit.json", "audit.csv", "manifest.json", "plots/throughput.png", "plots/curves_seed_cnn.png"):
+        assert (out / name).exists(), name

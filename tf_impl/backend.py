@@ -1,0 +1,306 @@
+"""The TensorFlow/Keras implementation of common.backend.Backend (mirror of torch_impl/backend.py).
+
+Thin by design: the contract's documentation lives in common/backend.py.
+Every framework default that affects fairness is set explicitly in
+``setup`` (threads, TF32, determinism, dtype policy, data format) and read
+back from the framework in ``setup``'s return value and in ``audit``.
+"""
+from __future__ import annotations
+
+import os
+
+# Before TensorFlow loads: Keras 3 picks its backend at first import; hide TF's C++ INFO/WARNING
+# chatter in workers (level 2 still shows errors).
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import re  # noqa: E402
+import warnings  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from common.config import Recipe, RunSpec  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.manifest import usable_cores  # noqa: E402
+from common.sampler import EpochPlan  # noqa: E402
+from tf_impl import data as tf_data  # noqa: E402
+from tf_impl import weights as tf_weights  # noqa: E402
+from tf_impl.layers import BatchNorm  # noqa: E402
+from tf_impl.models import create_model  # noqa: E402
+from tf_impl.optim import EvalStep, TrainStep  # noqa: E402
+
+# "best" execution mode per device type, measured with benchmarks/tf_modes.py: train step,
+# batch 128, fp32, 2 intra-op threads, median step time over 10 steps after 3 warm-up steps
+# (eager: 5 steps), on the 2-core AMD EPYC dev VM; the first step (trace + compile) apart.
+# Quietest run (load ~1.5):
+#   resnet20: graph 0.194 s (659 img/s, compile 1.3 s) | eager 0.331 s (386) | xla 0.381 s (336,
+#             compile 3.1 s)
+#   seed_cnn: graph 0.180 s (709 img/s, compile 0.5 s) | eager 0.271 s (472) | xla 0.523 s (245,
+#             compile 3.2 s)
+# Three more rounds under load 2-3.5 (other jobs on the VM) ranked them the same every time
+# (resnet20 graph 0.38-0.40 s, eager 0.54-0.58 s, xla 0.78-0.88 s). GPU: XLA (it fuses the
+# BN/ReLU/add chains between the cuDNN convs); not measured here, the dev machine has no GPU.
+BEST_MODE = {"cpu": "graph", "gpu": "xla"}
+POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+PRECISION_OF_POLICY = {v: k for k, v in POLICIES.items()}
+DATA_FORMAT_NAMES = {"channels_last": "NHWC", "channels_first": "NCHW"}
+
+
+class Backend:
+    """TensorFlow 2 / Keras 3 behind the shared interface."""
+
+    name = "tensorflow"
+
+    def __init__(self) -> None:
+        self.device = "/CPU:0"  # logical device every model, step and batch is placed on
+        self.device_type = "cpu"
+        self.mode = BEST_MODE["cpu"]
+        self.precision = "fp32"
+        self._gpu = None  # the physical GPU in use (tf.config.PhysicalDevice), if any
+        self._train: tf_data.TrainPipeline | None = None
+        self._eval: tf_data.EvalPipeline | None = None
+
+    # -- environment ---------------------------------------------------------
+    def setup(self, spec: RunSpec) -> dict[str, Any]:
+        self.device_type, gpu_index = _parse_device(spec.device)
+        self._select_device(gpu_index, spec.device)
+        threads = spec.threads or usable_cores()
+        # TF's defaults: a pool per core for intra-op and inter-op each; both explicit here.
+        # Inter-op 2 lets independent ops (a conv's input and weight gradients) overlap: resnet20
+        # graph step 0.202/0.210 s with 2 vs 0.245/0.224 s with 1 (two runs each, 2 cores).
+        _set_threads(threads, min(2, threads))
+        # TF enables TF32 by default on Ampere+ (torch does not): always set from the spec.
+        tf.config.experimental.enable_tensor_float_32_execution(bool(spec.allow_tf32))
+        _set_determinism(spec.deterministic)
+        keras.utils.set_random_seed(spec.seed)  # Python, NumPy and TF RNGs (dropout masks)
+        keras.config.set_image_data_format("channels_last")  # NHWC: Keras's default, made explicit
+        self.precision = spec.precision
+        keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
+        self.mode = BEST_MODE[self.device_type] if spec.mode == "best" else spec.mode
+        return self.effective_settings()
+
+    def effective_settings(self) -> dict[str, Any]:
+        """Device, mode, precision, threads, TF32, determinism as read back from TF/Keras."""
+        return {"device": self.device_name(), "device_type": self.device_type, "execution_mode": self.mode,
+                "precision": PRECISION_OF_POLICY.get(keras.mixed_precision.global_policy().name, "unknown"),
+                "dtype_policy": keras.mixed_precision.global_policy().name,
+                "data_format": DATA_FORMAT_NAMES[keras.config.image_data_format()],
+                "channels_last": keras.config.image_data_format() == "channels_last",
+                "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+                "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+                "tf32": bool(tf.config.experimental.tensor_float_32_execution_enabled()),
+                "deterministic": _determinism_enabled()}
+
+    def _select_device(self, gpu_index: int | None, requested: str) -> None:
+        gpus = tf.config.list_physical_devices("GPU")
+        if self.device_type == "gpu":
+            if gpu_index >= len(gpus):
+                seen = f"{len(gpus)} GPU(s)" if gpus else "no GPU"
+                raise UserError(f"--device {requested} requested but TensorFlow sees {seen}: "
+                                "use --device cpu or auto (or a smaller GPU index)")
+            visible = [gpus[gpu_index]]
+        else:
+            visible = []
+        logical_index = 0
+        try:
+            # Only the chosen GPU is visible (as logical GPU:0); memory growth so the allocator's
+            # peak, not TF's default grab-everything reservation, is what the GPU holds.
+            tf.config.set_visible_devices(visible, "GPU")
+            for gpu in visible:
+                tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # runtime already initialised (tests): keep it, place ops explicitly
+            logical_index = gpu_index or 0
+        self._gpu = visible[0] if visible else None
+        self.device = f"/GPU:{logical_index}" if self.device_type == "gpu" else "/CPU:0"
+        if self.device_type == "gpu" and not tf.config.list_logical_devices("GPU"):
+            raise UserError(f"--device {requested}: the GPU was hidden earlier in this process; "
+                            "run in a fresh process")
+
+    def device_name(self) -> str:
+        if self.device_type == "cpu":
+            return "cpu"
+        details = tf.config.experimental.get_device_details(self._gpu)
+        return f"{self.device} ({details.get('device_name', 'GPU')})"
+
+    def versions(self) -> dict[str, str]:
+        build = tf.sysconfig.get_build_info()
+        out = {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+        for key in ("cuda_version", "cudnn_version"):
+            if build.get(key):
+                out[key.replace("_version", "")] = str(build[key])
+        return out
+
+    # -- model ---------------------------------------------------------------
+    def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
+                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5) -> keras.Model:
+        with tf.device(self.device):
+            return create_model(name, num_classes, in_shape, bn_momentum, bn_epsilon)
+
+    def trainable_param_count(self, model: keras.Model) -> int:
+        return int(sum(np.prod(v.shape) for v in model.trainable_weights))
+
+    def buffer_count(self, model: keras.Model) -> int:
+        # Keras's count_params() includes the BN moving statistics; they are buffers, not parameters.
+        return int(sum(np.prod(v.shape) for v in model.non_trainable_weights))
+
+    def get_weights(self, model: keras.Model) -> dict[str, np.ndarray]:
+        return tf_weights.get_weights(model, model.arch_spec)
+
+    def set_weights(self, model: keras.Model, weights: dict[str, np.ndarray]) -> None:
+        tf_weights.set_weights(model, model.arch_spec, weights)
+
+    def predict(self, model: keras.Model, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
+        with tf.device(self.device):
+            return tf_weights.predict(model, images_nhwc_float32, training)
+
+    def layer_outputs(self, model: keras.Model, images_nhwc_float32: np.ndarray,
+                      training: bool = False) -> dict[str, np.ndarray]:
+        with tf.device(self.device):
+            return tf_weights.layer_outputs(model, model.arch_spec, images_nhwc_float32, training)
+
+    # -- training ------------------------------------------------------------
+    def attach_data(self, dataset: Any, spec: RunSpec) -> None:
+        recipe = spec.recipe
+        self._train = tf_data.TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
+                                            crop_padding=recipe.crop_padding, mean=recipe.mean, std=recipe.std)
+        self._eval = tf_data.EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
+                                          batch_size=recipe.eval_batch_size, mean=recipe.mean, std=recipe.std)
+
+    def train_batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[Any, Any]]:
+        if self._train is None:
+            raise RuntimeError("attach_data() first")
+        return self._train.batches(plan, raw)
+
+    def eval_batches(self, raw: bool = False) -> Iterator[tuple[Any, Any]]:
+        if self._eval is None:
+            raise RuntimeError("attach_data() first")
+        return self._eval.batches(raw)
+
+    def make_train_step(self, model: keras.Model, spec: RunSpec) -> TrainStep:
+        return TrainStep(model, model.arch_spec, spec.recipe, device=self.device, precision=self.precision,
+                         mode=self.mode)
+
+    def make_eval_step(self, model: keras.Model) -> Callable[[Any], Any]:
+        return EvalStep(model, device=self.device, mode=self.mode)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+
+    def audit(self, model: keras.Model, train_step: TrainStep) -> dict[str, Any]:
+        settings = self.effective_settings()
+        optimizer = train_step.inner_optimizer
+        recipe: Recipe = optimizer.recipe
+        is_sgd = optimizer.kind == "sgd"
+        return {**_bn_audit(model), "strided_conv_padding": _strided_padding(model),
+                "optimizer": recipe.optimizer, "momentum": float(recipe.momentum) if is_sgd else None,
+                "nesterov": bool(recipe.nesterov) if is_sgd else None,
+                "weight_decay": float(recipe.weight_decay), "weight_decay_mode": recipe.weight_decay_mode,
+                "optimizer_epsilon": None if is_sgd else float(recipe.adam_epsilon),
+                "loss": train_step.loss_name, "label_smoothing": train_step.label_smoothing,
+                "precision": settings["precision"], "tf32": settings["tf32"],
+                "deterministic": settings["deterministic"], "intra_op_threads": settings["intra_op_threads"],
+                "inter_op_threads": settings["inter_op_threads"], "device_type": self.device_type,
+                "device": settings["device"], "execution_mode": train_step.mode,
+                "data_format": settings["data_format"], "loss_scaling": train_step.loss_scaling}
+
+    # -- measurement ---------------------------------------------------------
+    def synchronize(self) -> None:
+        # CPU: TF runs ops synchronously, nothing to wait for. GPU: kernels are queued on the
+        # device's compute stream; reading back a tiny tensor made on that stream waits for them.
+        if self.device_type == "gpu":
+            with tf.device(self.device):
+                tf.zeros([1]).numpy()
+
+    def reset_peak_memory(self) -> None:
+        if self.device_type == "gpu":
+            tf.config.experimental.reset_memory_stats(self.device.lstrip("/"))
+
+    def peak_device_memory_bytes(self) -> int | None:
+        if self.device_type != "gpu":
+            return None
+        return int(tf.config.experimental.get_memory_info(self.device.lstrip("/"))["peak"])
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        if isinstance(error, (tf.errors.ResourceExhaustedError, MemoryError)):
+            return True
+        # XLA reports allocation failures as other error types with RESOURCE_EXHAUSTED in the text.
+        text = str(error)
+        return isinstance(error, tf.errors.OpError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
+
+
+def _parse_device(device: str) -> tuple[str, int | None]:
+    """'auto' | 'cpu' | 'cuda[:N]' | 'gpu[:N]' -> ('cpu', None) or ('gpu', N)."""
+    text = device.strip().lower()
+    if text == "auto":
+        return ("gpu", 0) if tf.config.list_physical_devices("GPU") else ("cpu", None)
+    if text == "cpu":
+        return "cpu", None
+    match = re.fullmatch(r"(cuda|gpu)(?::(\d+))?", text)
+    if not match:
+        raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda, cuda:N, gpu or gpu:N")
+    return "gpu", int(match.group(2) or 0)
+
+
+def _set_threads(intra: int, inter: int) -> None:
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:  # the TF runtime already started in this process (tests); audit reads back
+        current = (tf.config.threading.get_intra_op_parallelism_threads(),
+                   tf.config.threading.get_inter_op_parallelism_threads())
+        if current != (intra, inter):
+            warnings.warn(f"TensorFlow already initialised with (intra, inter) threads {current}; "
+                          f"cannot change to {(intra, inter)} in this process", RuntimeWarning, stacklevel=3)
+
+
+def _set_determinism(enabled: bool) -> None:
+    from tensorflow.python.framework import config as tf_config  # disable/is_enabled are not public
+
+    if enabled:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
+
+
+def _determinism_enabled() -> bool:
+    from tensorflow.python.framework import config as tf_config
+
+    return bool(tf_config.is_op_determinism_enabled())
+
+
+def _bn_audit(model: keras.Model) -> dict[str, Any]:
+    """BN momentum (torch convention), epsilon and variance estimator read from the BN layers."""
+    bns = [l for l in model.layers if isinstance(l, BatchNorm)]
+    if not bns:
+        return {"bn_momentum": None, "bn_epsilon": None, "bn_running_variance": None}
+    # 12 significant digits: 1 - (1 - 0.1) is 0.09999999999999998 in binary floating point.
+    momenta = {float(f"{1.0 - l.momentum:.12g}") for l in bns}
+    epsilons = {float(l.epsilon) for l in bns}
+    estimators = {l.running_variance_estimator for l in bns}
+    one = lambda values: next(iter(values)) if len(values) == 1 else f"mixed {sorted(values)}"  # noqa: E731
+    return {"bn_momentum": one(momenta), "bn_epsilon": one(epsilons), "bn_running_variance": one(estimators)}
+
+
+def _strided_padding(model: keras.Model) -> str:
+    """'symmetric' iff every k>1 conv pads k//2 on every side, read from the layers.
+
+    Stride 1: Keras 'same' (symmetric for an odd kernel). Strided: 'valid'
+    after a ZeroPadding2D of ((k//2, k//2), (k//2, k//2)). 1x1 convs: 'valid'.
+    """
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D | keras.layers.DepthwiseConv2D)]
+    for layer in convs:
+        kernel, stride, pad = max(layer.kernel_size), max(layer.strides), layer.kernel_size[0] // 2
+        if kernel == 1:
+            ok = layer.padding == "valid"
+        elif stride == 1:
+            ok = layer.padding == "same" and kernel % 2 == 1
+        else:
+            source = layer._inbound_nodes[0].parent_nodes[0].operation  # the layer feeding this conv
+            ok = (layer.padding == "valid" and isinstance(source, keras.layers.ZeroPadding2D)
+                  and tuple(map(tuple, source.padding)) == ((pad, pad), (pad, pad)))
+        if not ok:
+            return f"asymmetric ({layer.name}: padding={layer.padding!r}, stride {stride})"
+    return "symmetric"

@@ -1,0 +1,136 @@
+"""tf.data input pipelines that apply common.sampler's plan exactly (mirror of torch_impl/data.py).
+
+The uint8 dataset is stored ONCE (in ``attach_data``), zero-padded by
+``crop_padding``, in a host-memory ``tf.Variable``. Every epoch's map function
+captures that variable by handle, so building an epoch's pipeline copies only
+the plan (~1 MB for CIFAR-10), never the pixels (``from_tensor_slices`` over
+the images would embed a 150 MB constant per epoch).
+
+Per epoch, ``from_tensor_slices`` over the plan's (order, offsets, flips) is
+batched by ``plan.batch_size`` (dropping the remainder iff ``plan.drop_last``,
+i.e. exactly ``plan.batch_bounds()``); a ``map`` on whole batches gathers the
+crops with ONE ``gather_nd`` (row/column indices from the offsets, columns
+reversed with ``tf.where`` where flipped: no per-sample tf.image calls), casts
+and normalises ``(x/255 - mean)/std`` in that op order, in float32. Then
+``prefetch(AUTOTUNE)``. On a GPU, batches are copied to the device inside
+tf.data (``copy_to_device`` + ``prefetch``) so step i+1's batch is already
+there while step i runs (not exercised on a GPU yet: the development machine
+has none; a host-side fallback copies batches if that path is unavailable).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from common.sampler import EpochPlan
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def normalize(images_uint8_nhwc: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
+    """uint8 NHWC -> float32 NHWC ``(x/255 - mean)/std`` (same op order as common.sampler.normalize_reference)."""
+    x = tf.cast(images_uint8_nhwc, tf.float32) / 255.0
+    return (x - mean) / std
+
+
+class _Placement:
+    """Where the dataset lives (host memory) and where batches are delivered (the compute device)."""
+
+    def __init__(self, device: str, mean: Sequence[float], std: Sequence[float]):
+        self.device = device
+        self.on_gpu = "GPU" in device.upper()
+        self.mean = tf.constant(mean, tf.float32)
+        self.std = tf.constant(std, tf.float32)
+
+    def deliver(self, dataset: tf.data.Dataset) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+        """Iterate ``dataset`` prefetched on the compute device."""
+        if not self.on_gpu:
+            yield from dataset.prefetch(AUTOTUNE)
+            return
+        on_device = dataset.apply(tf.data.experimental.copy_to_device(self.device)).prefetch(AUTOTUNE)
+        try:
+            with tf.device(self.device):  # the iterator must live on the device it prefetches to
+                iterator = iter(on_device)
+        except (tf.errors.OpError, NotImplementedError, ValueError):
+            iterator = iter(dataset.prefetch(AUTOTUNE))  # host prefetch; copied below
+        for images, labels in iterator:
+            if "GPU" not in images.device.upper():  # defensive: some TF builds hand batches back on the host
+                with tf.device(self.device):
+                    images, labels = tf.identity(images), tf.identity(labels)
+            yield images, labels
+
+
+def _host_variable(array: np.ndarray, name: str) -> tf.Variable:
+    with tf.device("/CPU:0"):  # tf.data runs on the host; the GPU gets finished batches
+        return tf.Variable(array, trainable=False, name=name)
+
+
+class TrainPipeline:
+    """Training batches of an EpochPlan: gather + pad-and-crop + flip + normalise, batched."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, crop_padding: int,
+                 mean: Sequence[float], std: Sequence[float]):
+        self.io = _Placement(device, mean, std)
+        self.pad = int(crop_padding)
+        self.height, self.width = int(images.shape[1]), int(images.shape[2])
+        self.num_examples = len(labels)
+        pad = ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0))
+        self.images = _host_variable(np.pad(np.asarray(images, np.uint8), pad), "train_images_padded")
+        self.labels = _host_variable(np.asarray(labels, np.int64), "train_labels")
+
+    def dataset(self, plan: EpochPlan, raw: bool = False) -> tf.data.Dataset:
+        """The tf.data pipeline of one epoch (host side, before device placement)."""
+        if plan.crop_padding != self.pad:
+            raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
+        if len(plan.order) != self.num_examples:
+            raise ValueError(f"plan covers {len(plan.order)} images, the dataset has {self.num_examples}")
+        plan_slices = (plan.order.astype(np.int64), plan.crop_offsets.astype(np.int32), plan.flips.astype(bool))
+        dataset = tf.data.Dataset.from_tensor_slices(plan_slices)
+        dataset = dataset.batch(plan.batch_size, drop_remainder=plan.drop_last)
+        return dataset.map(lambda index, offsets, flips: self._batch(index, offsets, flips, raw),
+                           num_parallel_calls=AUTOTUNE, deterministic=True)
+
+    def batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+        """``(images, labels)`` for every batch of ``plan``, in order (uint8 NHWC if ``raw``)."""
+        return self.io.deliver(self.dataset(plan, raw))
+
+    def _batch(self, index, offsets, flips, raw: bool):
+        rows = offsets[:, 0:1] + tf.range(self.height)  # (B, H) rows of the padded image
+        cols = offsets[:, 1:2] + tf.range(self.width)  # (B, W)
+        cols = tf.where(flips[:, None], tf.reverse(cols, axis=[1]), cols)  # mirror = read columns reversed
+        batch = tf.shape(index)[0]
+        gather_at = tf.stack([
+            tf.broadcast_to(tf.cast(index, tf.int32)[:, None, None], [batch, self.height, self.width]),
+            tf.broadcast_to(rows[:, :, None], [batch, self.height, self.width]),
+            tf.broadcast_to(cols[:, None, :], [batch, self.height, self.width]),
+        ], axis=-1)  # (B, H, W, 3): (image, row, col) of every output pixel
+        images = tf.gather_nd(self.images, gather_at)  # (B, H, W, C) uint8, one gather
+        labels = tf.gather(self.labels, index)
+        return (images if raw else normalize(images, self.io.mean, self.io.std)), labels
+
+
+class EvalPipeline:
+    """The test set in order, fixed-size batches (last partial one kept), no augmentation."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, batch_size: int,
+                 mean: Sequence[float], std: Sequence[float]):
+        self.io = _Placement(device, mean, std)
+        self.batch_size = int(batch_size)
+        self.num_examples = len(labels)
+        self.images = _host_variable(np.asarray(images, np.uint8), "test_images")
+        self.labels = _host_variable(np.asarray(labels, np.int64), "test_labels")
+
+    def dataset(self, raw: bool = False) -> tf.data.Dataset:
+        dataset = tf.data.Dataset.range(self.num_examples).batch(self.batch_size)
+        return dataset.map(lambda index: self._batch(index, raw), num_parallel_calls=AUTOTUNE,
+                           deterministic=True)
+
+    def batches(self, raw: bool = False) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+        return self.io.deliver(self.dataset(raw))
+
+    def _batch(self, index, raw: bool):
+        images = tf.gather(self.images, index)
+        labels = tf.gather(self.labels, index)
+        return (images if raw else normalize(images, self.io.mean, self.io.std)), labels

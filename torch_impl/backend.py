@@ -1,0 +1,277 @@
+"""``Backend``: PyTorch behind common.backend.Backend (mirror of tf_impl/backend.py).
+
+The documentation of every method lives on the protocol in common/backend.py;
+this file records only the torch-specific choices, with the framework
+defaults they override.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from importlib import metadata
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import RunSpec
+from common.errors import UserError
+from common.manifest import usable_cores
+from common.sampler import EpochPlan
+from torch_impl import weights as weight_io
+from torch_impl.data import EvalPipeline, TrainPipeline
+from torch_impl.models import create_model
+from torch_impl.optim import EvalStep, TrainStep
+
+# "best" per device type: (execution mode, channels_last), measured with benchmarks/torch_modes.py
+# (resnet20 / seed_cnn, batch 128, fp32, median images/s over 8 steps after 3 warm-up steps,
+# real TrainPipeline batches) on the 2-core shared CPU box, torch 2.14.1:
+#   2 threads, quietest run:  resnet20 eager+cl 607, compile 541, compile+cl 525, eager 515 (best step)
+#                             seed_cnn eager+cl 644, eager 515, compile 387, compile+cl 382
+#   1 thread, 2 rounds:       resnet20 eager+cl 314/302, compile+cl 287/285, compile 234/269, eager 232/261
+#                             seed_cnn eager+cl 331/305, eager 258/241, compile 209/186, compile+cl 195/181
+# Inductor on this CPU never beats eager + channels_last (oneDNN convs in NHWC without reorders), and
+# its first step costs 20-55 s of compilation with a cold cache, so CPU "best" is eager + channels_last.
+# The input pipeline costs ~2 ms per batch of 128 there (about 1% of a resnet20 step).
+# CUDA: not measured here; compile + channels_last is the usual fastest for convnets (tensor-core
+# NHWC convs, fused BN/ReLU epilogues) - to be confirmed on a GPU machine.
+BEST = {"cpu": ("eager", True), "cuda": ("compile", True)}
+# Default channels_last when the mode is given explicitly and spec.channels_last is None
+# (CPU compile: channels_last within noise of NCHW in the numbers above; kept for one CPU layout).
+BEST_CHANNELS_LAST = {("cpu", "eager"): True, ("cpu", "compile"): True,
+                      ("cuda", "eager"): True, ("cuda", "compile"): True}
+# torch's inter-op pool only runs torch.jit.fork / async ops, which this loop never issues; one
+# thread keeps it from competing with the intra-op pool (torch's default: one per core).
+INTER_OP_THREADS = 1
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|(?:cuda|gpu)(?::(\d+))?)$")
+
+
+def resolve_device(text: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N | gpu | gpu:N -> torch.device; UserError naming the fix otherwise."""
+    match = _DEVICE_PATTERN.match(text.strip().lower())
+    if match is None:
+        raise UserError(f"unknown device {text!r}: use auto, cpu, cuda, cuda:N, gpu or gpu:N")
+    kind, index = match.group(1), match.group(2)
+    if kind == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {text} requested but no CUDA device is visible to PyTorch: "
+                        "use --device cpu or auto")
+    index = int(index or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device {text}: PyTorch sees {torch.cuda.device_count()} CUDA device(s) "
+                        f"(0..{torch.cuda.device_count() - 1}): pick one of those or use --device auto")
+    return torch.device(f"cuda:{index}")
+
+
+def resolve_mode(mode: str, channels_last: bool | None, device: torch.device) -> tuple[str, bool]:
+    """Resolve "best" and channels_last=None for this device type."""
+    if mode == "best":
+        mode, best_channels_last = BEST[device.type]
+    else:
+        best_channels_last = BEST_CHANNELS_LAST[(device.type, mode)]
+    if mode == "compile" and device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise UserError("--mode compile on the CPU needs a C++ compiler for TorchInductor (g++ not found): "
+                        "install g++ or use --mode eager")
+    return mode, best_channels_last if channels_last is None else bool(channels_last)
+
+
+class Backend:
+    """PyTorch implementation of common.backend.Backend."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        # Defaults until setup(): CPU, fp32, eager, NCHW (tests may build models without setup).
+        self.device = torch.device("cpu")
+        self.precision, self.mode, self.channels_last = "fp32", "eager", False
+        self._train: TrainPipeline | None = None
+        self._eval: EvalPipeline | None = None
+
+    # -- environment ---------------------------------------------------------
+    def setup(self, spec: RunSpec) -> dict[str, Any]:
+        self.device = resolve_device(spec.device)
+        self.mode, self.channels_last = resolve_mode(spec.mode, spec.channels_last, self.device)
+        self.precision = spec.precision
+        if spec.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError(f"--precision bf16: {torch.cuda.get_device_name(self.device)} has no bfloat16 "
+                            "support: use --precision fp16 or fp32")
+        torch.set_num_threads(spec.threads or usable_cores())
+        try:
+            torch.set_num_interop_threads(INTER_OP_THREADS)
+        except RuntimeError:  # only settable before the first inter-op work; the audit reads back the value
+            pass
+        # torch's defaults: TF32 off for matmuls but ON for cuDNN convs; both set explicitly.
+        torch.backends.cuda.matmul.allow_tf32 = spec.allow_tf32
+        torch.backends.cudnn.allow_tf32 = spec.allow_tf32
+        if spec.deterministic and self.device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        # warn_only: an op without a deterministic kernel warns instead of aborting the run.
+        torch.use_deterministic_algorithms(spec.deterministic, warn_only=True)
+        torch.backends.cudnn.deterministic = spec.deterministic
+        torch.backends.cudnn.benchmark = not spec.deterministic  # autotuned conv algorithms (fixed shapes)
+        torch.manual_seed(spec.seed)  # dropout masks (CPU and every CUDA device)
+        return {"device": self._device_name(), "device_type": self._device_type(), "execution_mode": self.mode,
+                "channels_last": self.channels_last, "precision": self.precision,
+                "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
+                "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+    def versions(self) -> dict[str, str]:
+        versions = {"torch": torch.__version__, "numpy": np.__version__}
+        if torch.version.cuda:
+            versions["cuda_build"] = torch.version.cuda
+        if torch.cuda.is_available():
+            versions["cudnn"] = str(torch.backends.cudnn.version())
+            versions["gpu"] = torch.cuda.get_device_name(self.device if self.device.type == "cuda" else 0)
+        try:  # inductor's GPU code generator; its metadata only (importing triton beside TF can crash)
+            versions["triton"] = metadata.version("triton")
+        except metadata.PackageNotFoundError:
+            pass
+        return versions
+
+    def _device_type(self) -> str:
+        return "gpu" if self.device.type == "cuda" else "cpu"
+
+    def _device_name(self) -> str:
+        if self.device.type == "cuda":
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return "cpu"
+
+    @staticmethod
+    def _tf32() -> bool:
+        matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        assert matmul == conv, f"TF32 flags disagree: matmul {matmul}, cudnn {conv}"
+        return bool(matmul)
+
+    # -- model ---------------------------------------------------------------
+    def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
+                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5) -> nn.Module:
+        model = create_model(name, num_classes, in_shape, bn_momentum, bn_epsilon)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return model.to(self.device, memory_format=memory_format)
+
+    def trainable_param_count(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def buffer_count(self, model: nn.Module) -> int:
+        # BN running mean/var only: torch also keeps num_batches_tracked, which is not a weight.
+        return sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
+
+    def get_weights(self, model: nn.Module) -> dict[str, np.ndarray]:
+        return weight_io.get_weights(model, model.arch_spec)
+
+    def set_weights(self, model: nn.Module, weights: dict[str, np.ndarray]) -> None:
+        weight_io.set_weights(model, model.arch_spec, weights)
+
+    def predict(self, model: nn.Module, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
+        return weight_io.predict(model, images_nhwc_float32, training)
+
+    def layer_outputs(self, model: nn.Module, images_nhwc_float32: np.ndarray,
+                      training: bool = False) -> dict[str, np.ndarray]:
+        return weight_io.layer_outputs(model, model.arch_spec, images_nhwc_float32, training)
+
+    # -- training ------------------------------------------------------------
+    def attach_data(self, dataset: Any, spec: RunSpec) -> None:
+        r = spec.recipe
+        normalisation = {"mean": r.mean, "std": r.std, "channels_last": self.channels_last}
+        self._train = TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
+                                    crop_padding=r.crop_padding, **normalisation)
+        self._eval = EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
+                                  batch_size=r.eval_batch_size, **normalisation)
+
+    def train_batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[Any, Any]]:
+        if self._train is None:
+            raise RuntimeError("attach_data() must be called before train_batches()")
+        return self._train.batches(plan, raw)
+
+    def eval_batches(self, raw: bool = False) -> Iterator[tuple[Any, Any]]:
+        if self._eval is None:
+            raise RuntimeError("attach_data() must be called before eval_batches()")
+        return self._eval.batches(raw)
+
+    def make_train_step(self, model: nn.Module, spec: RunSpec) -> TrainStep:
+        return TrainStep(model, model.arch_spec, spec.recipe, device=self.device, precision=self.precision,
+                         mode=self.mode)
+
+    def make_eval_step(self, model: nn.Module) -> Callable[[Any], Any]:
+        return EvalStep(model, device=self.device, precision=self.precision, mode=self.mode)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if value.dtype in (torch.bfloat16, torch.float16):
+                value = value.float()  # numpy has no bfloat16
+            return value.cpu().numpy()
+        return np.asarray(value)
+
+    def audit(self, model: nn.Module, train_step: TrainStep) -> dict[str, Any]:
+        return {**_model_settings(model), **_optimizer_settings(train_step),
+                "loss": "softmax_cross_entropy_from_logits", "label_smoothing": train_step.label_smoothing,
+                "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[train_step.autocast_dtype],
+                "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
+                "device_type": self._device_type(), "device": self._device_name(),
+                "execution_mode": train_step.mode,
+                "data_format": "NCHW channels_last" if weight_io.uses_channels_last(model) else "NCHW",
+                "loss_scaling": "dynamic" if train_step.scaler.is_enabled() else None}
+
+    # -- measurement ---------------------------------------------------------
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_device_memory_bytes(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        message = str(error).lower()
+        return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def _single(values: set[Any]) -> Any:
+    """The one value all layers share, None without layers, "mixed [...]" (an audit asymmetry) otherwise."""
+    if not values:
+        return None
+    return next(iter(values)) if len(values) == 1 else f"mixed {sorted(values)}"
+
+
+def _model_settings(model: nn.Module) -> dict[str, Any]:
+    """BN and padding conventions read back from the layers (None where the model has no BN)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    symmetric = all(m.padding == (m.kernel_size[0] // 2, m.kernel_size[1] // 2) and m.padding_mode == "zeros"
+                    for m in convs)
+    return {"bn_momentum": _single({float(m.momentum) for m in norms}),  # torch convention already
+            "bn_epsilon": _single({float(m.eps) for m in norms}),
+            # torch's BatchNorm always updates running_var with the unbiased batch variance
+            "bn_running_variance": "unbiased" if norms else None,
+            "strided_conv_padding": "symmetric" if symmetric else "asymmetric"}
+
+
+def _optimizer_settings(train_step: TrainStep) -> dict[str, Any]:
+    """Optimizer hyperparameters read back from the torch optimizer and its param groups."""
+    optimizer, recipe = train_step.optimizer, train_step.recipe
+    groups = optimizer.param_groups
+    is_sgd = isinstance(optimizer, torch.optim.SGD)
+    weight_decay = max(g["weight_decay"] + g["sgd_decoupled_decay"] for g in groups)
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or any(g["sgd_decoupled_decay"] for g in groups)
+    if weight_decay == 0:
+        mode = recipe.weight_decay_mode  # no decay at all: both modes are the same update
+    else:
+        mode = "decoupled" if decoupled else "coupled_l2"
+    return {"optimizer": "sgd" if is_sgd else recipe.optimizer,  # adam vs adamw: named by the recipe
+            "momentum": float(groups[0]["momentum"]) if is_sgd else None,
+            "nesterov": bool(groups[0]["nesterov"]) if is_sgd else None,
+            "weight_decay": float(weight_decay), "weight_decay_mode": mode,
+            "optimizer_epsilon": None if is_sgd else float(groups[0]["eps"])}
