@@ -304,3 +304,6 @@ def _strided_padding(model: keras.Model) -> str:
         if not ok:
             return f"asymmetric ({layer.name}: padding={layer.padding!r}, stride {stride})"
     return "symmetric"
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['Backend']

@@ -134,3 +134,6 @@ class EvalPipeline:
         images = tf.gather(self.images, index)
         labels = tf.gather(self.labels, index)
         return (images if raw else normalize(images, self.io.mean, self.io.std)), labels
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['EvalPipeline', 'TrainPipeline', 'normalize']

@@ -224,3 +224,5 @@ def dense(x, units: int, *, name: str):
     """A dense layer with bias (its output observable before any activation)."""
     return layers.Dense(units, name=name)(x)
 
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['OptionAShortcut', 'activation', 'batch_norm', 'conv2d']

@@ -236,3 +236,6 @@ class EvalStep:
     def __call__(self, images):
         with tf.device(self.device):
             return self._forward(images)
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['EvalStep', 'TrainStep', 'build_optimizer']

@@ -138,3 +138,6 @@ def layer_outputs(model: keras.Model, spec: ArchSpec, images: np.ndarray,
 
 def _numpy(value) -> np.ndarray:
     return np.asarray(value.numpy(), np.float32)
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['PREDICT_CHUNK', 'get_weights', 'layer_outputs', 'predict', 'set_weights']

@@ -275,3 +275,6 @@ def _optimizer_settings(train_step: TrainStep) -> dict[str, Any]:
             "nesterov": bool(groups[0]["nesterov"]) if is_sgd else None,
             "weight_decay": float(weight_decay), "weight_decay_mode": mode,
             "optimizer_epsilon": None if is_sgd else float(groups[0]["eps"])}
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['Backend']

@@ -108,3 +108,6 @@ class EvalPipeline:
         for start in range(0, len(self.labels), self.batch_size):
             stop = start + self.batch_size
             yield self.io.finish(self.images[start:stop], self.labels[start:stop], raw)
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['EvalPipeline', 'TrainPipeline', 'normalize']

@@ -135,3 +135,6 @@ class GlobalMaxPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.amax(x, dim=(2, 3), keepdim=True)
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['OptionAShortcut', 'activation', 'batch_norm', 'conv2d']

@@ -182,3 +182,6 @@ def create_model(name: str, num_classes: int = 10, in_shape: tuple[int, int, int
                           bn_momentum=float(bn_momentum), bn_epsilon=float(bn_epsilon))
     model.arch_spec = arch_spec(name, num_classes, in_shape)
     return model
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['MODELS', 'create_model', 'mobilenet_v2', 'resnet18', 'resnet20', 'seed_cnn', 'vgg11_bn']

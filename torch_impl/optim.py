@@ -193,3 +193,6 @@ class EvalStep:
             self.model.eval()
         with torch.no_grad():
             return self._forward(images)
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['EvalStep', 'TrainStep', 'build_optimizer']

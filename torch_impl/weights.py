@@ -162,3 +162,6 @@ def layer_outputs(model: nn.Module, spec: ArchSpec, images_nhwc: np.ndarray,
         for handle in handles:
             handle.remove()
     return {layer.name: _to_nhwc_numpy(captured[layer.name]) for layer in spec.layers}
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = ['PREDICT_CHUNK', 'get_weights', 'layer_outputs', 'predict', 'set_weights']

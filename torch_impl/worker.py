@@ -5,3 +5,6 @@ from common.worker import run_worker
 
 if __name__ == "__main__":
     sys.exit(run_worker("torch"))
+
+# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
+__all__ = []
