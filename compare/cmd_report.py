@@ -13,22 +13,13 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Re-render everything; exit 2 when there is nothing to render."""
-    from compare.report import render_all  # pandas / matplotlib: not needed to build the parser
+    from compare.report import render_and_print  # pandas / matplotlib: not needed to build the parser
     from compare.store import ResultsStore
-    from compare.tables import build_tables, terminal_summary, to_text
 
     store = ResultsStore(args.out)
     if not store.root.is_dir():
         raise UserError(f"{store.root} is not a results folder: pass the --out of a `dualbench run`")
     if not store.runs_path.exists():
         raise UserError(f"{store.runs_path} not found: pass the --out folder of a `dualbench run`")
-    written = render_all(store)
-    tables = build_tables(store.load_runs())
-    print("Summary (all columns in summary.csv):")
-    print(to_text(terminal_summary(tables["summary"])))
-    print("\nHead to head:")
-    print(to_text(tables["head_to_head"]))
-    print("\nWritten:")
-    for path in written:
-        print(f"  {path}")
+    render_and_print(store)
     return 0

@@ -118,25 +118,6 @@ def _strict_check(audit: dict[str, Any]) -> None:
                           "fix them or drop --strict")
 
 
-def _finish(store: Any) -> None:
-    from compare.report import render_all
-    from compare.tables import build_tables, terminal_summary, to_text
-
-    written = render_all(store)
-    tables = build_tables(store.load_runs())
-    print("\nSummary (all columns in summary.csv):")
-    print(to_text(terminal_summary(tables["summary"])))
-    print("\nHead to head:")
-    print(to_text(tables["head_to_head"]))
-    if not tables["failures"].empty:
-        print("\nFailures:")
-        print(to_text(tables["failures"]))
-    print("\nWritten:")
-    for path in [store.runs_path, store.manifest_path, store.audit_json, store.audit_csv, *written]:
-        if path.exists():
-            print(f"  {path}")
-
-
 def _raise_interrupt(signum, frame):  # SIGTERM (CI cancel, kill): stop the worker like Ctrl-C does
     raise KeyboardInterrupt
 
@@ -178,7 +159,9 @@ def main(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
     if store.load_rows():
-        _finish(store)
+        from compare.report import render_and_print
+
+        render_and_print(store)
     if interrupted:
         return 130
     ids = {s.run_id() for s in specs}

@@ -223,3 +223,22 @@ def render_all(store: ResultsStore) -> list[Path]:
     written.append(store.write_text("report.md", to_markdown(blocks)))
     written.append(store.write_text("report.html", to_html(blocks, _title(results))))
     return written
+
+
+def render_and_print(store: Any) -> None:
+    """Render every output of ``store`` and print the summary, head-to-head and failures tables."""
+    from compare.tables import build_tables, terminal_summary, to_text
+
+    written = render_all(store)
+    tables = build_tables(store.load_runs())
+    print("\nSummary (all columns in summary.csv):")
+    print(to_text(terminal_summary(tables["summary"])))
+    print("\nHead to head:")
+    print(to_text(tables["head_to_head"]))
+    if not tables["failures"].empty:
+        print("\nFailures:")
+        print(to_text(tables["failures"]))
+    print("\nWritten:")
+    for path in [store.runs_path, store.manifest_path, store.audit_json, store.audit_csv, *written]:
+        if path.exists():
+            print(f"  {path}")
