@@ -22,7 +22,8 @@ RECIPE_FLAGS = {
     "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
     "schedule": "schedule", "warmup_epochs": "warmup_epochs", "weight_decay": "weight_decay",
     "wd_mode": "weight_decay_mode", "momentum": "momentum", "nesterov": "nesterov",
-    "label_smoothing": "label_smoothing", "init": "init_scheme",
+    "label_smoothing": "label_smoothing", "init": "init_scheme", "bn_momentum": "bn_momentum",
+    "bn_epsilon": "bn_epsilon", "adam_epsilon": "adam_epsilon", "no_augment": "augment",
 }
 SPEC_FLAGS = ("data", "device", "precision", "threads", "deterministic", "allow_tf32", "train_subset",
               "test_subset", "warmup_steps", "max_steps_per_epoch")
@@ -82,6 +83,12 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     p("--no-nesterov", dest="nesterov", action="store_false", default=None, help="plain (not Nesterov) momentum")
     p("--label-smoothing", type=float, default=None, help=f"label smoothing in [0, 1) (default {r.label_smoothing})")
     p("--init", choices=INIT_SCHEMES, default=None, help=f"initial-weights scheme (default {r.init_scheme})")
+    p("--bn-momentum", type=float, default=None,
+      help=f"BatchNorm momentum, torch convention; Keras gets 1 - m (default {r.bn_momentum})")
+    p("--bn-epsilon", type=float, default=None, help=f"BatchNorm epsilon (default {r.bn_epsilon})")
+    p("--adam-epsilon", type=float, default=None, help=f"Adam/AdamW epsilon (default {r.adam_epsilon})")
+    p("--no-augment", dest="no_augment", action="store_false", default=None,
+      help="no random crop / flip (the sampler still fixes the order)")
 
 
 def _flag(dest: str) -> str:
@@ -208,8 +215,8 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     for dest, field_name in RECIPE_FLAGS.items():
         value = recipe.get(field_name, getattr(recipe_defaults, field_name))
         if value != getattr(recipe_defaults, field_name):
-            if dest == "nesterov":
-                words.append("--no-nesterov")
+            if dest in ("nesterov", "no_augment"):  # store_false switches
+                words.append("--no-nesterov" if dest == "nesterov" else "--no-augment")
             else:
                 words += [_flag(dest), str(value)]
     if first.get("checkpoint_dir"):
