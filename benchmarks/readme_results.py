@@ -1,0 +1,87 @@
+"""Generate the README's "Results on this machine" section from real outputs.
+
+Reads a `dualbench run` results folder (summary.csv, head_to_head.csv,
+manifest.json) and the CSVs the benchmark scripts wrote, and prints Markdown;
+with ``--write README.md`` it replaces the text between the two markers
+``<!-- results:begin -->`` and ``<!-- results:end -->``.
+
+    python benchmarks/readme_results.py results/cifar10 --bench-dir benchmarks/results --write README.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+SUMMARY_COLUMNS = {
+    "model": "model", "backend": "backend", "runs_ok": "runs ok", "test_acc_mean_pct": "test acc %",
+    "test_acc_std_pct": "± std", "train_img_s": "train img/s (median)", "train_img_s_ci_lo": "95% CI lo",
+    "train_img_s_ci_hi": "95% CI hi", "pipeline_img_s": "pipeline img/s", "step_ms_p50": "step ms p50",
+    "compile_s": "compile s", "epoch_wall_s": "epoch wall s", "host_peak_rss_mib": "host RSS MiB",
+}
+H2H_COLUMNS = {
+    "model": "model", "train_img_s_ratio": "tf/torch train img/s", "pipeline_img_s_ratio": "tf/torch pipeline",
+    "host_rss_ratio": "tf/torch host RSS", "acc_diff_pts": "acc diff (tf-torch, pts)",
+    "acc_diff_ci_lo_pts": "95% CI lo", "acc_diff_ci_hi_pts": "95% CI hi", "verdict": "verdict",
+}
+
+
+def _table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
+    present = [c for c in columns if c in frame.columns]
+    return frame[present].rename(columns=columns).to_markdown(index=False, floatfmt=".4g")
+
+
+def run_section(results: Path) -> list[str]:
+    manifest = json.loads((results / "manifest.json").read_text())
+    packages = manifest.get("packages", {})
+    versions = ", ".join(f"{k} {packages[k]}" for k in ("torch", "tensorflow", "keras", "numpy", "pandas")
+                         if k in packages)
+    lines = [
+        f"Measured {manifest.get('created_utc', '?')} on {manifest.get('cpu_model', '?')} "
+        f"({manifest.get('usable_cores', '?')} usable cores, no GPU), Python {manifest.get('python', '?')}, "
+        f"{versions}; git {manifest.get('git_commit', '?')}; data fingerprint `{manifest.get('data_fingerprint', '?')}`.",
+        "", "```bash", manifest.get("command", "?"), "```", "",
+        "**Summary** (mean over seeds; throughput medians over all steady-state steps of all seeds):", "",
+        _table(pd.read_csv(results / "summary.csv"), SUMMARY_COLUMNS), "",
+        "**Head to head**:", "", _table(pd.read_csv(results / "head_to_head.csv"), H2H_COLUMNS), "",
+    ]
+    return lines
+
+
+def bench_section(bench_dir: Path) -> list[str]:
+    """Every benchmark CSV, as written by its script (one table each)."""
+    lines = []
+    for csv in sorted(bench_dir.glob("*.csv")):
+        frame = pd.read_csv(csv)
+        lines += [f"**{csv.stem}** (`python benchmarks/{csv.stem}.py`):", "",
+                  frame.to_markdown(index=False, floatfmt=".4g"), ""]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a `dualbench run --out` folder")
+    parser.add_argument("--bench-dir", type=Path, default=None, help="folder of benchmark CSVs")
+    parser.add_argument("--write", type=Path, default=None, help="README to update between the markers")
+    args = parser.parse_args(argv)
+    lines = run_section(args.results)
+    if args.bench_dir and args.bench_dir.is_dir():
+        lines += bench_section(args.bench_dir)
+    text = "\n".join(lines).rstrip() + "\n"
+    if args.write is None:
+        print(text)
+        return 0
+    readme = args.write.read_text()
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"{args.write} has no {BEGIN} ... {END} markers")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    args.write.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
