@@ -162,3 +162,37 @@ def test_audit_flags_asymmetries_only_for_must_match_keys():
     rows = compare_settings({"torch": base, "tensorflow": missing})
     assert [r["setting"] for r in asymmetries(rows)] == ["optimizer_epsilon"]
     assert "bn_momentum" in MUST_MATCH
+
+
+def test_capped_epoch_fetches_only_its_steps_and_closes_the_pipeline():
+    """max_steps_per_epoch: no batch is built past the last step, and the pipeline is closed every epoch."""
+    from common.config import RunSpec
+    from common.loop import train
+
+    fetched, closed = [], []
+
+    class Backend:
+        def synchronize(self):
+            pass
+
+        def to_numpy(self, value):
+            return np.asarray(value)
+
+        def train_batches(self, plan):
+            try:
+                for index in range(plan.num_batches):
+                    fetched.append(index)
+                    yield np.zeros((4, 1)), np.zeros(4, np.int64)
+            finally:
+                closed.append(len(fetched))
+
+        def eval_batches(self):
+            yield np.zeros((6, 1)), np.zeros(6, np.int64)
+
+    spec = RunSpec(model="seed_cnn", backend="torch", max_steps_per_epoch=3, warmup_steps=0,
+                   recipe=Recipe(batch_size=4, epochs=2))
+    result = train(Backend(), lambda x, y, lr: (np.float32(1.0), np.int64(1)), lambda x: np.zeros((6, 10)),
+                   spec, num_train=40, test_labels=np.zeros(6, np.int64))
+    assert result.status == "ok" and result.state.global_step == 6
+    assert fetched == [0, 1, 2, 0, 1, 2]  # 10 batches per epoch, 3 built
+    assert closed == [3, 6]  # each epoch's generator finished when its epoch ended

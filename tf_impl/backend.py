@@ -32,17 +32,15 @@ from tf_impl.layers import BatchNorm  # noqa: E402
 from tf_impl.models import create_model  # noqa: E402
 from tf_impl.optim import EvalStep, TrainStep  # noqa: E402
 
-# "best" execution mode per device type, measured with benchmarks/tf_modes.py: train step,
-# batch 128, fp32, 2 intra-op threads, median step time over 10 steps after 3 warm-up steps
-# (eager: 5 steps), on the 2-core AMD EPYC dev VM; the first step (trace + compile) apart.
-# Quietest run (load ~1.5):
-#   resnet20: graph 0.194 s (659 img/s, compile 1.3 s) | eager 0.331 s (386) | xla 0.381 s (336,
-#             compile 3.1 s)
-#   seed_cnn: graph 0.180 s (709 img/s, compile 0.5 s) | eager 0.271 s (472) | xla 0.523 s (245,
-#             compile 3.2 s)
-# Three more rounds under load 2-3.5 (other jobs on the VM) ranked them the same every time
-# (resnet20 graph 0.38-0.40 s, eager 0.54-0.58 s, xla 0.78-0.88 s). GPU: XLA (it fuses the
-# BN/ReLU/add chains between the cuDNN convs); not measured here, the dev machine has no GPU.
+# "best" execution mode per device type, measured with benchmarks/mode_matrix.py (dualbench bench,
+# compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps, one process per
+# configuration, configurations interleaved, median of 2 rounds) on the 2-core AMD EPYC VM, TF 2.21,
+# 2 intra-op threads; the first step (trace + compile) apart:
+#   fp32 resnet20: graph 547 (compile 1.5 s) | xla 298 (4.5 s) | eager 264
+#   fp32 seed_cnn: graph 649 (0.6 s) | xla 450 (2.7 s) | eager 437
+#   bf16 resnet20: graph 673 | xla 375 | eager 353;  bf16 seed_cnn: graph 1151 | eager 544 | xla 410
+# Graph won every configuration, by 1.4-2.8x. GPU: XLA (it fuses the BN/ReLU/add chains between
+# the cuDNN convs); not measured here, the dev machine has no GPU.
 BEST_MODE = {"cpu": "graph", "gpu": "xla"}
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 PRECISION_OF_POLICY = {v: k for k, v in POLICIES.items()}

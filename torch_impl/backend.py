@@ -25,16 +25,17 @@ from torch_impl.data import EvalPipeline, TrainPipeline
 from torch_impl.models import create_model
 from torch_impl.optim import EvalStep, TrainStep
 
-# "best" per device type: (execution mode, channels_last), measured with benchmarks/torch_modes.py
-# (resnet20 / seed_cnn, batch 128, fp32, median images/s over 8 steps after 3 warm-up steps,
-# real TrainPipeline batches) on the 2-core shared CPU box, torch 2.14.1:
-#   2 threads, quietest run:  resnet20 eager+cl 607, compile 541, compile+cl 525, eager 515 (best step)
-#                             seed_cnn eager+cl 644, eager 515, compile 387, compile+cl 382
-#   1 thread, 2 rounds:       resnet20 eager+cl 314/302, compile+cl 287/285, compile 234/269, eager 232/261
-#                             seed_cnn eager+cl 331/305, eager 258/241, compile 209/186, compile+cl 195/181
-# Inductor on this CPU never beats eager + channels_last (oneDNN convs in NHWC without reorders), and
-# its first step costs 20-55 s of compilation with a cold cache, so CPU "best" is eager + channels_last.
-# The input pipeline costs ~2 ms per batch of 128 there (about 1% of a resnet20 step).
+# "best" per device type: (execution mode, channels_last), measured with benchmarks/mode_matrix.py
+# (dualbench bench, compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps,
+# one process per configuration, configurations interleaved) on the 2-core AMD EPYC VM, torch 2.14.1,
+# 2 threads. Median of 2 rounds (resnet20 fp32: 4 rounds, as the first two left it open):
+#   fp32 resnet20: eager+cl 508, compile+cl 512, compile 505, eager 362 (compile ties eager+cl)
+#   fp32 seed_cnn: eager+cl 520, eager 439, compile+cl 414, compile 356
+#   bf16 resnet20: compile+cl 894, eager 882, compile 869, eager+cl 833 (within the ~10% per-process noise)
+#   bf16 seed_cnn: eager+cl 1093, eager 782, compile+cl 697, compile 670
+# Inductor on this CPU at best ties eager + channels_last (oneDNN convs in NHWC without reorders) and
+# its first step costs 2-3 s with a warm cache, 15-55 s with a cold one, so CPU "best" is eager +
+# channels_last. The input pipeline costs ~0-5% of a step there (benchmarks/pipeline_cost.py).
 # CUDA: not measured here; compile + channels_last is the usual fastest for convnets (tensor-core
 # NHWC convs, fused BN/ReLU epilogues) - to be confirmed on a GPU machine.
 BEST = {"cpu": ("eager", True), "cuda": ("compile", True)}

@@ -1,0 +1,136 @@
+"""The execution-mode matrix per framework: the evidence behind ``--mode best``.
+
+torch: eager / compile x channels_last on / off; TensorFlow: eager / graph /
+xla; each in fp32 and bf16 (bf16 where it runs on this CPU; a failure is
+recorded, not fatal). Every configuration is one ``dualbench bench --json``
+call (phase train; one measurement process per model), so the numbers are
+dualbench's own compute-only training images/s (median of per-step figures,
+compile step and warm-up excluded) plus the compile step's seconds.
+Configurations alternate torch / TensorFlow within a round; ``--rounds`` > 1
+repeats the sequence and medians are reported.
+
+The winner per (framework, model, precision) is compared with the backend's
+own ``BEST`` table (torch_impl.backend.BEST, tf_impl.backend.BEST_MODE, read
+in a subprocess). Inductor caches compiled code on disk, so torch compile_s
+is a warm-cache figure after the first run on a machine.
+
+    .venv/bin/python benchmarks/mode_matrix.py            # ~10+ minutes on 2 cores
+    .venv/bin/python benchmarks/mode_matrix.py --quick
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+
+from _common import (abab, base_parser, dualbench_bench, machine_header, median, print_table, run_json, split,
+                     write_results)
+
+TORCH_CONFIGS = [("eager", "on"), ("eager", "off"), ("compile", "on"), ("compile", "off")]
+TF_MODES = ["graph", "xla", "eager"]
+BEST_PROBES = {
+    "torch": "import json, torch; from torch_impl.backend import BEST; "
+             "d = 'cuda' if torch.cuda.is_available() else 'cpu'; m, cl = BEST[d]; "
+             "print(json.dumps({'device': d, 'config': f\"{m} cl={'on' if cl else 'off'}\"}))",
+    "tensorflow": "import json, tensorflow as tf; from tf_impl.backend import BEST_MODE; "
+                  "d = 'gpu' if tf.config.list_physical_devices('GPU') else 'cpu'; "
+                  "print(json.dumps({'device': d, 'config': BEST_MODE[d]}))",
+}
+
+
+def configurations(backends: list[str], precisions: list[str]) -> list[tuple[str, str, str | None, str]]:
+    """(backend, mode, channels_last or None, precision), torch and TensorFlow interleaved."""
+    per_backend = {"torch": [("torch", m, cl, p) for p in precisions for m, cl in TORCH_CONFIGS],
+                   "tensorflow": [("tensorflow", m, None, p) for p in precisions for m in TF_MODES]}
+    lists = [per_backend[b] for b in backends]
+    return [c for group in itertools.zip_longest(*lists) for c in group if c is not None]
+
+
+def label(mode: str, channels_last: str | None) -> str:
+    return mode if channels_last is None else f"{mode} cl={channels_last}"
+
+
+def run_config(config, args) -> list[dict]:
+    backend, mode, channels_last, precision = config
+    bench_args = ["--models", args.models, "--backends", backend, "--mode", mode, "--precisions", precision,
+                  "--batch-sizes", str(args.batch_size), "--phases", "train", "--steps", str(args.steps),
+                  "--warmup-steps", str(args.warmup)]
+    if channels_last is not None:
+        bench_args += ["--channels-last", channels_last]
+    if args.threads:
+        bench_args += ["--threads", str(args.threads)]
+    rows = dualbench_bench(bench_args, f"bench-{backend}-{mode}-{precision}")
+    found = [r for r in rows if r.get("measure") in ("compute", None)]  # failed configs have no measure
+    return [{"config": label(mode, channels_last), **r} for r in found] or [
+        {"config": label(mode, channels_last), "backend": backend, "precision": precision, "status": "no rows"}]
+
+
+def summarise(rows: list[dict], best: dict[str, dict]) -> list[dict]:
+    """Per (backend, model, precision, config): median images/s and compile_s; the winner marked."""
+    out = []
+    order = {c: i for i, c in enumerate([label(m, cl) for m, cl in TORCH_CONFIGS] + TF_MODES)}
+    keys = sorted(dict.fromkeys((r["backend"], r.get("model"), r["precision"], r["config"]) for r in rows),
+                  key=lambda k: (k[0] != "torch", k[2] != "fp32", k[2], str(k[1]), order.get(k[3], 99)))
+    for backend, model, precision, config in keys:
+        mine = [r for r in rows if (r["backend"], r.get("model"), r["precision"], r["config"]) ==
+                (backend, model, precision, config)]
+        ok = [r for r in mine if r.get("status") == "ok"]
+        out.append({"backend": backend, "model": model, "precision": precision, "config": config,
+                    "batch_size": mine[0].get("batch_size"),
+                    "train_img_s": median(r.get("images_per_sec") for r in ok),
+                    "compile_s": median(r.get("compile_s") for r in ok), "fastest": "",
+                    "backend_best": "BEST" if best.get(backend, {}).get("config") == config else "",
+                    "status": "ok" if ok else str(mine[0].get("error") or mine[0].get("status"))[:80]})
+    for group in dict.fromkeys((r["backend"], r["model"], r["precision"]) for r in out):
+        members = [r for r in out if (r["backend"], r["model"], r["precision"]) == group and r["train_img_s"]]
+        if members:
+            max(members, key=lambda r: r["train_img_s"])["fastest"] = "fastest"
+    return out
+
+
+def verdicts(summary: list[dict], best: dict[str, dict]) -> list[str]:
+    """One line per (backend, model, precision): which configuration won and whether BEST agrees."""
+    lines = []
+    for row in (r for r in summary if r["fastest"]):
+        chosen = best.get(row["backend"], {}).get("config")
+        mine = next((r for r in summary if r["backend_best"] and (r["backend"], r["model"], r["precision"]) ==
+                     (row["backend"], row["model"], row["precision"])), None)
+        gap = ""
+        if mine and mine["train_img_s"]:
+            gap = f", BEST {1 - mine['train_img_s'] / row['train_img_s']:.1%} slower"
+        agrees = "matches BEST" if chosen == row["config"] else f"differs from BEST ({chosen}{gap})"
+        lines.append(f"{row['backend']} {row['model']} {row['precision']}: fastest {row['config']} "
+                     f"({row['train_img_s']:.0f} img/s) - {agrees}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__, "mode_matrix.csv")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma list (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measure (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the compile step")
+    parser.add_argument("--rounds", type=int, default=1, help="repeats of the interleaved sequence")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.steps, args.warmup, args.rounds = 16, 2, 1, 1
+        args.models = split(args.models)[0]
+    backends = split(args.backends)
+    best = {b: run_json([sys.executable, "-c", BEST_PROBES[b]], f"best-{b}")[0] or {} for b in backends}
+    rows = []
+    configs = configurations(backends, split(args.precisions))
+    for round_index, config in abab(configs, args.rounds):
+        print(f"round {round_index + 1}/{args.rounds}: {config}", file=sys.stderr, flush=True)
+        rows += [{"round": round_index + 1, **r} for r in run_config(config, args)]
+    summary = summarise(rows, best)
+    print(machine_header(args.threads))
+    print_table(f"compute-only training images/s, {args.steps} timed steps, median of {args.rounds} round(s)",
+                summary, list(summary[0]) if summary else [])
+    print("\nBEST in the backends: " + "; ".join(f"{b}: {v.get('config')} on {v.get('device')}"
+                                                 for b, v in best.items()))
+    print("\n".join(verdicts(summary, best)))
+    write_results(args.out, summary, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""benchmarks/: the scripts' own arithmetic, and one script end to end on both real backends (quick mode)."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _common  # noqa: E402
+import bare_vs_dualbench  # noqa: E402
+import mode_matrix  # noqa: E402
+import pipeline_cost  # noqa: E402
+import roofline  # noqa: E402
+
+
+def test_abab_alternates_sides_within_every_round():
+    assert list(_common.abab(["a", "b"], 2)) == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+
+
+def test_ratio_is_the_median_of_per_round_ratios():
+    rows = [{"round": r, "model": "m", "backend": "torch", "side": side, "batch_size": 8, "v": v}
+            for r, side, v in [(1, "bare", 100.0), (1, "dualbench", 90.0), (2, "bare", 50.0),
+                               (2, "dualbench", 60.0), (3, "bare", 100.0), (3, "dualbench", 100.0)]]
+    [row] = bare_vs_dualbench.summarise(rows, "v", "x")
+    assert row["bare_x"] == 100.0 and row["dualbench_x"] == 90.0
+    assert row["ratio"] == pytest.approx(1.0)  # per round 0.9, 1.2, 1.0 -> median 1.0 (not 90/100)
+    assert row["per_round"] == "0.900 1.200 1.000"
+
+
+def test_pipeline_cost_pairs_measures_of_one_process():
+    rows = [{"round": 1, "model": "m", "backend": "torch", "measure": "compute", "images_per_sec": 200.0,
+             "resolved_mode": "eager", "batch_size": 8},
+            {"round": 1, "model": "m", "backend": "torch", "measure": "pipeline", "images_per_sec": 180.0}]
+    [row] = pipeline_cost.summarise(pipeline_cost.ratios(rows))
+    assert row["ratio"] == pytest.approx(0.9) and row["meets"] == "yes" and row["mode"] == "eager"
+
+
+def test_mode_matrix_interleaves_frameworks_and_marks_the_winner():
+    configs = mode_matrix.configurations(["torch", "tensorflow"], ["fp32"])
+    assert [c[0] for c in configs[:6]] == ["torch", "tensorflow"] * 3
+    assert len(configs) == len(mode_matrix.TORCH_CONFIGS) + len(mode_matrix.TF_MODES)
+    rows = [{"backend": "tensorflow", "model": "m", "precision": "fp32", "config": c, "batch_size": 8,
+             "status": "ok", "images_per_sec": v, "compile_s": 1.0} for c, v in [("graph", 300.0), ("xla", 200.0)]]
+    summary = mode_matrix.summarise(rows, {"tensorflow": {"config": "xla"}})
+    assert [(r["config"], r["fastest"], r["backend_best"]) for r in summary] == [
+        ("graph", "fastest", ""), ("xla", "", "BEST")]
+    assert "differs from BEST (xla, BEST 33.3% slower)" in mode_matrix.verdicts(summary, {"tensorflow": {"config": "xla"}})[0]
+
+
+def test_roofline_uses_six_macs_per_trained_image():
+    from common.architectures import arch_spec
+
+    trainings = [{"model": "resnet20", "backend": "torch", "images_per_sec": 100.0}]
+    [row] = roofline.achieved_table(trainings, {"library": "numpy", "gflops": 200.0})
+    expected = 100.0 * 6 * arch_spec("resnet20").macs() / 1e9
+    assert row["achieved_gflops"] == pytest.approx(expected)
+    assert row["fraction_of_peak"] == pytest.approx(expected / 200.0)
+
+
+def test_bare_vs_dualbench_quick_runs_both_backends(tmp_path):
+    out = tmp_path / "bare.csv"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bare_vs_dualbench.py"), "--quick",
+                           "--models", "seed_cnn", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "machine:" in done.stdout and "ratio" in done.stdout
+    with open(out) as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["backend"] for r in rows) == ["tensorflow", "torch"]
+    for row in rows:
+        assert float(row["bare_img_s"]) > 0 and float(row["dualbench_img_s"]) > 0
+        assert float(row["ratio"]) == pytest.approx(float(row["per_round"]), abs=1e-3)
+    assert (tmp_path / "raw" / "bare.csv").exists()
