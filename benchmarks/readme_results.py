@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from run_all import SCRIPTS  # the scripts' canonical order (benchmarks/ is on sys.path)
+
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SUMMARY_COLUMNS = {
     "model": "model", "backend": "backend", "runs_ok": "runs ok", "test_acc_mean_pct": "test acc %",
@@ -51,12 +53,25 @@ def run_section(results: Path) -> list[str]:
     return lines
 
 
+CAPTIONS = {
+    "bench_table": "`dualbench bench`: throughput and memory per batch size, phase and measure",
+    "bare_vs_dualbench": "dualbench's loop over a bare hand-written loop (target >= 0.95)",
+    "memory": "host peak RSS of a dualbench run over the bare loop's (target <= 1.15)",
+    "pipeline_cost": "pipeline-inclusive over compute-only training throughput (target >= 0.9)",
+    "roofline": "achieved training GFLOP/s against the machine's fp32 matmul peak",
+    "mode_matrix": "execution modes per framework: the evidence behind `--mode best`",
+    "tf_bn_kernels": "TensorFlow BatchNorm kernel per mode",
+}
+
+
 def bench_section(bench_dir: Path) -> list[str]:
-    """Every benchmark CSV, as written by its script (one table each)."""
+    """Every benchmark CSV, as written by its script (one table each), in run_all's order."""
+    order = {name: i for i, name in enumerate(SCRIPTS)}
     lines = []
-    for csv in sorted(bench_dir.glob("*.csv")):
+    for csv in sorted(bench_dir.glob("*.csv"), key=lambda p: (order.get(p.stem, len(order)), p.stem)):
         frame = pd.read_csv(csv)
-        lines += [f"**{csv.stem}** (`python benchmarks/{csv.stem}.py`):", "",
+        caption = CAPTIONS.get(csv.stem, csv.stem)
+        lines += [f"**{caption}** (`python benchmarks/{csv.stem}.py`):", "",
                   frame.to_markdown(index=False, floatfmt=".4g"), ""]
     return lines
 

@@ -55,6 +55,15 @@ class LoopResult:
     eval_time_s: float = 0.0
     final_logits: np.ndarray | None = None
 
+    def record_step(self, step_in_process: int, skip: int, elapsed_s: float, batch_size: int) -> None:
+        """The process's first step is the compile step; steps after the first ``skip`` are steady state."""
+        if step_in_process == 1:
+            self.compile_s = elapsed_s
+        elif step_in_process > skip:
+            self.step_times_s.append(elapsed_s)
+            self.step_batch_sizes.append(batch_size)
+            self.steady_images += batch_size
+
     def summary(self) -> dict[str, Any]:
         """Throughput figures for the RunResult (None where not measured)."""
         per_step = [b / t for b, t in zip(self.step_batch_sizes, self.step_times_s) if t > 0]
@@ -122,12 +131,7 @@ def train(backend: Any, train_step: Callable, eval_step: Callable, spec: RunSpec
             loss_value = float(backend.to_numpy(loss))
             result.state.global_step += 1
             steps_this_process += 1
-            if steps_this_process == 1:
-                result.compile_s = t1 - t0
-            elif steps_this_process > skip:
-                result.step_times_s.append(t1 - t0)
-                result.step_batch_sizes.append(size)
-                result.steady_images += size
+            result.record_step(steps_this_process, skip, t1 - t0, size)
             if steps_this_process == skip:
                 steady_start = t1  # pipeline-inclusive clock starts after warm-up
             if not math.isfinite(loss_value):
@@ -150,20 +154,28 @@ def train(backend: Any, train_step: Callable, eval_step: Callable, spec: RunSpec
         logits = evaluate(backend, eval_step, result)
         result.final_logits = logits
         result.state.epoch += 1
-        result.state.epochs.append({
-            "epoch": result.state.epoch,
-            "train_loss": sum(losses) / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "test_loss": cross_entropy(logits, test_labels),
-            "test_accuracy": float((logits.argmax(axis=1) == test_labels).mean()),
-            "wall_s": result.state.train_time_s,  # cumulative training time at this evaluation
-            "train_time_s": train_time,
-            "images": seen,
-            "lr_last": lr_at(recipe, max(result.state.global_step - 1, 0), steps_per_epoch),
-        })
+        lr_last = lr_at(recipe, max(result.state.global_step - 1, 0), steps_per_epoch)
+        result.state.epochs.append(_epoch_row(result.state, logits, test_labels, sum(losses), correct, seen,
+                                              train_time, lr_last))
         if on_epoch_end is not None:
             on_epoch_end(result.state)
     return result
+
+
+def _epoch_row(state: LoopState, logits: np.ndarray, test_labels: np.ndarray, loss_sum: float, correct: float,
+               seen: int, train_time: float, lr_last: float) -> dict[str, Any]:
+    """One entry of RunResult.epochs (``state.epoch`` already counts the epoch just finished)."""
+    return {
+        "epoch": state.epoch,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "test_loss": cross_entropy(logits, test_labels),
+        "test_accuracy": float((logits.argmax(axis=1) == test_labels).mean()),
+        "wall_s": state.train_time_s,  # cumulative training time at this evaluation
+        "train_time_s": train_time,
+        "images": seen,
+        "lr_last": lr_last,
+    }
 
 
 def final_report(result: LoopResult, test_labels: np.ndarray, num_classes: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="32,128,512", help="comma-separated batch sizes to sweep")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after warm-up)")
     parser.add_argument("--precisions", default="fp32", help=f"comma list of {', '.join(PRECISIONS)}")
-    parser.add_argument("--phases", default="train,infer", help="train, infer or both")
+    parser.add_argument("--phases", default="train,infer", help="comma list of train, infer (default both)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per measurement")
     parser.add_argument("--out", default=None, help="also write the table as CSV here")

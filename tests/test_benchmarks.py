@@ -74,3 +74,39 @@ def test_bare_vs_dualbench_quick_runs_both_backends(tmp_path):
         assert float(row["bare_img_s"]) > 0 and float(row["dualbench_img_s"]) > 0
         assert float(row["ratio"]) == pytest.approx(float(row["per_round"]), abs=1e-3)
     assert (tmp_path / "raw" / "bare.csv").exists()
+
+
+def test_readme_results_replaces_only_the_marked_section(tmp_path):
+    import json
+
+    import readme_results
+
+    results, bench = tmp_path / "run", tmp_path / "bench"
+    results.mkdir()
+    bench.mkdir()
+    (results / "manifest.json").write_text(json.dumps({"created_utc": "2026-01-01T00:00:00Z", "cpu_model": "CPU X",
+                                                       "usable_cores": 2, "command": "dualbench run --x",
+                                                       "packages": {"torch": "9.9"}}))
+    (results / "summary.csv").write_text("model,backend,test_acc_mean_pct,unlisted\nm,torch,45.5,1\n")
+    (results / "head_to_head.csv").write_text("model,train_img_s_ratio,verdict\nm,1.1,within seed noise\n")
+    (bench / "memory.csv").write_text("model,ratio\nm,1.01\n")
+    (bench / "bench_table.csv").write_text("model,images_per_sec\nm,600\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"head\n{readme_results.BEGIN}\nold\n{readme_results.END}\ntail\n")
+    argv = [str(results), "--bench-dir", str(bench), "--write", str(readme)]
+    assert readme_results.main(argv) == 0
+    text = readme.read_text()
+    assert text.startswith("head\n") and text.endswith(f"{readme_results.END}\ntail\n") and "old" not in text
+    assert "dualbench run --x" in text and "torch 9.9" in text and "45.5" in text and "unlisted" not in text
+    assert text.index("bench_table.py") < text.index("memory.py")  # run_all's order, not alphabetical
+    assert readme_results.main(argv) == 0 and readme.read_text() == text  # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        readme_results.main(argv)
+
+
+def test_the_readme_has_the_results_markers():
+    import readme_results
+
+    text = (ROOT / "README.md").read_text()
+    assert text.count(readme_results.BEGIN) == 1 and text.count(readme_results.END) == 1

@@ -34,12 +34,12 @@ from tf_impl.optim import EvalStep, TrainStep  # noqa: E402
 
 # "best" execution mode per device type, measured with benchmarks/mode_matrix.py (dualbench bench,
 # compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps, one process per
-# configuration, configurations interleaved, median of 2 rounds) on the 2-core AMD EPYC VM, TF 2.21,
-# 2 intra-op threads; the first step (trace + compile) apart:
-#   fp32 resnet20: graph 547 (compile 1.5 s) | xla 298 (4.5 s) | eager 264
-#   fp32 seed_cnn: graph 649 (0.6 s) | xla 450 (2.7 s) | eager 437
-#   bf16 resnet20: graph 673 | xla 375 | eager 353;  bf16 seed_cnn: graph 1151 | eager 544 | xla 410
-# Graph won every configuration, by 1.4-2.8x. GPU: XLA (it fuses the BN/ReLU/add chains between
+# configuration, torch and TensorFlow configurations interleaved, median of 2 rounds) on the quiet
+# 2-core AMD EPYC VM, TF 2.21, 2 intra-op threads, 2026-11-23; the first step (trace + compile) apart:
+#   fp32 resnet20: graph 578 (compile 1.4 s) | xla 305 (4.6 s) | eager 297
+#   fp32 seed_cnn: graph 654 (0.6 s) | xla 445 (2.1 s) | eager 440
+#   bf16 resnet20: graph 745 | xla 371 | eager 337;  bf16 seed_cnn: graph 1088 | eager 544 | xla 393
+# Graph won every configuration, by 1.5-2.8x. GPU: XLA (it fuses the BN/ReLU/add chains between
 # the cuDNN convs); not measured here, the dev machine has no GPU.
 BEST_MODE = {"cpu": "graph", "gpu": "xla"}
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}

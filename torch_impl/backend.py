@@ -27,15 +27,16 @@ from torch_impl.optim import EvalStep, TrainStep
 
 # "best" per device type: (execution mode, channels_last), measured with benchmarks/mode_matrix.py
 # (dualbench bench, compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps,
-# one process per configuration, configurations interleaved) on the 2-core AMD EPYC VM, torch 2.14.1,
-# 2 threads. Median of 2 rounds (resnet20 fp32: 4 rounds, as the first two left it open):
-#   fp32 resnet20: eager+cl 508, compile+cl 512, compile 505, eager 362 (compile ties eager+cl)
-#   fp32 seed_cnn: eager+cl 520, eager 439, compile+cl 414, compile 356
-#   bf16 resnet20: compile+cl 894, eager 882, compile 869, eager+cl 833 (within the ~10% per-process noise)
-#   bf16 seed_cnn: eager+cl 1093, eager 782, compile+cl 697, compile 670
-# Inductor on this CPU at best ties eager + channels_last (oneDNN convs in NHWC without reorders) and
-# its first step costs 2-3 s with a warm cache, 15-55 s with a cold one, so CPU "best" is eager +
-# channels_last. The input pipeline costs ~0-5% of a step there (benchmarks/pipeline_cost.py).
+# one process per configuration, torch and TensorFlow configurations interleaved, median of 2 rounds)
+# on the quiet 2-core AMD EPYC VM, torch 2.14.1, 2 threads, 2026-11-23:
+#   fp32 resnet20: compile+cl 597, eager+cl 579, compile 569, eager 484
+#   fp32 seed_cnn: eager+cl 574, compile 422, compile+cl 383, eager 471
+#   bf16 resnet20: eager+cl 953, compile 799, compile+cl 766, eager 724
+#   bf16 seed_cnn: eager+cl 1170, eager 870, compile 677, compile+cl 598
+# eager + channels_last wins 3 of 4 and is within 3% (run-to-run noise) of the 4th, where inductor
+# also costs 2.3 s of compilation per process with a warm cache (15-55 s cold): CPU "best" is eager +
+# channels_last (oneDNN convolutions in NHWC without reorders). The input pipeline costs 0-3% of a
+# step there (benchmarks/pipeline_cost.py).
 # CUDA: not measured here; compile + channels_last is the usual fastest for convnets (tensor-core
 # NHWC convs, fused BN/ReLU epilogues) - to be confirmed on a GPU machine.
 BEST = {"cpu": ("eager", True), "cuda": ("compile", True)}
