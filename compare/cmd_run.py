@@ -124,15 +124,22 @@ def _raise_interrupt(signum, frame):  # SIGTERM (CI cancel, kill): stop the work
 
 def main(args: argparse.Namespace) -> int:
     """Validate, audit, run, report. Returns the exit code."""
-    from compare.progress import Progress
-    from compare.runner import Runner
     from compare.store import ResultsStore
 
     store = ResultsStore(args.out)
     specs = build_specs(args, store)
     store.ensure_writable()
+    with store.exclusive():  # one run per results folder
+        return _run(args, store, specs)
+
+
+def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> int:
+    from compare.runner import Runner
+
     seeds = sorted({s.seed for s in specs}, key=[s.seed for s in specs].index)
     dataset = validate_dataset(specs[0], seeds)
+    from compare.progress import Progress
+
     runner = Runner(store, timeout_s=args.timeout, force=args.force)
     runner.check_existing(specs)
     _write_manifest(store, specs, dataset)

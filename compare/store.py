@@ -10,6 +10,7 @@ Layout::
     OUT/plots/*.png             figures (compare.plots)
     OUT/logs/<run_id>.log       each worker's stderr
     OUT/checkpoints/<run_id>/   per-epoch checkpoints while a run is unfinished (--checkpoint)
+    OUT/.lock                   held by the `dualbench run` writing here (one at a time)
 
 Every write is atomic (temp file + ``os.replace``), so a crash or Ctrl-C never
 leaves a half-written file behind.
@@ -20,6 +21,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -74,6 +76,42 @@ class ResultsStore:
         except OSError as exc:
             raise UserError(f"cannot write to --out {self.root} ({exc.strerror or exc}): "
                             "choose a writable folder") from None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold OUT/.lock for one `dualbench run`; a second run on the same folder gets a UserError.
+
+        Two runs upserting the same runs.jsonl would each write whole-file
+        replacements and lose the other's rows. The lock is an OS advisory lock
+        (released by the kernel however the holder dies), so a killed run never
+        leaves the folder locked. Holding it also proves that any ``.work-*``
+        folder left here belongs to a dead run, so those are removed.
+        """
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, the rest works the same
+            yield
+            return
+        path = self.root / ".lock"
+        with _write_errors(path), open(path, "a+", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise UserError(f"another `dualbench run` ({holder}) is writing to {self.root}: wait for it "
+                                "to finish, or choose another --out") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+            for stale in self.root.glob(".work-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                yield
+            finally:
+                handle.truncate(0)
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def checkpoint_dir(self, run_id: str) -> Path:
         return self.root / "checkpoints" / run_id

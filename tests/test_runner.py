@@ -185,3 +185,23 @@ def test_checkpoint_resumes_a_killed_run(fake_env, tmp_path, monkeypatch, capsys
     row = rows(out)["seed_cnn__fakea__seed0"]
     assert row["status"] == "ok" and [e["epoch"] for e in row["epochs"]] == [1, 2]
     assert not (out / "checkpoints" / "seed_cnn__fakea__seed0").exists()  # finished: removed
+
+
+def test_one_run_per_results_folder_and_stale_work_dirs_are_swept(fake_env, tmp_path, capsys):
+    from compare.store import ResultsStore
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with ResultsStore(out).exclusive():  # another run holds the folder, with a worker folder in use
+        stale = out / ".work-live"
+        stale.mkdir()
+        (stale / "spec.json").write_text("{}")
+        assert fake_run(out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {os.getpid()}" in err[0] and "another --out" in err[0]
+        assert launches(fake_env) == [] and not (out / "runs.jsonl").exists()
+        assert stale.exists()  # the holder's folders are not touched
+    # the holder is gone (as if SIGKILLed): its lock went with it, its folder is stale
+    assert fake_run(out) == 0
+    assert not stale.exists() and not list(out.glob(".work-*"))
+    assert {r["status"] for r in rows(out).values()} == {"ok"}
