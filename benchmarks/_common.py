@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: machine header, subprocesses with peak RSS, ABAB order, tables, CSV.
+"""Shared pieces of the benchmark scripts: machine header, subprocesses with peak RSS, ABBA order, tables, CSV.
 
 Every measurement runs in its own subprocess (never TensorFlow and torch in
 one process; thread pools, compile caches and peak RSS are per process),
@@ -59,10 +59,16 @@ def machine_header(threads: int | None) -> str:
             f"{m['os']} | git {m['git_commit']} | {m['created_utc']}")
 
 
-def abab(sides: Sequence[Any], rounds: int) -> Iterator[tuple[int, Any]]:
-    """(round, side) in A B A B ... order, so slow drift of the machine hits every side alike."""
+def abba(sides: Sequence[Any], rounds: int) -> Iterator[tuple[int, Any]]:
+    """(round, side): every side once per round, in order on even rounds and reversed on odd ones.
+
+    Interleaving the sides makes slow drift of the machine hit every side alike;
+    reversing every other round (A B, B A, A B, ...) also cancels any effect of
+    position, such as always running right after the other framework's process.
+    Use an even ``--rounds`` for a fully balanced design.
+    """
     for round_index in range(rounds):
-        for side in sides:
+        for side in (sides if round_index % 2 == 0 else list(reversed(sides))):
             yield round_index, side
 
 

@@ -12,9 +12,10 @@ subprocess:
 
 Figure compared: steady-state, pipeline-inclusive images/s (compile step and
 warm-up excluded, one clock over the same number of steps on both sides).
-The two sides alternate (bare, dualbench, bare, dualbench ...) for
-``--rounds`` rounds; the ratio dualbench/bare is taken per round and its
-median reported.
+The two sides alternate for ``--rounds`` rounds, each pair's order flipping
+every round (bare then dualbench, dualbench then bare, ...: ABBA, so neither
+side always runs right after the other framework); the ratio dualbench/bare
+is taken per round and its median reported.
 
     .venv/bin/python benchmarks/bare_vs_dualbench.py            # a few minutes on 2 cores
     .venv/bin/python benchmarks/bare_vs_dualbench.py --quick    # smoke run
@@ -24,7 +25,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from _common import (abab, base_parser, machine_header, median, print_table, run_bare, run_dualbench, split,
+from _common import (abba, base_parser, machine_header, median, print_table, run_bare, run_dualbench, split,
                      write_results)
 
 TARGET = 0.95  # dualbench / bare throughput
@@ -36,7 +37,7 @@ def add_measure_options(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the compile step")
-    parser.add_argument("--rounds", type=int, default=3, help="bare/dualbench alternations (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=4, help="bare/dualbench rounds, even for a balanced order (default %(default)s)")
     parser.add_argument("--data", default="synthetic:5000,500",
                         help="dataset SPEC; one epoch must hold 1 + warmup + steps batches (default %(default)s)")
 
@@ -63,7 +64,7 @@ def measure_pairs(args) -> list[dict[str, Any]]:
     pairs = [(model, backend, side) for model in split(args.models) for backend in split(args.backends)
              for side in SIDES]
     rows = []
-    for round_index, (model, backend, side) in abab(pairs, args.rounds):
+    for round_index, (model, backend, side) in abba(pairs, args.rounds):
         print(f"round {round_index + 1}/{args.rounds}: {side} {backend} {model}", file=sys.stderr, flush=True)
         found = SIDES[side](backend, model, args.batch_size, args.steps, args.warmup, args.threads, args.data)
         rows.append({"round": round_index + 1, "model": model, "backend": backend, "side": side,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import sys
 
-from _common import (abab, base_parser, dualbench_bench, machine_header, median, print_table, run_json, split,
+from _common import (abba, base_parser, dualbench_bench, machine_header, median, print_table, run_json, split,
                      write_results)
 
 TORCH_CONFIGS = [("eager", "on"), ("eager", "off"), ("compile", "on"), ("compile", "off")]
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     best = {b: run_json([sys.executable, "-c", BEST_PROBES[b]], f"best-{b}")[0] or {} for b in backends}
     rows = []
     configs = configurations(backends, split(args.precisions))
-    for round_index, config in abab(configs, args.rounds):
+    for round_index, config in abba(configs, args.rounds):
         print(f"round {round_index + 1}/{args.rounds}: {config}", file=sys.stderr, flush=True)
         rows += [{"round": round_index + 1, **r} for r in run_config(config, args)]
     summary = summarise(rows, best)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from _common import (abab, base_parser, dualbench_bench, machine_header, median, print_table, split,
+from _common import (abba, base_parser, dualbench_bench, machine_header, median, print_table, split,
                      write_results)
 
 TARGET = 0.9  # pipeline-inclusive / compute-only
@@ -66,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measure (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the compile step")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds, even for a balanced order (default %(default)s)")
     parser.add_argument("--data", default="synthetic:10000,500", help="dataset SPEC (default %(default)s)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.steps, args.warmup, args.rounds, args.data = 16, 3, 1, 1, "synthetic"
     rows = []
-    for round_index, backend in abab(split(args.backends), args.rounds):
+    for round_index, backend in abba(split(args.backends), args.rounds):
         print(f"round {round_index + 1}/{args.rounds}: {backend}", file=sys.stderr, flush=True)
         rows += [{"round": round_index + 1, **r} for r in run_bench(backend, args)]
     per_round = ratios([r for r in rows if r.get("status") == "ok"])

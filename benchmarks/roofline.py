@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-from _common import (abab, base_parser, dualbench_bench, machine_header, median, print_table, run_json, split,
+from _common import (abba, base_parser, dualbench_bench, machine_header, median, print_table, run_json, split,
                      write_results)
 
 LIBRARIES = ("torch", "numpy", "tensorflow")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.repeats, args.batch_size, args.steps, args.warmup, args.rounds = 512, 3, 16, 3, 1, 1
     sides = [("matmul", lib) for lib in LIBRARIES] + [("train", b) for b in split(args.backends)]
     matmuls, trainings = [], []
-    for round_index, (kind, name) in abab(sides, args.rounds):
+    for round_index, (kind, name) in abba(sides, args.rounds):
         print(f"round {round_index + 1}/{args.rounds}: {kind} {name}", file=sys.stderr, flush=True)
         if kind == "matmul":
             matmuls.append({"round": round_index + 1, **run_matmul(name, args)})

@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/run_all.py --quick         # smoke run of every script
     .venv/bin/python benchmarks/run_all.py --only bare_vs_dualbench,memory
 
-Run on a quiet machine: the scripts alternate their sides (ABAB) so slow drift
-hits both, but a busy neighbour still widens every interval. Extra arguments
-after ``--`` go to every script (e.g. ``-- --threads 2``).
+Run on a quiet machine: the scripts alternate their sides (ABBA) so slow
+drift and position hit both alike, but a busy neighbour still widens every
+interval. Extra arguments after ``--`` go to every script (e.g.
+``-- --threads 2``).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from _common import abab, base_parser, machine_header, median, print_table, run_json, split, write_results
+from _common import abba, base_parser, machine_header, median, print_table, run_json, split, write_results
 
 MODES = ("graph", "xla")
 KERNELS = ("fused", "composed")
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size, args.steps, args.warmup, args.rounds = 16, 2, 1, 1
     configs = [(m, mode, k) for m in split(args.models) for mode in MODES for k in KERNELS]
     rows = []
-    for round_index, (model, mode, kernel) in abab(configs, args.rounds):
+    for round_index, (model, mode, kernel) in abba(configs, args.rounds):
         print(f"round {round_index + 1}/{args.rounds}: {model} {mode} {kernel}", file=sys.stderr, flush=True)
         argv_one = [sys.executable, __file__, "--one", model, mode, kernel, "--batch-size", str(args.batch_size),
                     "--steps", str(args.steps), "--warmup", str(args.warmup)]

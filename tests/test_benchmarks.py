@@ -16,8 +16,9 @@ import pipeline_cost  # noqa: E402
 import roofline  # noqa: E402
 
 
-def test_abab_alternates_sides_within_every_round():
-    assert list(_common.abab(["a", "b"], 2)) == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+def test_abba_interleaves_sides_and_reverses_every_other_round():
+    assert list(_common.abba(["a", "b"], 3)) == [(0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"), (2, "b")]
+    assert [side for _, side in _common.abba(["a", "b", "c"], 2)] == ["a", "b", "c", "c", "b", "a"]
 
 
 def test_ratio_is_the_median_of_per_round_ratios():
