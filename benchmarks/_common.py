@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -208,10 +210,19 @@ def write_results(out: str | Path, summary: list[dict[str, Any]], rows: list[dic
     """The summary table at ``out`` and every measurement at ``<out folder>/raw/<out name>``.
 
     Only summaries sit at the top of the results folder: benchmarks/readme_results.py
-    renders every CSV found there (not in raw/) into the README.
+    renders every CSV found there (not in raw/) into the README, quoting the exact
+    command from ``<out>.json`` (written here, beside the summary) so that the
+    README's numbers can be reproduced by the command it prints.
     """
     out = Path(out)
     raw = out.parent / "raw" / out.name
     write_csv(out, summary)
     write_csv(raw, rows)
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    command = shlex.join([".venv/bin/python", script.as_posix(), *sys.argv[1:]])
+    finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as handle:
+        json.dump({"command": command, "finished_utc": finished}, handle)
+    Path(handle.name).replace(out.with_suffix(".json"))
     print(f"\nwrote {out} (summary) and {raw} (every measurement)")

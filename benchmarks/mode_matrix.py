@@ -6,8 +6,8 @@ recorded, not fatal). Every configuration is one ``dualbench bench --json``
 call (phase train; one measurement process per model), so the numbers are
 dualbench's own compute-only training images/s (median of per-step figures,
 compile step and warm-up excluded) plus the compile step's seconds.
-Configurations alternate torch / TensorFlow within a round; ``--rounds`` > 1
-repeats the sequence and medians are reported.
+Configurations alternate torch / TensorFlow within a round; each further
+round runs the sequence in reverse (ABBA) and medians are reported.
 
 The winner per (framework, model, precision) is compared with the backend's
 own ``BEST`` table (torch_impl.backend.BEST, tf_impl.backend.BEST_MODE, read
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measure (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the compile step")
-    parser.add_argument("--rounds", type=int, default=1, help="repeats of the interleaved sequence")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="repeats of the interleaved sequence, even for a balanced order")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.steps, args.warmup, args.rounds = 16, 2, 1, 1

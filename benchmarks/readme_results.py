@@ -64,6 +64,15 @@ CAPTIONS = {
 }
 
 
+def _meta(csv: Path) -> dict[str, str]:
+    """The command and finish time the script stored beside its CSV ({} when absent or unreadable)."""
+    try:
+        meta = json.loads(csv.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def bench_section(bench_dir: Path) -> list[str]:
     """Every benchmark CSV, as written by its script (one table each), in run_all's order."""
     order = {name: i for i, name in enumerate(SCRIPTS)}
@@ -71,7 +80,10 @@ def bench_section(bench_dir: Path) -> list[str]:
     for csv in sorted(bench_dir.glob("*.csv"), key=lambda p: (order.get(p.stem, len(order)), p.stem)):
         frame = pd.read_csv(csv)
         caption = CAPTIONS.get(csv.stem, csv.stem)
-        lines += [f"**{caption}** (`python benchmarks/{csv.stem}.py`):", "",
+        meta = _meta(csv)
+        command = meta.get("command") or f".venv/bin/python benchmarks/{csv.stem}.py"
+        when = f", {meta['finished_utc']}" if meta.get("finished_utc") else ""
+        lines += [f"**{caption}** (`{command}`{when}):", "",
                   frame.to_markdown(index=False, floatfmt=".4g"), ""]
     return lines
 

@@ -75,6 +75,11 @@ def test_bare_vs_dualbench_quick_runs_both_backends(tmp_path):
         assert float(row["bare_img_s"]) > 0 and float(row["dualbench_img_s"]) > 0
         assert float(row["ratio"]) == pytest.approx(float(row["per_round"]), abs=1e-3)
     assert (tmp_path / "raw" / "bare.csv").exists()
+    import json
+
+    meta = json.loads((tmp_path / "bare.json").read_text())  # the exact command, for the README
+    assert meta["command"].startswith(".venv/bin/python benchmarks/bare_vs_dualbench.py --quick --models seed_cnn")
+    assert meta["finished_utc"].endswith("UTC")
 
 
 def test_readme_results_replaces_only_the_marked_section(tmp_path):
@@ -92,6 +97,8 @@ def test_readme_results_replaces_only_the_marked_section(tmp_path):
     (results / "head_to_head.csv").write_text("model,train_img_s_ratio,verdict\nm,1.1,within seed noise\n")
     (bench / "memory.csv").write_text("model,ratio\nm,1.01\n")
     (bench / "bench_table.csv").write_text("model,images_per_sec\nm,600\n")
+    (bench / "bench_table.json").write_text(json.dumps({"command": ".venv/bin/python benchmarks/bench_table.py "
+                                                        "--rounds 4", "finished_utc": "2026-01-02 03:04 UTC"}))
     readme = tmp_path / "README.md"
     readme.write_text(f"head\n{readme_results.BEGIN}\nold\n{readme_results.END}\ntail\n")
     argv = [str(results), "--bench-dir", str(bench), "--write", str(readme)]
@@ -100,6 +107,8 @@ def test_readme_results_replaces_only_the_marked_section(tmp_path):
     assert text.startswith("head\n") and text.endswith(f"{readme_results.END}\ntail\n") and "old" not in text
     assert "dualbench run --x" in text and "torch 9.9" in text and "45.5" in text and "unlisted" not in text
     assert text.index("bench_table.py") < text.index("memory.py")  # run_all's order, not alphabetical
+    assert "(`.venv/bin/python benchmarks/bench_table.py --rounds 4`, 2026-01-02 03:04 UTC)" in text  # as run
+    assert "(`.venv/bin/python benchmarks/memory.py`):" in text  # no sidecar: the default command
     assert readme_results.main(argv) == 0 and readme.read_text() == text  # idempotent
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
