@@ -17,6 +17,10 @@ of what the comparison charges to dualbench).
   Not ``model.fit`` on tf.data: that adds Keras's callback machinery and a
   prefetch thread competing for the same cores.
 
+Started by benchmarks/_common.py with compare.process.worker_env(), so the
+bare loops get the same host allocator tuning as dualbench's workers
+(common.manifest.MALLOC_TUNING); run alone, export those variables to match.
+
 Timing mirrors common.loop: the first step is compile time; ``--warmup`` steps
 follow untimed; then ONE wall clock around ``--steps`` steps including each
 batch fetch, stopped after the last loss is read to the host (a sync).

@@ -33,6 +33,7 @@ MUST_MATCH = (
     "data_fingerprint",
     "sampler_seed",
     "device_type",  # cpu | gpu
+    "host_allocator",  # glibc malloc tuning the worker started with (common.manifest.MALLOC_TUNING)
 )
 NATIVE = (
     "device",  # resolved device name

@@ -11,6 +11,22 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# Host allocator tuning given to every worker and benchmark process (both backends alike).
+# glibc's defaults hand big freed blocks back to the kernel (munmap / heap trim), so a training
+# step that frees and re-allocates the same buffers page-faults them all in again: torch eager on
+# the CPU measured ~25% slower that way (10x the minor faults); TensorFlow, which pools its own
+# buffers, measured the same either way (numbers in benchmarks/README via bare_vs_dualbench).
+# Keeping freed memory in the process is what the PyTorch CPU tuning guide gets from jemalloc or
+# tcmalloc, without a new dependency. A value the user already set is kept; other libcs ignore these.
+MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def allocator_setting(environ: Any = None) -> str:
+    """The host allocator tuning this process started with, for the fairness audit."""
+    environ = os.environ if environ is None else environ
+    tuned = [f"{name}={environ[name]}" for name in MALLOC_TUNING if name in environ]
+    return " ".join(tuned) if tuned else "libc defaults"
+
 
 def cpu_model() -> str:
     try:

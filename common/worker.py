@@ -22,7 +22,7 @@ from common.config import RunSpec
 from common.errors import UserError
 from common.init import initial_weights
 from common.loop import LoopState, final_report, train
-from common.manifest import collect_manifest
+from common.manifest import allocator_setting, collect_manifest
 from common.results import RunResult, write_json_atomic
 
 EVENT_PREFIX = "DUALBENCH_EVENT "
@@ -38,7 +38,8 @@ def common_settings(spec: RunSpec, dataset: Any) -> dict[str, Any]:
     """Audit values that come from the spec itself rather than from a framework object."""
     r = spec.recipe
     return {"init_scheme": r.init_scheme, "lr_schedule": f"{r.schedule} (common.schedules, per step)",
-            "batch_size": r.batch_size, "data_fingerprint": dataset.fingerprint, "sampler_seed": spec.seed}
+            "batch_size": r.batch_size, "data_fingerprint": dataset.fingerprint, "sampler_seed": spec.seed,
+            "host_allocator": allocator_setting()}
 
 
 def build(backend: Any, spec: RunSpec) -> dict[str, Any]:

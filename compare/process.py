@@ -47,13 +47,16 @@ class ProcessOutcome:
 
 
 def worker_env() -> dict[str, str]:
-    """The parent's environment with the project root on PYTHONPATH (so `-m common.worker` imports)."""
-    from common.manifest import PROJECT_ROOT
+    """The parent's environment, the project root on PYTHONPATH (so `-m common.worker` imports) and
+    common.manifest.MALLOC_TUNING (unless the user set those variables)."""
+    from common.manifest import MALLOC_TUNING, PROJECT_ROOT
 
     env = dict(os.environ)
     parts = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    for name, value in MALLOC_TUNING.items():  # the same host allocator settings for every backend
+        env.setdefault(name, value)
     return env
 
 

@@ -205,3 +205,25 @@ def test_one_run_per_results_folder_and_stale_work_dirs_are_swept(fake_env, tmp_
     assert fake_run(out) == 0
     assert not stale.exists() and not list(out.glob(".work-*"))
     assert {r["status"] for r in rows(out).values()} == {"ok"}
+
+
+def test_every_worker_gets_the_same_host_allocator_tuning_and_the_audit_shows_it(fake_env, tmp_path, monkeypatch):
+    import json
+
+    from common.manifest import MALLOC_TUNING, allocator_setting
+    from compare.process import worker_env
+
+    for name in MALLOC_TUNING:
+        monkeypatch.delenv(name, raising=False)
+    env = worker_env()
+    assert all(env[name] == value for name, value in MALLOC_TUNING.items())
+    assert allocator_setting(env) == "MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824"
+    assert allocator_setting({}) == "libc defaults"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # the user's own value wins
+    assert worker_env()["MALLOC_TRIM_THRESHOLD_"] == "12345"
+    out = tmp_path / "out"
+    assert fake_run(out) == 0
+    audit = json.loads((out / "audit.json").read_text())["models"]["seed_cnn"]
+    row = next(r for r in audit["rows"] if r["setting"] == "host_allocator")
+    assert row["fakea"] == row["fakeb"] == "MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=12345"
+    assert row["kind"] == "must match" and not row["asymmetry"]

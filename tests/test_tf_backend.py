@@ -26,7 +26,7 @@ from tf_impl.backend import Backend, _strided_padding  # noqa: E402
 # pools cannot change (and the audit reports what TF has). The worker test checks a fresh process.
 pytestmark = pytest.mark.filterwarnings("ignore:TensorFlow already initialised:RuntimeWarning")
 ROOT = Path(__file__).resolve().parent.parent
-COMMON_KEYS = {"init_scheme", "lr_schedule", "batch_size", "data_fingerprint", "sampler_seed"}
+COMMON_KEYS = {"init_scheme", "lr_schedule", "batch_size", "data_fingerprint", "sampler_seed", "host_allocator"}
 HAS_GPU = bool(tf.config.list_physical_devices("GPU"))
 
 

@@ -17,7 +17,7 @@ from tests.torch_helpers import cpu_spec, tiny_dataset
 from torch_impl import backend as backend_module
 from torch_impl.backend import Backend, resolve_device, resolve_mode
 
-COMMON_KEYS = {"init_scheme", "lr_schedule", "batch_size", "data_fingerprint", "sampler_seed"}
+COMMON_KEYS = {"init_scheme", "lr_schedule", "batch_size", "data_fingerprint", "sampler_seed", "host_allocator"}
 
 
 def test_backend_implements_the_protocol():
