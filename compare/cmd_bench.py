@@ -24,7 +24,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per measurement")
     parser.add_argument("--out", default=None, help="also write the table as CSV here")
     p = parser.add_argument
-    p("--data", default="synthetic", help="dataset SPEC feeding the pipeline measurement (default synthetic)")
+    p("--data", default=None, help="dataset SPEC feeding the pipeline measurement (default: synthetic images, "
+      "enough that the timed steps stay inside one epoch at the largest batch size)")
     p("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p("--mode", default="best", help="as for `dualbench run`: one mode or per backend 'torch=compile,...'")
     p("--threads", type=int, default=None, help="intra-op threads for both frameworks (default: all cores)")
@@ -59,11 +60,20 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
     if args.steps <= 0 or args.warmup_steps < 0:
         raise ConfigError("--steps must be positive and --warmup-steps >= 0")
     modes = options.parse_modes(args.mode, backends)
+    window = max(batch_sizes) * (args.steps + args.warmup_steps)  # images the pipeline measure draws
+    if args.data is None:
+        args.data = f"synthetic:{max(2000, -(-window // 1000) * 1000)},500"
     base = default_base(data=args.data, device=args.device, threads=args.threads,
                         warmup_steps=args.warmup_steps, channels_last=options.CHANNELS_LAST[args.channels_last])
     from common.data import load_dataset
 
-    load_dataset(args.data, progress=False)  # a missing dataset fails here, once, before any worker
+    train_images = len(load_dataset(args.data, progress=False).train_labels)  # fails here, once, if missing
+    if train_images < window:
+        # Each epoch start rebuilds the pipeline (tf.data: a new graph and prefetch); in real training that
+        # is amortised over a whole epoch, here it would land inside the timed steps.
+        print(f"note: --data {args.data} has {train_images} training images but the pipeline measure draws "
+              f"{window} at batch {max(batch_sizes)}: its figure includes epoch restarts; use a larger "
+              "dataset or fewer --steps", file=sys.stderr)
     configs = [BenchConfig(m, b, p, modes[b], batch_sizes, base)
                for m in models for p in precisions for b in backends]
     return configs, phases

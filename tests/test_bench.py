@@ -33,3 +33,28 @@ def test_bench_bad_input_is_one_line_and_exit_2(fake_env, capsys):
     assert run_cli("bench", "--models", "nope", "--backends", "fakea") == 2
     assert run_cli("bench", "--models", "seed_cnn", "--backends", "fakea", "--data", "folder:/nonexistent") == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def _bench_args(*argv: str):
+    import argparse
+
+    from compare import cmd_bench
+
+    parser = argparse.ArgumentParser()
+    cmd_bench.register(parser)
+    return cmd_bench, parser.parse_args(["--models", "seed_cnn", "--backends", "fakea", *argv])
+
+
+def test_bench_default_data_keeps_the_timed_pipeline_steps_inside_one_epoch(fake_env, capsys):
+    # 512 * (20 + 5) = 12800 images drawn: the default synthetic set is sized to hold them
+    cmd_bench, args = _bench_args("--batch-sizes", "32,512", "--steps", "20", "--warmup-steps", "5")
+    configs, _ = cmd_bench.build_configs(args)
+    assert configs[0].base.data == "synthetic:13000,500"
+    assert "epoch restarts" not in capsys.readouterr().err
+    # a dataset the user names is kept; one too small for the timed window gets a note saying so
+    cmd_bench, args = _bench_args("--batch-sizes", "128", "--steps", "3", "--warmup-steps", "1",
+                                  "--data", "synthetic:256,128")
+    configs, _ = cmd_bench.build_configs(args)
+    assert configs[0].base.data == "synthetic:256,128"
+    err = capsys.readouterr().err
+    assert "256 training images" in err and "512" in err and "epoch restarts" in err

@@ -34,12 +34,13 @@ from tf_impl.optim import EvalStep, TrainStep  # noqa: E402
 
 # "best" execution mode per device type, measured with benchmarks/mode_matrix.py (dualbench bench,
 # compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps, one process per
-# configuration, torch and TensorFlow configurations interleaved, median of 2 rounds) on the quiet
-# 2-core AMD EPYC VM, TF 2.21, 2 intra-op threads, 2026-11-23; the first step (trace + compile) apart:
-#   fp32 resnet20: graph 578 (compile 1.4 s) | xla 305 (4.6 s) | eager 297
-#   fp32 seed_cnn: graph 654 (0.6 s) | xla 445 (2.1 s) | eager 440
-#   bf16 resnet20: graph 745 | xla 371 | eager 337;  bf16 seed_cnn: graph 1088 | eager 544 | xla 393
-# Graph won every configuration, by 1.5-2.8x. GPU: XLA (it fuses the BN/ReLU/add chains between
+# configuration, torch and TensorFlow configurations interleaved in ABBA order, median of 2 rounds) on
+# the quiet 2-core AMD EPYC VM, TF 2.21, 2 intra-op threads, glibc malloc tuned, 2026-11-23 19:40 UTC;
+# the first step (trace + compile) apart:
+#   fp32 resnet20: graph 658 (compile 1.3 s) | eager 368 (0.6 s) | xla 336 (3.7 s)
+#   fp32 seed_cnn: graph 709 (0.5 s) | eager 480 (0.4 s) | xla 464 (1.9 s)
+#   bf16 resnet20: graph 831 | eager 411 | xla 370;  bf16 seed_cnn: graph 1256 | eager 601 | xla 415
+# Graph won every configuration, by 1.5-3.0x. GPU: XLA (it fuses the BN/ReLU/add chains between
 # the cuDNN convs); not measured here, the dev machine has no GPU.
 BEST_MODE = {"cpu": "graph", "gpu": "xla"}
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}

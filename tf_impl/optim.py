@@ -40,8 +40,8 @@ EXECUTION_MODES = ("eager", "graph", "xla")
 # BatchNorm kernel per execution mode (see tf_impl.layers.BatchNorm.implementation): TF's fused
 # kernel where TF runs it (fastest, accurate), composed two-pass ops under XLA (XLA's lowering of
 # the fused op uses a one-pass variance that fails parity). benchmarks/tf_bn_kernels.py, resnet20
-# train b128, 2 cores, median of 2 rounds: graph fused 571 / composed 473 img/s; xla composed 298 /
-# fused 273 img/s - the accurate choice is also the faster one in both modes.
+# train b128, 2 cores, median of 2 rounds (2026-11-23 19:43 UTC): graph fused 651 / composed 436
+# img/s; xla composed 331 / fused 316 img/s - the accurate choice is also the faster one in both modes.
 BN_IMPLEMENTATION = {"eager": "fused", "graph": "fused", "xla": "composed"}
 
 

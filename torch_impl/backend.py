@@ -27,16 +27,17 @@ from torch_impl.optim import EvalStep, TrainStep
 
 # "best" per device type: (execution mode, channels_last), measured with benchmarks/mode_matrix.py
 # (dualbench bench, compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps,
-# one process per configuration, torch and TensorFlow configurations interleaved, median of 2 rounds)
-# on the quiet 2-core AMD EPYC VM, torch 2.14.1, 2 threads, 2026-11-23:
-#   fp32 resnet20: compile+cl 597, eager+cl 579, compile 569, eager 484
-#   fp32 seed_cnn: eager+cl 574, compile 422, compile+cl 383, eager 471
-#   bf16 resnet20: eager+cl 953, compile 799, compile+cl 766, eager 724
-#   bf16 seed_cnn: eager+cl 1170, eager 870, compile 677, compile+cl 598
-# eager + channels_last wins 3 of 4 and is within 3% (run-to-run noise) of the 4th, where inductor
-# also costs 2.3 s of compilation per process with a warm cache (15-55 s cold): CPU "best" is eager +
-# channels_last (oneDNN convolutions in NHWC without reorders). The input pipeline costs 0-3% of a
-# step there (benchmarks/pipeline_cost.py).
+# one process per configuration, torch and TensorFlow configurations interleaved in ABBA order, median
+# of 2 rounds) on the quiet 2-core AMD EPYC VM, torch 2.14.1, 2 threads, glibc malloc tuned
+# (common.manifest.MALLOC_TUNING), 2026-11-23 19:40 UTC:
+#   fp32 resnet20: compile+cl 693, compile 691, eager+cl 669, eager 530
+#   fp32 seed_cnn: eager+cl 707, eager 622, compile+cl 495, compile 491
+#   bf16 resnet20: compile 1068, compile+cl 1024, eager+cl 999, eager 944
+#   bf16 seed_cnn: eager+cl 1301, eager 955, compile+cl 813, compile 790
+# One choice per device type: eager + channels_last (oneDNN convolutions in NHWC without reorders)
+# wins seed_cnn by 30-40% and trails compile on resnet20 by 4-7%, where inductor also costs ~2 s of
+# compilation per process with a warm cache (15-55 s cold) and needs a C++ toolchain; --mode compile
+# stays one flag away. The input pipeline costs 1-2% of a step (benchmarks/pipeline_cost.py).
 # CUDA: not measured here; compile + channels_last is the usual fastest for convnets (tensor-core
 # NHWC convs, fused BN/ReLU epilogues) - to be confirmed on a GPU machine.
 BEST = {"cpu": ("eager", True), "cuda": ("compile", True)}
