@@ -62,7 +62,9 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
     modes = options.parse_modes(args.mode, backends)
     window = max(batch_sizes) * (args.steps + args.warmup_steps)  # images the pipeline measure draws
     if args.data is None:
-        args.data = f"synthetic:{max(2000, -(-window // 1000) * 1000)},500"
+        n_train = max(2000, -(-window // 1000) * 1000)
+        n_test = max(500, -(-max(batch_sizes) // 500) * 500)  # at least one full eval batch
+        args.data = f"synthetic:{n_train},{n_test}"
     base = default_base(data=args.data, device=args.device, threads=args.threads,
                         warmup_steps=args.warmup_steps, channels_last=options.CHANNELS_LAST[args.channels_last])
     from common.data import load_dataset

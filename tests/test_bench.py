@@ -1,6 +1,8 @@
 """`dualbench bench` on the fake backend: the sweep, the out-of-memory boundary, output formats, bad input."""
 import json
 
+import pytest
+
 from tests.runner_helpers import fake_env, run_cli  # noqa: F401
 from tests.fake_backend import FAULT_ENV
 
@@ -49,7 +51,7 @@ def test_bench_default_data_keeps_the_timed_pipeline_steps_inside_one_epoch(fake
     # 512 * (20 + 5) = 12800 images drawn: the default synthetic set is sized to hold them
     cmd_bench, args = _bench_args("--batch-sizes", "32,512", "--steps", "20", "--warmup-steps", "5")
     configs, _ = cmd_bench.build_configs(args)
-    assert configs[0].base.data == "synthetic:13000,500"
+    assert configs[0].base.data == "synthetic:13000,1000"  # and a full eval batch of 512
     assert "epoch restarts" not in capsys.readouterr().err
     # a dataset the user names is kept; one too small for the timed window gets a note saying so
     cmd_bench, args = _bench_args("--batch-sizes", "128", "--steps", "3", "--warmup-steps", "1",
@@ -58,3 +60,23 @@ def test_bench_default_data_keeps_the_timed_pipeline_steps_inside_one_epoch(fake
     assert configs[0].base.data == "synthetic:256,128"
     err = capsys.readouterr().err
     assert "256 training images" in err and "512" in err and "epoch restarts" in err
+
+
+def test_pipeline_measure_counts_the_images_it_saw_and_skips_short_eval_batches():
+    import numpy as np
+
+    from common.bench import _pipeline_timed, full_batches
+
+    class Clockless:
+        def synchronize(self):
+            pass
+
+    batches = [(np.zeros((n, 4)), np.zeros(n)) for n in (8, 8, 3)]
+    assert [len(y) for _, y in full_batches(batches, 8)] == [8, 8]
+    assert full_batches(batches[2:], 8) == batches[2:]  # nothing full: keep what there is
+    seen = []
+    row = _pipeline_timed(Clockless(), lambda x, y: seen.append(len(y)), iter(batches), steps=2, warmup=1,
+                          batch=8)
+    assert seen == [8, 8, 3] and row["steps"] == 2
+    # 8 + 3 images in the timed window, not 2 x 8
+    assert row["images_per_sec"] * row["step_time_p50_s"] * 2 == pytest.approx(11)
