@@ -2,7 +2,7 @@
 
 Order of work: validate every option and the dataset in this process (no
 worker starts on bad input) -> fairness audit (one audit-only worker per model
-and backend; ``--strict`` stops on an asymmetry) -> runs in ABAB order, each
+and backend; ``--strict`` stops on an asymmetry) -> runs in ABBA order, each
 upserted into OUT/runs.jsonl as it finishes (already-ok runs are skipped) ->
 tables, plots, report.md/.html. Exit codes: 0 all runs ok, 1 some run failed,
 2 bad input, 130 interrupted (what finished is kept and reported).
@@ -40,7 +40,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
-    """Every run's validated RunSpec, in ABAB execution order."""
+    """Every run's validated RunSpec, in ABBA execution order."""
     models, backends = options.parse_selection(args)
     seeds = options.parse_seeds(args.seeds)
     modes = options.parse_modes(args.mode, backends)

@@ -1,4 +1,4 @@
-"""The runner: plan runs in ABAB order, audit fairness, run each in its own worker, store results.
+"""The runner: plan runs in ABBA order, audit fairness, run each in its own worker, store results.
 
 Each run is one ``python -m <worker> SPEC.json OUT.json`` subprocess
 (compare.process): a framework never loads in this process, a crash or a
@@ -29,12 +29,15 @@ CHECKPOINT_SPEC = "runspec.json"  # the spec a checkpoint folder belongs to (wri
 def plan_runs(models: list[str], backends: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
     """(model, seed, backend) in execution order.
 
-    Backends alternate inside every (model, seed) — torch, tensorflow, torch,
-    tensorflow, ... (ABAB) — so slow drift of the machine (thermal throttling,
-    background load, page cache) hits both frameworks alike instead of one
-    framework's whole block.
+    Backends alternate inside every (model, seed), and every other (model, seed)
+    runs them in reverse — torch, tensorflow | tensorflow, torch | torch, ... (ABBA) —
+    so slow drift of the machine (thermal throttling, background load, page cache)
+    hits both frameworks alike instead of one framework's whole block, and neither
+    framework always runs first or always right after the other's process.
     """
-    return [(model, seed, backend) for model in models for seed in seeds for backend in backends]
+    pairs = [(model, seed) for model in models for seed in seeds]
+    return [(model, seed, backend) for i, (model, seed) in enumerate(pairs)
+            for backend in (backends if i % 2 == 0 else backends[::-1])]
 
 
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The runner: ABAB order, worker subprocess handling, failures, resume, atomic result writes."""
+"""The runner: ABBA order, worker subprocess handling, failures, resume, atomic result writes."""
 from __future__ import annotations
 
 import os
@@ -15,20 +15,23 @@ from tests.runner_helpers import fake_env, fake_run, launch_pids, launches, rows
 PY = sys.executable
 
 
-def test_plan_alternates_backends_abab():
+def test_plan_alternates_backends_abba():
     plan = plan_runs(["seed_cnn", "resnet20"], ["torch", "tensorflow"], [0, 1, 2])
     assert plan[:6] == [("seed_cnn", 0, "torch"), ("seed_cnn", 0, "tensorflow"),
-                        ("seed_cnn", 1, "torch"), ("seed_cnn", 1, "tensorflow"),
+                        ("seed_cnn", 1, "tensorflow"), ("seed_cnn", 1, "torch"),
                         ("seed_cnn", 2, "torch"), ("seed_cnn", 2, "tensorflow")]
-    backends = [b for _, _, b in plan]
-    assert all(x != y for x, y in zip(backends, backends[1:]))  # never the same backend twice in a row
     assert len(plan) == 12 and [m for m, _, _ in plan[6:]] == ["resnet20"] * 6
+    assert [b for _, _, b in plan[6:8]] == ["tensorflow", "torch"]  # the alternation runs across models
+    firsts = [b for _, _, b in plan[::2]]
+    assert firsts.count("torch") == firsts.count("tensorflow") == 3  # each backend goes first equally often
+    assert sorted(plan) == sorted((m, s, b) for m in ("seed_cnn", "resnet20") for s in (0, 1, 2)
+                                  for b in ("torch", "tensorflow"))
 
 
-def test_cli_runs_in_abab_order(fake_env, tmp_path):
+def test_cli_runs_in_abba_order(fake_env, tmp_path):
     assert fake_run(tmp_path / "out", seeds="0,1") == 0
     assert launches(fake_env, "train") == ["seed_cnn__fakea__seed0", "seed_cnn__fakeb__seed0",
-                                           "seed_cnn__fakea__seed1", "seed_cnn__fakeb__seed1"]
+                                           "seed_cnn__fakeb__seed1", "seed_cnn__fakea__seed1"]
     assert launches(fake_env, "audit") == ["seed_cnn__fakea__seed0", "seed_cnn__fakeb__seed0"]
 
 
