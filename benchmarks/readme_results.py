@@ -25,7 +25,8 @@ SUMMARY_COLUMNS = {
     "compile_s": "compile s", "epoch_wall_s": "epoch wall s", "host_peak_rss_mib": "host RSS MiB",
 }
 H2H_COLUMNS = {
-    "model": "model", "train_img_s_ratio": "tf/torch train img/s", "pipeline_img_s_ratio": "tf/torch pipeline",
+    "model": "model", "train_img_s_ratio": "tf/torch train img/s", "train_img_s_ratio_seed_min": "per-seed min",
+    "train_img_s_ratio_seed_max": "per-seed max", "pipeline_img_s_ratio": "tf/torch pipeline",
     "host_rss_ratio": "tf/torch host RSS", "acc_diff_pts": "acc diff (tf-torch, pts)",
     "acc_diff_ci_lo_pts": "95% CI lo", "acc_diff_ci_hi_pts": "95% CI hi", "verdict": "verdict",
 }

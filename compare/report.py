@@ -134,11 +134,14 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                    "data order?"),
         Block("h2", "Summary"),
         Block("p", "Accuracy: final-epoch top-1 on the test split, mean and sample std over seeds (%). "
-                   "Throughput: median images/s of steady-state steps with a 95% interval. Memory: median over runs of "
+                   "Throughput: median images/s of steady-state steps with a 95% interval over the pooled steps (the "
+                   "run-to-run spread is in the head-to-head table). Memory: median over runs of "
                    "each run's peak, in MiB. runs_ok/runs_total count seeds."),
         Block("table", table=tables["summary"]),
         Block("h2", "Head to head"),
         Block("p", "Ratios are other/baseline (above 1: the other backend is faster or uses more memory). "
+                   "seed_min/seed_max: the lowest and highest throughput ratio of one seed's two runs (run back "
+                   "to back): the run-to-run spread, which the summary's step-level interval does not include. "
                    "The accuracy difference (points) comes with Welch's 95% interval over seeds."),
         Block("table", table=tables["head_to_head"]),
         Block("h2", "Runs"),

@@ -25,8 +25,9 @@ SUMMARY_COLUMNS = [
     "macs_per_image",
 ]
 HEAD_TO_HEAD_COLUMNS = [
-    "model", "comparison", "train_img_s_ratio", "pipeline_img_s_ratio", "host_rss_ratio", "device_peak_ratio",
-    "acc_diff_pts", "acc_diff_ci_lo_pts", "acc_diff_ci_hi_pts", "seeds", "verdict",
+    "model", "comparison", "train_img_s_ratio", "train_img_s_ratio_seed_min", "train_img_s_ratio_seed_max",
+    "pipeline_img_s_ratio", "host_rss_ratio", "device_peak_ratio", "acc_diff_pts", "acc_diff_ci_lo_pts",
+    "acc_diff_ci_hi_pts", "seeds", "verdict",
 ]
 CURVE_COLUMNS = ["model", "backend", "seed", "status", "epoch", "train_loss", "train_accuracy", "test_loss",
                  "test_accuracy", "wall_s"]
@@ -137,6 +138,19 @@ def _ratio(b: Any, a: Any) -> float:
     return b / a if math.isfinite(a) and math.isfinite(b) and a > 0 else math.nan
 
 
+def _per_seed_ratio_range(results: list[RunResult], model: str, base: str, other: str) -> tuple[float, float]:
+    """(min, max) over seeds of other/base run throughput, pairing the two runs of each seed.
+
+    The runner runs a seed's two backends back to back, so this pairs runs that met the
+    same machine state; its spread is the run-to-run noise the pooled-step interval of
+    the summary cannot show (steps inside one run are not independent of that run's state).
+    """
+    speed = {(r.backend, r.seed): r.train_images_per_sec for r in results
+             if r.model == model and r.status == "ok" and r.train_images_per_sec}
+    ratios = [speed[(other, s)] / speed[(base, s)] for (b, s) in speed if b == base and (other, s) in speed]
+    return (min(ratios), max(ratios)) if ratios else (math.nan, math.nan)
+
+
 def head_to_head_table(results: list[RunResult]) -> pd.DataFrame:
     """Per model: every other backend against the baseline (torch when present, else the first)."""
     summary = summary_table(results).set_index(["model", "backend"])
@@ -153,9 +167,11 @@ def head_to_head_table(results: list[RunResult]) -> pd.DataFrame:
                           if r.model == model and r.backend == name and r.status == "ok"]
                    for name in (base, other)}
             ci = stats.welch_diff_ci(acc[base], acc[other])
+            seed_min, seed_max = _per_seed_ratio_range(results, model, base, other)
             rows.append({
                 "model": model, "comparison": f"{other}/{base}",
                 "train_img_s_ratio": _ratio(b["train_img_s"], a["train_img_s"]),
+                "train_img_s_ratio_seed_min": seed_min, "train_img_s_ratio_seed_max": seed_max,
                 "pipeline_img_s_ratio": _ratio(b["pipeline_img_s"], a["pipeline_img_s"]),
                 "host_rss_ratio": _ratio(b["host_peak_rss_mib"], a["host_peak_rss_mib"]),
                 "device_peak_ratio": _ratio(b["device_peak_mib"], a["device_peak_mib"]),

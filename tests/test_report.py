@@ -70,6 +70,7 @@ def test_head_to_head_ratios_and_verdicts(results):
     seed_cnn = h2h.loc["seed_cnn"]
     assert seed_cnn["comparison"] == "tensorflow/torch"
     assert seed_cnn["train_img_s_ratio"] == pytest.approx(2.0) and seed_cnn["host_rss_ratio"] == pytest.approx(1.5)
+    assert seed_cnn["train_img_s_ratio_seed_min"] == seed_cnn["train_img_s_ratio_seed_max"] == pytest.approx(2.0)
     assert pd.isna(seed_cnn["device_peak_ratio"])
     assert seed_cnn["acc_diff_pts"] == pytest.approx(5.0)
     half = 2.776445 * math.sqrt(2 * 0.0001 / 3) * 100  # Welch, df = 4
@@ -177,3 +178,16 @@ def test_report_with_only_failed_runs_does_not_crash(tmp_path):
                       _run("seed_cnn", "tensorflow", 0, None, 0.1, status="timeout")])
     assert run_cli("report", str(out)) == 0
     assert (out / "report.html").exists() and "2 of 2 runs did not finish ok" in (out / "report.md").read_text()
+
+
+def test_head_to_head_per_seed_throughput_ratio_range():
+    # tf/torch per seed: 0.1/0.09 = 1.111, 0.1/0.1 = 1.0, 0.1/0.125 = 0.8; seed 3 has no tf partner
+    runs = [_run("m", "torch", s, 0.5, 0.1) for s in range(4)]
+    runs += [_run("m", "tensorflow", s, 0.5, step) for s, step in enumerate((0.09, 0.1, 0.125))]
+    row = build_tables(runs)["head_to_head"].set_index("model").loc["m"]
+    assert row["train_img_s_ratio_seed_min"] == pytest.approx(0.8)
+    assert row["train_img_s_ratio_seed_max"] == pytest.approx(1 / 0.9)
+    # failed partners pair with nothing
+    runs[4] = _run("m", "tensorflow", 0, None, 0.09, status="crashed")
+    row = build_tables(runs)["head_to_head"].set_index("model").loc["m"]
+    assert (row["train_img_s_ratio_seed_min"], row["train_img_s_ratio_seed_max"]) == pytest.approx((0.8, 1.0))
