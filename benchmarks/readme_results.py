@@ -32,9 +32,12 @@ H2H_COLUMNS = {
 }
 
 
-def _table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
-    present = [c for c in columns if c in frame.columns]
-    return frame[present].rename(columns=columns).to_markdown(index=False, floatfmt=".4g")
+def _table(frame: pd.DataFrame, columns: dict[str, str] | None = None) -> str:
+    """Markdown of ``frame`` (only and renamed as ``columns`` when given)."""
+    present = [c for c in columns if c in frame.columns] if columns else list(frame.columns)
+    shown = frame[present].rename(columns=columns or {})
+    shown = shown.astype(object).where(shown.notna(), "")  # blank, not "nan", where nothing was measured
+    return shown.to_markdown(index=False, floatfmt=".4g")
 
 
 def run_section(results: Path) -> list[str]:
@@ -85,7 +88,7 @@ def bench_section(bench_dir: Path) -> list[str]:
         command = meta.get("command") or f".venv/bin/python benchmarks/{csv.stem}.py"
         when = f", {meta['finished_utc']}" if meta.get("finished_utc") else ""
         lines += [f"**{caption}** (`{command}`{when}):", "",
-                  frame.to_markdown(index=False, floatfmt=".4g"), ""]
+                  _table(frame), ""]
     return lines
 
 

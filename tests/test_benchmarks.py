@@ -95,7 +95,7 @@ def test_readme_results_replaces_only_the_marked_section(tmp_path):
                                                        "packages": {"torch": "9.9"}}))
     (results / "summary.csv").write_text("model,backend,test_acc_mean_pct,unlisted\nm,torch,45.5,1\n")
     (results / "head_to_head.csv").write_text("model,train_img_s_ratio,verdict\nm,1.1,within seed noise\n")
-    (bench / "memory.csv").write_text("model,ratio\nm,1.01\n")
+    (bench / "memory.csv").write_text("model,ratio,fastest\nm,1.01,\n")  # an empty cell stays empty
     (bench / "bench_table.csv").write_text("model,images_per_sec\nm,600\n")
     (bench / "bench_table.json").write_text(json.dumps({"command": ".venv/bin/python benchmarks/bench_table.py "
                                                         "--rounds 4", "finished_utc": "2026-01-02 03:04 UTC"}))
@@ -109,6 +109,7 @@ def test_readme_results_replaces_only_the_marked_section(tmp_path):
     assert text.index("bench_table.py") < text.index("memory.py")  # run_all's order, not alphabetical
     assert "(`.venv/bin/python benchmarks/bench_table.py --rounds 4`, 2026-01-02 03:04 UTC)" in text  # as run
     assert "(`.venv/bin/python benchmarks/memory.py`):" in text  # no sidecar: the default command
+    assert "nan" not in text.lower()
     assert readme_results.main(argv) == 0 and readme.read_text() == text  # idempotent
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
