@@ -146,15 +146,22 @@ def test_ctrl_c_stops_the_worker_keeps_finished_runs_and_reports(fake_env, tmp_p
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "DUALBENCH_FAKE_FAULT": "fakeb:hang@2"}
     argv = [sys.executable, "-m", "compare", "run", "--models", "seed_cnn", "--backends", "fakea,fakeb", *SMALL,
             "--out", str(out)]
+    # SIGINT back to its default in the child: a suite started in the background by a non-interactive
+    # shell (`cmd &`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while "seed_cnn__fakeb__seed0" not in launches(fake_env, "train"):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    time.sleep(1.0)  # let the hung worker reach its step
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while "seed_cnn__fakeb__seed0" not in launches(fake_env, "train"):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(1.0)  # let the hung worker reach its step
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never leave it running (or unreaped) for the tests that follow
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
     found = rows(out)
     assert found["seed_cnn__fakea__seed0"]["status"] == "ok"
