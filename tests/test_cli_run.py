@@ -141,7 +141,8 @@ def test_parent_process_never_imports_a_framework(fake_env, tmp_path):
     assert "LOADED [] 0 0" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
 
 
-def test_ctrl_c_stops_the_worker_keeps_finished_runs_and_reports(fake_env, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_stops_the_worker_keeps_finished_runs_and_reports(fake_env, tmp_path, stop):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "DUALBENCH_FAKE_FAULT": "fakeb:hang@2"}
     argv = [sys.executable, "-m", "compare", "run", "--models", "seed_cnn", "--backends", "fakea,fakeb", *SMALL,
@@ -156,7 +157,7 @@ def test_ctrl_c_stops_the_worker_keeps_finished_runs_and_reports(fake_env, tmp_p
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.1)
         time.sleep(1.0)  # let the hung worker reach its step
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:  # never leave it running (or unreaped) for the tests that follow
