@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import datetime
 import json
 import shlex
@@ -18,7 +19,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the scripts run as `python benchmarks/x.py` from anywhere
@@ -26,7 +27,10 @@ sys.path.insert(0, str(ROOT))  # the scripts run as `python benchmarks/x.py` fro
 from common.config import Recipe, RunSpec  # noqa: E402
 from common.manifest import collect_manifest, usable_cores  # noqa: E402
 from common.registry import worker_command  # noqa: E402
+from common.results import write_json_atomic  # noqa: E402
 from compare.process import ProcessOutcome, run_process, stderr_tail, worker_env  # noqa: E402
+from compare.runner import abba  # noqa: E402,F401  (the scripts import it from here)
+from compare.store import write_file_atomic  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 BACKENDS = ("torch", "tensorflow")
@@ -59,19 +63,6 @@ def machine_header(threads: int | None) -> str:
             f"threads per framework: {threads or usable_cores()}\n"
             f"python {m['python']} | {packages}\n"
             f"{m['os']} | git {m['git_commit']} | {m['created_utc']}")
-
-
-def abba(sides: Sequence[Any], rounds: int) -> Iterator[tuple[int, Any]]:
-    """(round, side): every side once per round, in order on even rounds and reversed on odd ones.
-
-    Interleaving the sides makes slow drift of the machine hit every side alike;
-    reversing every other round (A B, B A, A B, ...) also cancels any effect of
-    position, such as always running right after the other framework's process.
-    Use an even ``--rounds`` for a fully balanced design.
-    """
-    for round_index in range(rounds):
-        for side in (sides if round_index % 2 == 0 else list(reversed(sides))):
-            yield round_index, side
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -196,14 +187,13 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: Sequence[str]) 
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """All rows (union of their keys, first-seen order) as CSV; creates the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """All rows (union of their keys, first-seen order) as CSV, atomically; creates the folder."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_file_atomic(path, text.getvalue().encode("utf-8"))  # a killed script leaves the old file whole
 
 
 def write_results(out: str | Path, summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
@@ -222,7 +212,5 @@ def write_results(out: str | Path, summary: list[dict[str, Any]], rows: list[dic
     script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
     command = shlex.join([".venv/bin/python", script.as_posix(), *sys.argv[1:]])
     finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as handle:
-        json.dump({"command": command, "finished_utc": finished}, handle)
-    Path(handle.name).replace(out.with_suffix(".json"))
+    write_json_atomic(out.with_suffix(".json"), {"command": command, "finished_utc": finished})
     print(f"\nwrote {out} (summary) and {raw} (every measurement)")

@@ -37,7 +37,8 @@ def add_measure_options(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the compile step")
-    parser.add_argument("--rounds", type=int, default=4, help="bare/dualbench rounds, even for a balanced order (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="bare/dualbench rounds, even for a balanced order (default %(default)s)")
     parser.add_argument("--data", default="synthetic:5000,500",
                         help="dataset SPEC; one epoch must hold 1 + warmup + steps batches (default %(default)s)")
 

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measure (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the compile step")
-    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds, even for a balanced order (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating rounds, even for a balanced order (default %(default)s)")
     parser.add_argument("--data", default="synthetic:10000,500", help="dataset SPEC (default %(default)s)")
     args = parser.parse_args(argv)
     if args.quick:

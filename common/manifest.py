@@ -15,7 +15,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # glibc's defaults hand big freed blocks back to the kernel (munmap / heap trim), so a training
 # step that frees and re-allocates the same buffers page-faults them all in again: torch eager on
 # the CPU measured ~25% slower that way (10x the minor faults); TensorFlow, which pools its own
-# buffers, measured the same either way (numbers in benchmarks/README via bare_vs_dualbench).
+# buffers, measured the same either way (README results: benchmarks/bare_vs_dualbench.py).
 # Keeping freed memory in the process is what the PyTorch CPU tuning guide gets from jemalloc or
 # tcmalloc, without a new dependency. A value the user already set is kept; other libcs ignore these.
 MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}

@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from common.audit import asymmetries, compare_settings
 from common.config import RunSpec
@@ -26,18 +26,24 @@ from compare.process import ProcessOutcome, run_process, stderr_tail, worker_env
 CHECKPOINT_SPEC = "runspec.json"  # the spec a checkpoint folder belongs to (written by the runner)
 
 
-def plan_runs(models: list[str], backends: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
-    """(model, seed, backend) in execution order.
+def abba(sides: list[Any], rounds: int) -> Iterator[tuple[int, Any]]:
+    """(round, side): every side once per round, in order on even rounds and reversed on odd ones.
 
-    Backends alternate inside every (model, seed), and every other (model, seed)
-    runs them in reverse — torch, tensorflow | tensorflow, torch | torch, ... (ABBA) —
-    so slow drift of the machine (thermal throttling, background load, page cache)
-    hits both frameworks alike instead of one framework's whole block, and neither
-    framework always runs first or always right after the other's process.
+    Interleaving the sides makes slow drift of the machine (thermal throttling,
+    background load, page cache) hit every side alike; reversing every other
+    round (A B, B A, A B, ...) also cancels any effect of position, such as
+    always running right after the other framework's process. An even number
+    of rounds gives a fully balanced design. The runner and benchmarks/ share it.
     """
+    for round_index in range(rounds):
+        for side in (sides if round_index % 2 == 0 else sides[::-1]):
+            yield round_index, side
+
+
+def plan_runs(models: list[str], backends: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
+    """(model, seed, backend) in execution order: the backends in ABBA order, one round per (model, seed)."""
     pairs = [(model, seed) for model in models for seed in seeds]
-    return [(model, seed, backend) for i, (model, seed) in enumerate(pairs)
-            for backend in (backends if i % 2 == 0 else backends[::-1])]
+    return [(*pairs[i], backend) for i, backend in abba(list(backends), len(pairs))]
 
 
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
