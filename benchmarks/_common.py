@@ -130,7 +130,7 @@ def run_dualbench(backend: str, model: str, batch_size: int, steps: int, warmup:
     with tempfile.TemporaryDirectory(prefix="dualbench-benchmarks-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(spec.to_json())
-        argv = [sys.executable, *worker_command(backend), str(spec_path), str(out_path)]
+        argv = [sys.executable, *worker_command(backend), "train", str(spec_path), str(out_path)]
         outcome = run_process(argv, log_path=Path(tmp) / "stderr.log", timeout_s=SUBPROCESS_TIMEOUT_S, env=_env())
         if outcome.interrupted:
             raise KeyboardInterrupt

@@ -116,7 +116,7 @@ def torch_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: 
 
 
 def tf_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: int, threads: int) -> dict:
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import tf_impl  # noqa: F401  (chooses Keras's backend before keras loads)
     import keras
     import tensorflow as tf
 

@@ -10,7 +10,7 @@ Configurations alternate torch / TensorFlow within a round; each further
 round runs the sequence in reverse (ABBA) and medians are reported.
 
 The winner per (framework, model, precision) is compared with the backend's
-own ``BEST`` table (torch_impl.backend.BEST, tf_impl.backend.BEST_MODE, read
+own ``BEST`` table (torch_impl.backend.BEST, tf_impl.backend.BEST, read
 in a subprocess). Inductor caches compiled code on disk, so torch compile_s
 is a warm-cache figure after the first run on a machine.
 
@@ -31,9 +31,9 @@ BEST_PROBES = {
     "torch": "import json, torch; from torch_impl.backend import BEST; "
              "d = 'cuda' if torch.cuda.is_available() else 'cpu'; m, cl = BEST[d]; "
              "print(json.dumps({'device': d, 'config': f\"{m} cl={'on' if cl else 'off'}\"}))",
-    "tensorflow": "import json, tensorflow as tf; from tf_impl.backend import BEST_MODE; "
+    "tensorflow": "import json, tensorflow as tf; from tf_impl.backend import BEST; "
                   "d = 'gpu' if tf.config.list_physical_devices('GPU') else 'cpu'; "
-                  "print(json.dumps({'device': d, 'config': BEST_MODE[d]}))",
+                  "print(json.dumps({'device': d, 'config': BEST[d]}))",
 }
 
 

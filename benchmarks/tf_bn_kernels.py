@@ -1,4 +1,4 @@
-"""TensorFlow BatchNorm kernel per execution mode: the evidence behind tf_impl.optim.BN_IMPLEMENTATION.
+"""TensorFlow BatchNorm kernel per execution mode: the evidence behind tf_impl.optim._BN_IMPLEMENTATION.
 
 tf_impl's BatchNorm computes training-mode statistics either with TF's
 FusedBatchNormV3 kernel ("fused") or with two-pass composed ops
@@ -30,7 +30,7 @@ def measure_one(model: str, mode: str, kernel: str, args) -> dict:
     from common.registry import get_backend
     from tf_impl import optim
 
-    optim.BN_IMPLEMENTATION[mode] = kernel  # read when the train step is traced (first call)
+    optim._BN_IMPLEMENTATION[mode] = kernel  # read when the train step is traced (first call)
     spec = bench_spec(model, "tensorflow", args.batch_size, "synthetic", mode=mode, threads=args.threads,
                       warmup_steps=args.warmup)
     rows = measure(get_backend("tensorflow"), spec, args.steps, ("train",))

@@ -55,8 +55,12 @@ class Backend(Protocol):
 
     # -- model ---------------------------------------------------------------
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
-                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5) -> Any:
-        """The model ``name`` for NHWC ``in_shape``; bn_momentum in torch convention."""
+                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> Any:
+        """The model ``name`` for NHWC ``in_shape``; bn_momentum in torch convention.
+
+        ``dropout``: the rate of the dropout layer of models that have one (None:
+        the architecture's own, common.architectures); models without one ignore it.
+        """
 
     def trainable_param_count(self, model: Any) -> int: ...
 

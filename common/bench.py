@@ -9,16 +9,14 @@ first call timed apart as compile time, warm-up steps excluded):
 * infer/compute: the eval step on a device-resident batch;
 * infer/pipeline: the eval step over the eval pipeline.
 
-``python -m common.bench --backend torch REQUEST.json OUT.json`` writes one
+The worker task ``python -m torch_impl.worker bench REQUEST.json OUT.json`` writes one
 JSON object with a list of measurements; an out-of-memory error is recorded
 as status "oom" for that batch size (the runner then stops growing it).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -118,17 +116,13 @@ def measure(backend: Any, spec: RunSpec, steps: int, phases: tuple[str, ...] = (
     return [{**common, **row} for row in rows]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.bench")
-    parser.add_argument("--backend", required=True)
-    parser.add_argument("request", help="JSON: {'spec': RunSpec dict, 'steps': int, 'phases': [...]}")
-    parser.add_argument("out")
-    args = parser.parse_args(argv)
-    request = json.loads(Path(args.request).read_text())
+def run_bench_request(backend_name: str, request_path: str, out_path: str) -> int:
+    """The ``bench`` worker task: measure the request's spec, write ``{'rows': [...]}`` to ``out_path``."""
+    request = json.loads(Path(request_path).read_text())
     spec = RunSpec.from_dict(request["spec"])
     from common.registry import get_backend
 
-    backend = get_backend(args.backend)
+    backend = get_backend(backend_name)
     try:
         rows = measure(backend, spec, int(request["steps"]), tuple(request.get("phases", ("train", "infer"))))
         code = 0
@@ -138,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                  "mode": spec.mode, "precision": spec.precision, "status": status,
                  "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}]
         code = 0 if status == "oom" else 1
-    write_json_atomic(args.out, {"rows": rows})
+    write_json_atomic(out_path, {"rows": rows})
     return code
 
 
@@ -147,6 +141,3 @@ def bench_spec(model: str, backend: str, batch_size: int, data: str, **overrides
     recipe = Recipe(batch_size=batch_size, eval_batch_size=batch_size, epochs=1)
     return replace(RunSpec(model=model, backend=backend, data=data, recipe=recipe), **overrides)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -54,6 +54,7 @@ class Recipe:
     label_smoothing: float = 0.0  # cross-entropy label smoothing, in [0, 1)
     bn_momentum: float = 0.1  # torch convention: running = (1-m)*running + m*batch
     bn_epsilon: float = 1e-5  # added to the variance in BatchNorm
+    dropout: float | None = None  # dropout rate of models that have a dropout layer; None = the architecture's
     init_scheme: str = "torch_default"  # one of INIT_SCHEMES (common.init)
     augment: bool = True  # random pad-and-crop plus horizontal flip
     crop_padding: int = 4  # pixels of zero padding before the random crop
@@ -77,6 +78,8 @@ class Recipe:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.adam_epsilon <= 0 or self.bn_epsilon <= 0:
             raise ConfigError("adam_epsilon and bn_epsilon must be > 0")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:

@@ -4,14 +4,12 @@
 and reports counts, exported weights, logits and per-layer activations in
 eval mode and in training mode (BN batch statistics, dropout off). It is
 framework-free: it only talks to the Backend protocol. ``dualbench parity``
-runs it in one subprocess per backend (``python -m common.parity --backend
-torch REQUEST_DIR OUT_DIR``); tests call it in-process.
+runs it in one subprocess per backend (the worker task ``python -m
+torch_impl.worker parity REQUEST_DIR OUT_DIR``); tests call it in-process.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,30 +68,21 @@ def load_outputs(folder: Path, model_name: str) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Worker: REQUEST_DIR holds request.json (models, shapes) and <model>.weights.npz + images.npy."""
-    parser = argparse.ArgumentParser(prog="python -m common.parity")
-    parser.add_argument("--backend", required=True)
-    parser.add_argument("request")
-    parser.add_argument("out")
-    args = parser.parse_args(argv)
+def run_parity_request(backend_name: str, request: str, out: str) -> int:
+    """The ``parity`` worker task: REQUEST holds request.json (models, shapes), <model>.weights.npz, images.npy."""
     from common.config import RunSpec
     from common.registry import get_backend
 
-    request_dir, out_dir = Path(args.request), Path(args.out)
-    request = json.loads((request_dir / "request.json").read_text())
-    backend = get_backend(args.backend)
-    backend.setup(RunSpec(model=request["models"][0], backend=args.backend, device="cpu", threads=request.get("threads")))
+    request_dir, out_dir = Path(request), Path(out)
+    spec = json.loads((request_dir / "request.json").read_text())
+    backend = get_backend(backend_name)
+    backend.setup(RunSpec(model=spec["models"][0], backend=backend_name, device="cpu", threads=spec.get("threads")))
     images = np.load(request_dir / "images.npy")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for model_name in request["models"]:
+    for model_name in spec["models"]:
         with np.load(request_dir / f"{model_name}.weights.npz") as data:
             weights = {k: data[k] for k in data.files}
-        result = backend_outputs(backend, model_name, weights, images, request["num_classes"],
-                                 tuple(request["in_shape"]), layers=request.get("layers", True))
+        result = backend_outputs(backend, model_name, weights, images, spec["num_classes"],
+                                 tuple(spec["in_shape"]), layers=spec.get("layers", True))
         _save(out_dir, model_name, result)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,12 +14,13 @@ from typing import Any, Callable
 from common.architectures import ARCHITECTURES
 from common.errors import ConfigError
 
-# backend name -> (backend object "module:attr", worker module for subprocesses)
+# backend name -> (backend object "module:attr", worker module: `python -m MODULE TASK ...`)
 _BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("torch_impl.backend:Backend", "torch_impl.worker"),
     "tensorflow": ("tf_impl.backend:Backend", "tf_impl.worker"),
 }
-# Extra backends for tests: DUALBENCH_EXTRA_BACKENDS="fake=tests.fake_backend:FakeBackend;..."
+# Extra backends for tests: DUALBENCH_EXTRA_BACKENDS="fake=tests.fake_backend:FakeBackend;..."; their
+# worker is the class's module run as `python -m MODULE NAME TASK ...` (it calls common.worker.main).
 EXTRA_BACKENDS_ENV = "DUALBENCH_EXTRA_BACKENDS"
 REAL_BACKENDS = ("torch", "tensorflow")
 
@@ -28,7 +29,7 @@ def _all_backends() -> dict[str, tuple[str, str]]:
     table = dict(_BACKENDS)
     for item in filter(None, os.environ.get(EXTRA_BACKENDS_ENV, "").split(";")):
         name, target = item.split("=", 1)
-        table[name.strip()] = (target.strip(), "common.worker")
+        table[name.strip()] = (target.strip(), target.strip().split(":")[0])
     return table
 
 
@@ -50,9 +51,9 @@ def get_backend(name: str) -> Any:
 
 
 def worker_command(name: str) -> list[str]:
-    """argv prefix (after the interpreter) that runs one worker for backend ``name``."""
+    """argv prefix (after the interpreter) that runs one worker for backend ``name``; the task follows."""
     module = _all_backends()[check_backend(name)][1]
-    return ["-m", module] if module != "common.worker" else ["-m", "common.worker", "--backend", name]
+    return ["-m", module] if name in _BACKENDS else ["-m", module, name]
 
 
 def list_models(pattern: str = "*") -> list[str]:

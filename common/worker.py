@@ -1,6 +1,7 @@
-"""One complete run in this process: what ``python -m torch_impl.worker SPEC.json OUT.json`` does.
+"""Every backend worker process: ``python -m torch_impl.worker TASK ...`` (tasks: ``TASKS``).
 
-The backend workers are thin: they call ``run_worker(backend_name, argv)``.
+The backend workers are thin: they call ``main(backend_name, argv)``; the
+training task (``run_training``) is one complete run in this process.
 The worker writes its RunResult atomically to OUT.json (also on failure, with
 the status and a one-line error) and reports progress on stdout as lines
 ``DUALBENCH_EVENT {json}`` that the runner turns into progress bars.
@@ -14,7 +15,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from common.architectures import arch_spec
 from common.checkpoint import load_checkpoint, save_checkpoint
@@ -51,7 +52,8 @@ def build(backend: Any, spec: RunSpec) -> dict[str, Any]:
                            subset_seed=spec.seed, progress=False)
     arch = arch_spec(spec.model, dataset.num_classes, dataset.in_shape)
     model = backend.build_model(spec.model, dataset.num_classes, dataset.in_shape,
-                                bn_momentum=spec.recipe.bn_momentum, bn_epsilon=spec.recipe.bn_epsilon)
+                                bn_momentum=spec.recipe.bn_momentum, bn_epsilon=spec.recipe.bn_epsilon,
+                                dropout=spec.recipe.dropout)
     backend.set_weights(model, initial_weights(arch, spec.recipe.init_scheme, spec.seed))
     backend.attach_data(dataset, spec)
     train_step = backend.make_train_step(model, spec)
@@ -118,15 +120,13 @@ def _resume(backend: Any, model: Any, train_step: Any, spec: RunSpec) -> LoopSta
     return state
 
 
-def run_worker(backend_name: str, argv: list[str] | None = None) -> int:
-    """Entry point of a worker process; returns its exit code (0 ok, 1 failed, 2 user error)."""
-    parser = argparse.ArgumentParser(prog=f"{backend_name} worker")
-    parser.add_argument("spec", help="RunSpec JSON file")
-    parser.add_argument("out", help="where to write the RunResult JSON")
-    parser.add_argument("--audit-only", action="store_true",
-                        help="build everything, write {'settings': ...} to OUT and exit without training")
-    args = parser.parse_args(argv)
-    spec = RunSpec.from_dict(json.loads(Path(args.spec).read_text()))
+def run_training(backend_name: str, spec_path: str, out_path: str, audit_only: bool = False) -> int:
+    """One training run (or, with ``audit_only``, build and audit without training).
+
+    Writes the RunResult (or ``{'settings': ...}``) to ``out_path`` atomically, also on
+    failure; returns the exit code (0 ok, 1 failed, 2 user error).
+    """
+    spec = RunSpec.from_dict(json.loads(Path(spec_path).read_text()))
     if spec.backend != backend_name:
         raise SystemExit(f"spec is for backend {spec.backend!r}, this worker runs {backend_name!r}")
     from common.registry import get_backend
@@ -134,8 +134,8 @@ def run_worker(backend_name: str, argv: list[str] | None = None) -> int:
     backend = None
     try:
         backend = get_backend(backend_name)
-        if args.audit_only:
-            write_json_atomic(args.out, {"run_id": spec.run_id(), "status": "ok",
+        if audit_only:
+            write_json_atomic(out_path, {"run_id": spec.run_id(), "status": "ok",
                                          "settings": build(backend, spec)["settings"]})
             return 0
         result = execute(backend, spec)
@@ -150,16 +150,61 @@ def run_worker(backend_name: str, argv: list[str] | None = None) -> int:
         else:
             print(f"dualbench worker: error: {exc}", file=sys.stderr)
         code = 2 if isinstance(exc, UserError) else 1
-    write_json_atomic(args.out, result.to_dict())
+    write_json_atomic(out_path, result.to_dict())
     return code
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--backend", required=True)
-    known, rest = parser.parse_known_args()
-    return run_worker(known.backend, rest)
+def _train_task(backend_name: str, args: argparse.Namespace) -> int:
+    return run_training(backend_name, args.spec, args.out)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _audit_task(backend_name: str, args: argparse.Namespace) -> int:
+    return run_training(backend_name, args.spec, args.out, audit_only=True)
+
+
+def _bench_task(backend_name: str, args: argparse.Namespace) -> int:
+    from common.bench import run_bench_request
+
+    return run_bench_request(backend_name, args.request, args.out)
+
+
+def _parity_task(backend_name: str, args: argparse.Namespace) -> int:
+    from common.parity import run_parity_request
+
+    return run_parity_request(backend_name, args.request, args.out)
+
+
+# task -> (handler(backend_name, args), help, [(argument, help), ...])
+Task = tuple[Callable[[str, argparse.Namespace], int], str, list[tuple[str, str]]]
+TASKS: dict[str, Task] = {
+    "train": (_train_task, "train and evaluate one RunSpec", [("spec", "RunSpec JSON file"),
+                                                             ("out", "where to write the RunResult JSON")]),
+    "audit": (_audit_task, "build everything, write {'settings': ...} without training",
+              [("spec", "RunSpec JSON file"), ("out", "where to write the settings JSON")]),
+    "bench": (_bench_task, "throughput and memory of one configuration (common.bench)",
+              [("request", "JSON: {'spec': RunSpec dict, 'steps': int, 'phases': [...]}"),
+               ("out", "where to write the rows JSON")]),
+    "parity": (_parity_task, "forward outputs for given weights (common.parity)",
+               [("request", "folder with request.json, images.npy, <model>.weights.npz"),
+                ("out", "folder for <model>.npz / <model>.json")]),
+}
+
+
+def main(backend_name: str, argv: list[str] | None = None, extra_tasks: dict[str, Task] | None = None) -> int:
+    """The process entry point of every backend worker: ``python -m <backend>.worker TASK ARGS``.
+
+    Every process dualbench starts for a backend (a training run, its audit, a
+    bench measurement, a parity phase) goes through here, so the backend's
+    ``worker.py`` is the one place where a reader finds what such a process does.
+    """
+    tasks = {**TASKS, **(extra_tasks or {})}
+    parser = argparse.ArgumentParser(prog=f"python -m <{backend_name} worker>",
+                                     description=f"one {backend_name} worker process")
+    sub = parser.add_subparsers(dest="task", required=True)
+    for name, (_handler, help_text, arguments) in tasks.items():
+        task_parser = sub.add_parser(name, help=help_text, description=help_text)
+        for argument, argument_help in arguments:
+            task_parser.add_argument(argument, help=argument_help)
+    args = parser.parse_args(argv)
+    return tasks[args.task][0](backend_name, args)
+

@@ -1,7 +1,7 @@
 """`dualbench bench`: throughput and memory sweeps, one subprocess per measurement.
 
-Every (model, backend, precision, batch size) runs `python -m common.bench` in
-a fresh worker process, so its host peak RSS (``os.wait4``) and device peak
+Every (model, backend, precision, batch size) runs the backend worker's
+``bench`` task (common.bench) in a fresh process, so its host peak RSS (``os.wait4``) and device peak
 are its own. Batch sizes run in ascending order; the first out-of-memory ends
 the sweep for that configuration after one retry halfway between the last
 batch that fitted and the one that did not (recorded with ``retry_of``), so
@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from common.bench import bench_spec
 from common.config import RunSpec
+from common.registry import worker_command
 from compare.process import run_process, stderr_tail
 
 COLUMNS = ["model", "backend", "mode", "precision", "batch_size", "phase", "measure", "status", "images_per_sec",
@@ -45,7 +46,7 @@ def measure_once(config: BenchConfig, batch_size: int, steps: int, phases: tuple
     tag = f"{config.model}__{config.backend}__{config.mode}__{config.precision}__b{batch_size}"
     request, out = workdir / f"{tag}.request.json", workdir / f"{tag}.out.json"
     request.write_text(json.dumps({"spec": spec.to_dict(), "steps": steps, "phases": list(phases)}))
-    argv = [sys.executable, "-m", "common.bench", "--backend", config.backend, str(request), str(out)]
+    argv = [sys.executable, *worker_command(config.backend), "bench", str(request), str(out)]
     outcome = run_process(argv, log_path=workdir / f"{tag}.stderr.log", timeout_s=timeout_s)
     if outcome.interrupted:
         raise KeyboardInterrupt

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -123,6 +124,10 @@ def parse_backends(text: str) -> list[str]:
         raise ConfigError("no backend given; try --backends torch,tensorflow")
     if len(set(names)) != len(names):
         raise ConfigError(f"--backends lists a backend twice: {text!r}")
+    keras_backend = os.environ.get("KERAS_BACKEND")
+    if "tensorflow" in names and keras_backend and keras_backend != "tensorflow":
+        raise ConfigError(f"KERAS_BACKEND={keras_backend} is set in your environment, but the tensorflow "
+                          "backend runs Keras on TensorFlow: unset KERAS_BACKEND (dualbench sets it per worker)")
     return [check_backend(name) for name in names]
 
 

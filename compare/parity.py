@@ -26,6 +26,7 @@ import numpy as np
 from common.architectures import PUBLISHED_PARAM_COUNTS, arch_spec
 from common.init import initial_weights
 from common.parity import MODES, load_outputs
+from common.registry import worker_command
 
 BACKENDS = ("torch", "tensorflow")
 DEFAULT_ATOL = 1e-5  # max abs logit difference allowed at fp32
@@ -38,7 +39,7 @@ def parity_images(in_shape: tuple[int, int, int], batch: int, seed: int) -> np.n
 
 
 def _run_phase(backend: str, request_dir: Path, out_dir: Path, timeout: float) -> None:
-    command = [sys.executable, "-m", "common.parity", "--backend", backend, str(request_dir), str(out_dir)]
+    command = [sys.executable, *worker_command(backend), "parity", str(request_dir), str(out_dir)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])

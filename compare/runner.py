@@ -1,6 +1,6 @@
 """The runner: plan runs in ABBA order, audit fairness, run each in its own worker, store results.
 
-Each run is one ``python -m <worker> SPEC.json OUT.json`` subprocess
+Each run is one ``python -m <worker> train SPEC.json OUT.json`` subprocess
 (compare.process): a framework never loads in this process, a crash or a
 hang costs one run, never the others, and every finished run is upserted
 into ``OUT/runs.jsonl`` atomically before the next one starts.
@@ -152,9 +152,8 @@ class Runner:
         try:
             spec_path, out_path = workdir / "spec.json", workdir / "result.json"
             write_json_atomic(spec_path, spec.to_dict())
-            argv = [sys.executable, *worker_command(spec.backend), str(spec_path), str(out_path)]
-            if audit_only:
-                argv.append("--audit-only")
+            task = "audit" if audit_only else "train"
+            argv = [sys.executable, *worker_command(spec.backend), task, str(spec_path), str(out_path)]
             log_path = self.store.log_path(("audit__" if audit_only else "") + spec.run_id())
             self.launches += 1
             outcome = run_process(argv, log_path=log_path, timeout_s=self.timeout_s, on_event=on_event,

@@ -10,7 +10,7 @@ import importlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import tf_impl  # noqa: F401  (sets KERAS_BACKEND before keras loads)
 
 for _name in ("torch", "triton"):
     try:

@@ -18,7 +18,7 @@ that step), ``diverge`` (NaN loss at that step), ``error`` (RuntimeError),
 ``oom`` (MemoryError -> status oom), ``oombatch@N`` (MemoryError in every step when
 the batch size is >= N: an out-of-memory boundary for `dualbench bench`), ``slow`` (0.2 s per step), ``asym``
 (reports bn_epsilon 1e-3 in the audit) or ``audit_segfault`` (SIGSEGV while auditing). Faults in training steps never fire in
-``--audit-only`` workers, which build but do not train.
+``audit`` workers, which build but do not train.
 
 ``DUALBENCH_FAKE_LAUNCH_LOG``: each worker appends "audit|train RUN_ID PID" there.
 """
@@ -140,14 +140,14 @@ class FakeBackend:
         log = os.environ.get(LAUNCH_LOG_ENV)
         if log:
             with open(log, "a", encoding="utf-8") as handle:
-                handle.write(f"{'audit' if '--audit-only' in sys.argv else 'train'} {spec.run_id()} {os.getpid()}\n")
+                handle.write(f"{'audit' if 'audit' in sys.argv[2:3] else 'train'} {spec.run_id()} {os.getpid()}\n")
         return {"device": "cpu", "mode": spec.mode, "threads": spec.threads or 1}
 
     def versions(self) -> dict[str, str]:
         return {"fake": "1.0", "numpy": np.__version__}
 
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
-                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5) -> FakeModel:
+                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> FakeModel:
         h, w, c = in_shape
         return FakeModel((h // POOL) * (w // POOL) * c, num_classes, bn_momentum, bn_epsilon)
 
@@ -228,3 +228,9 @@ class FakeBackend:
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         return isinstance(error, MemoryError)
+
+
+if __name__ == "__main__":  # the fake's worker: python -m tests.fake_backend NAME TASK ARGS
+    from common.worker import main
+
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -17,8 +17,8 @@ FRAMEWORKS = ("torch", "tensorflow", "keras", "torchvision", "tensorflow_dataset
 
 def test_import_common_pulls_in_no_framework():
     code = ("import sys, pkgutil, importlib, common\n"
-            "for m in pkgutil.iter_modules(common.__path__):\n"
-            "    importlib.import_module('common.' + m.name)\n"
+            "for m in pkgutil.walk_packages(common.__path__, 'common.'):\n"
+            "    importlib.import_module(m.name)\n"
             f"bad = [m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}]\n"
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import data_cache
+from common.data import cache as data_cache
 from common.data import DATASET_SPECS, Dataset, compute_fingerprint, default_cache_dir, load_dataset, \
     stratified_subset
 from common.errors import DataError, UserError
@@ -212,8 +212,8 @@ def test_unknown_spec_lists_valid_forms(tmp_path, spec):
 # --- import purity ------------------------------------------------------------------------------
 
 def test_common_data_imports_no_framework_or_pil():
-    code = ("import sys, common, common.data, common.data_cache, common.data_cifar, common.data_folder, "
-            "common.data_synthetic, common.data_tfds\n"
+    code = ("import sys, common, common.data, common.data.cache, common.data.cifar, common.data.folder, "
+            "common.data.synthetic, common.data.tfds\n"
             "bad = [m for m in ('torch', 'tensorflow', 'keras', 'torchvision', 'tensorflow_datasets', 'PIL', "
             "'tqdm') if m in sys.modules]\nassert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=fx.PROJECT_ROOT)
@@ -221,5 +221,5 @@ def test_common_data_imports_no_framework_or_pil():
 
 def test_no_framework_import_statements_in_common():
     pattern = re.compile(r"^\s*(import|from)\s+(torch|tensorflow|keras|torchvision|tensorflow_datasets)\b", re.M)
-    for path in (fx.PROJECT_ROOT / "common").glob("data*.py"):
+    for path in (fx.PROJECT_ROOT / "common").rglob("*.py"):
         assert not pattern.search(path.read_text()), path

@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 
-from common import data_tfds
+from common.data import tfds as data_tfds
 from common.data import load_dataset
 from tests import data_fixtures as fx
 
@@ -72,9 +72,9 @@ _EXPORT_UNDER_MOCK = textwrap.dedent("""
     import contextlib, io, sys
     import numpy as np
     import tensorflow_datasets as tfds
-    from compare import tfds_export
+    from tf_impl import worker
     with tfds.testing.mock_data(num_examples=12):
-        tx, ty, vx, vy, names = tfds_export.export_arrays("cifar10")
+        tx, ty, vx, vy, names = worker._export_arrays("cifar10")
     assert tx.dtype == np.uint8 and tx.shape == (12, 32, 32, 3), (tx.dtype, tx.shape)
     assert vx.dtype == np.uint8 and vx.shape == (12, 32, 32, 3), (vx.dtype, vx.shape)
     assert ty.dtype == np.int64 and vy.dtype == np.int64 and ty.shape == (12,)
@@ -83,9 +83,9 @@ _EXPORT_UNDER_MOCK = textwrap.dedent("""
     assert list(names) == list(builder_names), (names, builder_names)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = tfds_export.main(["no_such_dataset_xyz", sys.argv[1]])
+        code = worker.main("tensorflow", ["tfds-export", "no_such_dataset_xyz", sys.argv[1]], worker._TASKS)
     lines = err.getvalue().strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith(tfds_export.ERROR_PREFIX), err.getvalue()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(worker._ERROR_PREFIX), err.getvalue()
     print("ok")
 """)
 
@@ -99,9 +99,9 @@ def test_tfds_export_arrays_under_mock_data(tmp_path):
 _MAIN_UNDER_MOCK = textwrap.dedent("""
     import sys
     import tensorflow_datasets as tfds
-    from compare import tfds_export
+    from tf_impl import worker
     with tfds.testing.mock_data(num_examples=15):
-        sys.exit(tfds_export.main(sys.argv[1:]))
+        sys.exit(worker.main("tensorflow", ["tfds-export", *sys.argv[1:]], worker._TASKS))
 """)
 
 

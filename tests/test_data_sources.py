@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from common import data_cifar, data_folder
+from common.data import cifar as data_cifar, folder as data_folder
 from common.data import load_dataset
 from common.errors import DataError
 from tests import data_fixtures as fx
@@ -223,7 +223,7 @@ def test_hidden_files_are_ignored(tmp_path):
 _POOL_DECODE = """
 import json, sys
 import numpy as np
-from common import data_folder
+from common.data import folder as data_folder
 from common.errors import DataError
 data_folder.PARALLEL_MIN_FILES = 0
 data_folder._available_cpus = lambda: 2

@@ -211,7 +211,7 @@ def test_worker_subprocess_writes_a_result(tmp_path):
     spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(spec.to_json())
     env = {**os.environ, "DUALBENCH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tf_impl.worker", str(spec_path), str(out_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "tf_impl.worker", "train", str(spec_path), str(out_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out_path.read_text())

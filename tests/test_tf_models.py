@@ -17,9 +17,9 @@ from common.init import initial_weights  # noqa: E402
 from common.registry import list_models  # noqa: E402
 from common.weights import WeightLayoutError  # noqa: E402
 from tf_impl import weights as tf_weights  # noqa: E402
-from tf_impl.layers import BatchNorm, batch_norm, batch_norm_implementation, conv2d  # noqa: E402
+from tf_impl.layers import BatchNorm, batch_norm, conv2d  # noqa: E402
 from tf_impl.models import MODELS, create_model  # noqa: E402
-from tf_impl.optim import BN_IMPLEMENTATION  # noqa: E402
+from tf_impl.optim import _BN_IMPLEMENTATION  # noqa: E402
 
 IN_SHAPES = [(32, 32, 3), (28, 28, 1)]
 
@@ -132,7 +132,7 @@ def _numpy_bn_after_steps(batches, momentum, epsilon, gamma, beta):
 
 @pytest.fixture(params=["fused", "composed"])
 def bn_implementation(request):
-    with batch_norm_implementation(request.param):
+    with BatchNorm.using(request.param):
         yield request.param
 
 
@@ -178,11 +178,11 @@ def test_xla_lowering_of_the_fused_kernel_is_why_xla_uses_composed_ops():
     for name in ("fused", "composed"):
         layer = batch_norm(0.1, 1e-5, f"bn_{name}")
         layer.build(x.shape)
-        with batch_norm_implementation(name):
+        with BatchNorm.using(name):
             out = tf.function(lambda t: layer(t, training=True), jit_compile=True)(tf.constant(x))
         errors[name] = np.abs(out.numpy() - want).max()
     assert errors["composed"] < 1e-4 < errors["fused"]
-    assert BN_IMPLEMENTATION == {"eager": "fused", "graph": "fused", "xla": "composed"}
+    assert _BN_IMPLEMENTATION == {"eager": "fused", "graph": "fused", "xla": "composed"}
 
 
 def test_batchnorm_gradients_match_float64(bn_implementation):

@@ -62,7 +62,7 @@ def _trainable(model):
 def _gradients(model, images, labels):
     """Canonical-name gradients at the current weights (batch statistics, model left unchanged)."""
     names = tf_weights.trainable_variable_names(model, model.arch_spec)
-    with tf_weights.batch_statistics_mode(model), tf.GradientTape() as tape:
+    with tf_weights.inference(model, training=True), tf.GradientTape() as tape:
         loss = softmax_cross_entropy(model(images, training=True), labels, 10)
     grads = tape.gradient(loss, model.trainable_variables)
     return float(loss), {n: g.numpy() for n, g in zip(names, grads)}
@@ -118,7 +118,7 @@ def test_train_step_matches_reference_with_real_gradients_each_step(mode):
     params = _trainable(model)
     for k, lr in enumerate([0.01, 0.005, 0.02, 0.003]):
         images, labels = _batch(seed=k)
-        with tf_weights.batch_statistics_mode(model), tf.GradientTape() as tape:
+        with tf_weights.inference(model, training=True), tf.GradientTape() as tape:
             want_loss = softmax_cross_entropy(model(images, training=True), labels, 10, 0.1)
         grads = dict(zip(step.variable_names, [g.numpy() for g in tape.gradient(want_loss, step.variables)]))
         loss, correct = step(tf.constant(images), tf.constant(labels), lr)

@@ -10,7 +10,7 @@ from common.init import initial_weights
 from common.optim_reference import ReferenceOptimizer
 from tests.torch_helpers import cpu_spec, rel_diff
 from torch_impl.backend import Backend
-from torch_impl.weights import canonical_tensors
+from torch_impl.weights import canonical_variables
 from common.weights import from_torch
 
 SHAPE = (8, 8, 3)  # small images: real resnet20 gradients at little cost
@@ -50,7 +50,7 @@ def _batch(step: int, n: int = 8):
 def _grads(net) -> dict[str, np.ndarray]:
     """The gradients the last step used, canonical layout."""
     spec = net.arch_spec
-    tensors = canonical_tensors(net, spec)
+    tensors = canonical_variables(net, spec)
     return {n: from_torch(tensors[n][0], tensors[n][1], tensors[n][2].grad.detach().numpy())
             for n in spec.trainable_names()}
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 
-# Before TensorFlow loads: Keras 3 picks its backend at first import; hide TF's C++ INFO/WARNING
-# chatter in workers (level 2 still shows errors).
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Before TensorFlow loads: hide TF's C++ INFO/WARNING chatter in workers (level 2 still shows
+# errors). KERAS_BACKEND is set once, in tf_impl/__init__.py.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import re  # noqa: E402
@@ -42,10 +41,13 @@ from tf_impl.optim import EvalStep, TrainStep  # noqa: E402
 #   bf16 resnet20: graph 831 | eager 411 | xla 370;  bf16 seed_cnn: graph 1256 | eager 601 | xla 415
 # Graph won every configuration, by 1.5-3.0x. GPU: XLA (it fuses the BN/ReLU/add chains between
 # the cuDNN convs); not measured here, the dev machine has no GPU.
-BEST_MODE = {"cpu": "graph", "gpu": "xla"}
-POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-PRECISION_OF_POLICY = {v: k for k, v in POLICIES.items()}
-DATA_FORMAT_NAMES = {"channels_last": "NHWC", "channels_first": "NCHW"}
+BEST = {"cpu": "graph", "gpu": "xla"}
+_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+_PRECISION_OF_POLICY = {v: k for k, v in _POLICIES.items()}
+_DATA_FORMAT_NAMES = {"channels_last": "NHWC", "channels_first": "NCHW"}
+# Inter-op 2 lets independent ops (a conv's input and weight gradients) overlap: resnet20 graph
+# step 0.202/0.210 s with 2 vs 0.245/0.224 s with 1 (two runs each, 2 cores).
+INTER_OP_THREADS = 2
 
 
 class Backend:
@@ -56,7 +58,7 @@ class Backend:
     def __init__(self) -> None:
         self.device = "/CPU:0"  # logical device every model, step and batch is placed on
         self.device_type = "cpu"
-        self.mode = BEST_MODE["cpu"]
+        self.mode = BEST["cpu"]
         self.precision = "fp32"
         self._gpu = None  # the physical GPU in use (tf.config.PhysicalDevice), if any
         self._train: tf_data.TrainPipeline | None = None
@@ -64,29 +66,27 @@ class Backend:
 
     # -- environment ---------------------------------------------------------
     def setup(self, spec: RunSpec) -> dict[str, Any]:
-        self.device_type, gpu_index = _parse_device(spec.device)
+        self.device_type, gpu_index = resolve_device(spec.device)
         self._select_device(gpu_index, spec.device)
         threads = spec.threads or usable_cores()
         # TF's defaults: a pool per core for intra-op and inter-op each; both explicit here.
-        # Inter-op 2 lets independent ops (a conv's input and weight gradients) overlap: resnet20
-        # graph step 0.202/0.210 s with 2 vs 0.245/0.224 s with 1 (two runs each, 2 cores).
-        _set_threads(threads, min(2, threads))
+        _set_threads(threads, min(INTER_OP_THREADS, threads))
         # TF enables TF32 by default on Ampere+ (torch does not): always set from the spec.
         tf.config.experimental.enable_tensor_float_32_execution(bool(spec.allow_tf32))
         _set_determinism(spec.deterministic)
         keras.utils.set_random_seed(spec.seed)  # Python, NumPy and TF RNGs (dropout masks)
         keras.config.set_image_data_format("channels_last")  # NHWC: Keras's default, made explicit
         self.precision = spec.precision
-        keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
-        self.mode = BEST_MODE[self.device_type] if spec.mode == "best" else spec.mode
-        return self.effective_settings()
+        keras.mixed_precision.set_global_policy(_POLICIES[spec.precision])
+        self.mode = resolve_mode(spec.mode, self.device_type)
+        return self._effective_settings()
 
-    def effective_settings(self) -> dict[str, Any]:
+    def _effective_settings(self) -> dict[str, Any]:
         """Device, mode, precision, threads, TF32, determinism as read back from TF/Keras."""
-        return {"device": self.device_name(), "device_type": self.device_type, "execution_mode": self.mode,
-                "precision": PRECISION_OF_POLICY.get(keras.mixed_precision.global_policy().name, "unknown"),
+        return {"device": self._device_name(), "device_type": self.device_type, "execution_mode": self.mode,
+                "precision": _PRECISION_OF_POLICY.get(keras.mixed_precision.global_policy().name, "unknown"),
                 "dtype_policy": keras.mixed_precision.global_policy().name,
-                "data_format": DATA_FORMAT_NAMES[keras.config.image_data_format()],
+                "data_format": _DATA_FORMAT_NAMES[keras.config.image_data_format()],
                 "channels_last": keras.config.image_data_format() == "channels_last",
                 "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
                 "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
@@ -118,7 +118,7 @@ class Backend:
             raise UserError(f"--device {requested}: the GPU was hidden earlier in this process; "
                             "run in a fresh process")
 
-    def device_name(self) -> str:
+    def _device_name(self) -> str:
         if self.device_type == "cpu":
             return "cpu"
         details = tf.config.experimental.get_device_details(self._gpu)
@@ -134,9 +134,9 @@ class Backend:
 
     # -- model ---------------------------------------------------------------
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
-                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5) -> keras.Model:
+                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> keras.Model:
         with tf.device(self.device):
-            return create_model(name, num_classes, in_shape, bn_momentum, bn_epsilon)
+            return create_model(name, num_classes, in_shape, bn_momentum, bn_epsilon, dropout)
 
     def trainable_param_count(self, model: keras.Model) -> int:
         return int(sum(np.prod(v.shape) for v in model.trainable_weights))
@@ -189,7 +189,7 @@ class Backend:
         return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
 
     def audit(self, model: keras.Model, train_step: TrainStep) -> dict[str, Any]:
-        settings = self.effective_settings()
+        settings = self._effective_settings()
         optimizer = train_step.inner_optimizer
         recipe: Recipe = optimizer.recipe
         is_sgd = optimizer.kind == "sgd"
@@ -230,7 +230,12 @@ class Backend:
         return isinstance(error, tf.errors.OpError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
 
 
-def _parse_device(device: str) -> tuple[str, int | None]:
+def resolve_mode(mode: str, device_type: str) -> str:
+    """Resolve "best" for this device type ("cpu" | "gpu")."""
+    return BEST[device_type] if mode == "best" else mode
+
+
+def resolve_device(device: str) -> tuple[str, int | None]:
     """'auto' | 'cpu' | 'cuda[:N]' | 'gpu[:N]' -> ('cpu', None) or ('gpu', N)."""
     text = device.strip().lower()
     if text == "auto":
@@ -304,5 +309,3 @@ def _strided_padding(model: keras.Model) -> str:
             return f"asymmetric ({layer.name}: padding={layer.padding!r}, stride {stride})"
     return "symmetric"
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['Backend']

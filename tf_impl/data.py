@@ -12,7 +12,7 @@ i.e. exactly ``plan.batch_bounds()``); a ``map`` on whole batches gathers the
 crops with ONE ``gather_nd`` (row/column indices from the offsets, columns
 reversed with ``tf.where`` where flipped: no per-sample tf.image calls), casts
 and normalises ``(x/255 - mean)/std`` in that op order, in float32. Then
-``prefetch(AUTOTUNE)``. On a GPU, batches are copied to the device inside
+``prefetch(tf.data.AUTOTUNE)``. On a GPU, batches are copied to the device inside
 tf.data (``copy_to_device`` + ``prefetch``) so step i+1's batch is already
 there while step i runs (not exercised on a GPU yet: the development machine
 has none; a host-side fallback copies batches if that path is unavailable).
@@ -26,7 +26,6 @@ import tensorflow as tf
 
 from common.sampler import EpochPlan
 
-AUTOTUNE = tf.data.AUTOTUNE
 
 
 def normalize(images_uint8_nhwc: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
@@ -47,14 +46,14 @@ class _Placement:
     def deliver(self, dataset: tf.data.Dataset) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         """Iterate ``dataset`` prefetched on the compute device."""
         if not self.on_gpu:
-            yield from dataset.prefetch(AUTOTUNE)
+            yield from dataset.prefetch(tf.data.AUTOTUNE)
             return
-        on_device = dataset.apply(tf.data.experimental.copy_to_device(self.device)).prefetch(AUTOTUNE)
+        on_device = dataset.apply(tf.data.experimental.copy_to_device(self.device)).prefetch(tf.data.AUTOTUNE)
         try:
             with tf.device(self.device):  # the iterator must live on the device it prefetches to
                 iterator = iter(on_device)
         except (tf.errors.OpError, NotImplementedError, ValueError):
-            iterator = iter(dataset.prefetch(AUTOTUNE))  # host prefetch; copied below
+            iterator = iter(dataset.prefetch(tf.data.AUTOTUNE))  # host prefetch; copied below
         for images, labels in iterator:
             if "GPU" not in images.device.upper():  # defensive: some TF builds hand batches back on the host
                 with tf.device(self.device):
@@ -80,7 +79,7 @@ class TrainPipeline:
         self.images = _host_variable(np.pad(np.asarray(images, np.uint8), pad), "train_images_padded")
         self.labels = _host_variable(np.asarray(labels, np.int64), "train_labels")
 
-    def dataset(self, plan: EpochPlan, raw: bool = False) -> tf.data.Dataset:
+    def _dataset(self, plan: EpochPlan, raw: bool = False) -> tf.data.Dataset:
         """The tf.data pipeline of one epoch (host side, before device placement)."""
         if plan.crop_padding != self.pad:
             raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
@@ -90,11 +89,11 @@ class TrainPipeline:
         dataset = tf.data.Dataset.from_tensor_slices(plan_slices)
         dataset = dataset.batch(plan.batch_size, drop_remainder=plan.drop_last)
         return dataset.map(lambda index, offsets, flips: self._batch(index, offsets, flips, raw),
-                           num_parallel_calls=AUTOTUNE, deterministic=True)
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         """``(images, labels)`` for every batch of ``plan``, in order (uint8 NHWC if ``raw``)."""
-        return self.io.deliver(self.dataset(plan, raw))
+        return self.io.deliver(self._dataset(plan, raw))
 
     def _batch(self, index, offsets, flips, raw: bool):
         rows = offsets[:, 0:1] + tf.range(self.height)  # (B, H) rows of the padded image
@@ -122,18 +121,16 @@ class EvalPipeline:
         self.images = _host_variable(np.asarray(images, np.uint8), "test_images")
         self.labels = _host_variable(np.asarray(labels, np.int64), "test_labels")
 
-    def dataset(self, raw: bool = False) -> tf.data.Dataset:
+    def _dataset(self, raw: bool = False) -> tf.data.Dataset:
         dataset = tf.data.Dataset.range(self.num_examples).batch(self.batch_size)
-        return dataset.map(lambda index: self._batch(index, raw), num_parallel_calls=AUTOTUNE,
+        return dataset.map(lambda index: self._batch(index, raw), num_parallel_calls=tf.data.AUTOTUNE,
                            deterministic=True)
 
     def batches(self, raw: bool = False) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
-        return self.io.deliver(self.dataset(raw))
+        return self.io.deliver(self._dataset(raw))
 
     def _batch(self, index, raw: bool):
         images = tf.gather(self.images, index)
         labels = tf.gather(self.labels, index)
         return (images if raw else normalize(images, self.io.mean, self.io.std)), labels
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['EvalPipeline', 'TrainPipeline', 'normalize']

@@ -19,13 +19,10 @@ momentum/epsilon come from the recipe (never Keras's 0.99/1e-3 defaults).
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # Keras 3 picks its backend at first import
-
-import tensorflow as tf  # noqa: E402
-from keras import layers  # noqa: E402
+import tensorflow as tf
+from keras import layers
 
 
 class BatchNorm(layers.BatchNormalization):
@@ -45,7 +42,7 @@ class BatchNorm(layers.BatchNormalization):
 
     running_variance_estimator = "unbiased"  # read back by the fairness audit
     # How training-mode statistics are computed; read when a call runs/is traced, set per
-    # execution mode with ``batch_norm_implementation`` (tf_impl.optim.BN_IMPLEMENTATION):
+    # execution mode with ``BatchNorm.using`` (tf_impl.optim._BN_IMPLEMENTATION):
     # "fused": TF's FusedBatchNormV3 kernel (one op forward, one backward: a resnet20 graph-mode
     #   step on the CPU takes 0.19-0.40 s with it vs 0.46-0.54 s with composed ops; it returns
     #   the unbiased batch variance itself).
@@ -57,6 +54,18 @@ class BatchNorm(layers.BatchNormalization):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.update_moving_statistics = True
+
+    @classmethod
+    @contextlib.contextmanager
+    def using(cls, implementation: str) -> Iterator[None]:
+        """Trace/run BatchNorm layers with ``implementation`` ("fused" | "composed") inside the block."""
+        if implementation not in ("fused", "composed"):
+            raise ValueError(f"unknown BatchNorm implementation {implementation!r}")
+        previous, cls.implementation = cls.implementation, implementation
+        try:
+            yield
+        finally:
+            cls.implementation = previous
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None:
@@ -90,18 +99,6 @@ class BatchNorm(layers.BatchNormalization):
         shape = tf.shape(x)
         count = tf.cast(shape[0] * shape[1] * shape[2], tf.float32)
         return outputs, mean, variance * (count / (count - 1.0))  # torch's running-variance convention
-
-
-@contextlib.contextmanager
-def batch_norm_implementation(name: str) -> Iterator[None]:
-    """Trace/run BatchNorm layers with ``name`` ("fused" | "composed") inside the block."""
-    if name not in ("fused", "composed"):
-        raise ValueError(f"unknown BatchNorm implementation {name!r}")
-    previous, BatchNorm.implementation = BatchNorm.implementation, name
-    try:
-        yield
-    finally:
-        BatchNorm.implementation = previous
 
 
 def batch_norm(momentum: float, epsilon: float, name: str) -> BatchNorm:
@@ -224,5 +221,8 @@ def dense(x, units: int, *, name: str):
     """A dense layer with bias (its output observable before any activation)."""
     return layers.Dense(units, name=name)(x)
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['OptionAShortcut', 'activation', 'batch_norm', 'conv2d']
+
+
+def global_max_pool(x, *, name: str):
+    """Max over H and W -> (N, C) (torch's side keeps (N, C, 1, 1) and flattens)."""
+    return layers.GlobalMaxPooling2D(name=name)(x)

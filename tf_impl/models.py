@@ -10,17 +10,13 @@ initialisers are overwritten.
 """
 from __future__ import annotations
 
-import os
+import keras
+from keras import layers
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # Keras 3 picks its backend at first import
-
-import keras  # noqa: E402
-from keras import layers  # noqa: E402
-
-from common.architectures import (MOBILENET_V2_CONFIG, MOBILENET_V2_DROPOUT,  # noqa: E402
+from common.architectures import (MOBILENET_V2_CONFIG, MOBILENET_V2_DROPOUT,
                                   MOBILENET_V2_LAST_CHANNELS, VGG11_CONFIG, arch_spec)
-from common.registry import ModelRegistry  # noqa: E402
-from tf_impl.layers import basic_block, conv2d, conv_bn, dense, inverted_residual  # noqa: E402
+from common.registry import ModelRegistry
+from tf_impl.layers import basic_block, conv2d, conv_bn, dense, global_max_pool, inverted_residual
 
 MODELS = ModelRegistry("tensorflow")
 
@@ -31,7 +27,7 @@ def _inputs(in_shape: tuple[int, int, int]):
 
 @MODELS.register("seed_cnn")
 def seed_cnn(num_classes: int, in_shape: tuple[int, int, int], bn_momentum: float = 0.1,
-             bn_epsilon: float = 1e-5) -> keras.Model:
+             bn_epsilon: float = 1e-5, dropout: float | None = None) -> keras.Model:
     """3 x (conv3x3 with bias -> ReLU -> maxpool 2) -> flatten -> fc1 1024 -> fc2 512 -> head.
 
     No BatchNorm: the BN arguments are accepted and unused.
@@ -67,14 +63,14 @@ def _cifar_resnet(name: str, num_classes: int, in_shape, widths: tuple[int, ...]
 
 @MODELS.register("resnet20")
 def resnet20(num_classes: int, in_shape: tuple[int, int, int], bn_momentum: float = 0.1,
-             bn_epsilon: float = 1e-5) -> keras.Model:
+             bn_epsilon: float = 1e-5, dropout: float | None = None) -> keras.Model:
     """He et al. 2016 CIFAR ResNet-20 with option-A shortcuts."""
     return _cifar_resnet("resnet20", num_classes, in_shape, (16, 32, 64), 3, "A", bn_momentum, bn_epsilon)
 
 
 @MODELS.register("resnet18")
 def resnet18(num_classes: int, in_shape: tuple[int, int, int], bn_momentum: float = 0.1,
-             bn_epsilon: float = 1e-5) -> keras.Model:
+             bn_epsilon: float = 1e-5, dropout: float | None = None) -> keras.Model:
     """CIFAR ResNet-18: 3x3 stem, no max-pool, projection shortcuts."""
     return _cifar_resnet("resnet18", num_classes, in_shape, (64, 128, 256, 512), 2, "projection",
                          bn_momentum, bn_epsilon)
@@ -82,15 +78,15 @@ def resnet18(num_classes: int, in_shape: tuple[int, int, int], bn_momentum: floa
 
 @MODELS.register("vgg11_bn")
 def vgg11_bn(num_classes: int, in_shape: tuple[int, int, int], bn_momentum: float = 0.1,
-             bn_epsilon: float = 1e-5) -> keras.Model:
+             bn_epsilon: float = 1e-5, dropout: float | None = None) -> keras.Model:
     """VGG-11 (conv with bias -> BN -> ReLU, max-pools), last pool global max, dense head."""
     inputs = _inputs(in_shape)
     x, index, last = inputs, 0, len(VGG11_CONFIG) - 1
     for position, item in enumerate(VGG11_CONFIG):
         if item == "M":
             # The last pool is global: equal to 2x2 at 32x32, and 28x28 inputs do not shrink to zero.
-            pool = layers.GlobalMaxPooling2D if position == last else layers.MaxPooling2D
-            x = pool(name=f"pool{position}")(x)
+            pool = f"pool{position}"
+            x = global_max_pool(x, name=pool) if position == last else layers.MaxPooling2D(2, name=pool)(x)
             continue
         index += 1
         x = conv_bn(x, item, bias=True, name=f"block{index}", bn_momentum=bn_momentum,
@@ -100,7 +96,7 @@ def vgg11_bn(num_classes: int, in_shape: tuple[int, int, int], bn_momentum: floa
 
 @MODELS.register("mobilenet_v2")
 def mobilenet_v2(num_classes: int, in_shape: tuple[int, int, int], bn_momentum: float = 0.1,
-                 bn_epsilon: float = 1e-5) -> keras.Model:
+                 bn_epsilon: float = 1e-5, dropout: float | None = None) -> keras.Model:
     """MobileNetV2 width 1.0, CIFAR strides (stride-1 stem), dropout before the head."""
     bn = {"bn_momentum": bn_momentum, "bn_epsilon": bn_epsilon}
     inputs = _inputs(in_shape)
@@ -113,18 +109,16 @@ def mobilenet_v2(num_classes: int, in_shape: tuple[int, int, int], bn_momentum: 
             index += 1
     x = conv_bn(x, MOBILENET_V2_LAST_CHANNELS, 1, act="relu6", name="last", **bn)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.Dropout(MOBILENET_V2_DROPOUT, name="dropout")(x)
+    x = layers.Dropout(MOBILENET_V2_DROPOUT if dropout is None else dropout, name="dropout")(x)
     return keras.Model(inputs, dense(x, num_classes, name="head"), name="mobilenet_v2")
 
 
 def create_model(name: str, num_classes: int = 10, in_shape: tuple[int, int, int] = (32, 32, 3),
-                 bn_momentum: float = 0.1, bn_epsilon: float = 1e-5) -> keras.Model:
+                 bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> keras.Model:
     """Build ``name`` (NHWC, under the current Keras dtype policy) and attach its canonical ``arch_spec``."""
     in_shape = tuple(int(d) for d in in_shape)
     model = MODELS.create(name, num_classes=int(num_classes), in_shape=in_shape,
-                          bn_momentum=float(bn_momentum), bn_epsilon=float(bn_epsilon))
+                          bn_momentum=float(bn_momentum), bn_epsilon=float(bn_epsilon), dropout=dropout)
     model.arch_spec = arch_spec(name, num_classes, in_shape)
     return model
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['MODELS', 'create_model', 'mobilenet_v2', 'resnet18', 'resnet20', 'seed_cnn', 'vgg11_bn']

@@ -3,7 +3,7 @@
 Why a custom ``keras.optimizers.Optimizer`` subclass: Keras's built-in SGD
 folds the LR into the momentum buffer (``v = m*v - lr*g``), which diverges
 from torch as soon as the LR changes, and Keras's Adam adds epsilon before
-the bias correction. ``ReferenceSemanticsOptimizer.update_step`` implements
+the bias correction. ``_ReferenceSemanticsOptimizer.update_step`` implements
 the torch conventions of ``common/optim_reference.py`` (coupled L2 or
 decoupled decay, per-parameter decay flags from ``optim_reference.decays``).
 Being a real Keras optimizer it keeps Keras's machinery: its LR is a
@@ -18,20 +18,17 @@ wraps it in ``tf.function``; "xla" in ``tf.function(jit_compile=True)``.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # Keras 3 picks its backend at first import
+import keras
+import numpy as np
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from common.architectures import ArchSpec  # noqa: E402
-from common.config import Recipe  # noqa: E402
-from common.optim_reference import decays  # noqa: E402
-from tf_impl.layers import batch_norm_implementation  # noqa: E402
-from tf_impl.weights import trainable_variable_names  # noqa: E402
+from common.architectures import ArchSpec
+from common.config import Recipe
+from common.optim_reference import decays
+from tf_impl.layers import BatchNorm
+from tf_impl.weights import trainable_variable_names
 
 LOSS_NAME = "softmax_cross_entropy_from_logits"
 FP16_INITIAL_LOSS_SCALE = 2.0 ** 16  # torch.amp.GradScaler's init_scale (Keras's default is 2**15)
@@ -42,10 +39,10 @@ EXECUTION_MODES = ("eager", "graph", "xla")
 # the fused op uses a one-pass variance that fails parity). benchmarks/tf_bn_kernels.py, resnet20
 # train b128, 2 cores, median of 2 rounds (2026-11-23 19:43 UTC): graph fused 651 / composed 436
 # img/s; xla composed 331 / fused 316 img/s - the accurate choice is also the faster one in both modes.
-BN_IMPLEMENTATION = {"eager": "fused", "graph": "fused", "xla": "composed"}
+_BN_IMPLEMENTATION = {"eager": "fused", "graph": "fused", "xla": "composed"}
 
 
-class ReferenceSemanticsOptimizer(keras.optimizers.Optimizer):
+class _ReferenceSemanticsOptimizer(keras.optimizers.Optimizer):
     """SGD (momentum, Nesterov) / Adam / AdamW with torch semantics, as ``common.optim_reference``.
 
     ``variable_names`` are the canonical names of the variables the optimizer
@@ -123,7 +120,7 @@ class ReferenceSemanticsOptimizer(keras.optimizers.Optimizer):
 
 def build_optimizer(recipe: Recipe, variable_names: list[str], precision: str) -> keras.optimizers.Optimizer:
     """The optimizer for ``recipe`` over the variables named ``variable_names`` (dynamic loss scaling for fp16)."""
-    optimizer = ReferenceSemanticsOptimizer(recipe, variable_names)
+    optimizer = _ReferenceSemanticsOptimizer(recipe, variable_names)
     if precision != "fp16":
         return optimizer  # bf16 has float32's range: no loss scaling, as torch autocast
     return keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=FP16_INITIAL_LOSS_SCALE,
@@ -177,7 +174,7 @@ class TrainStep:
 
     def _train_step(self, images, labels):
         self.trace_count += 1
-        with tf.GradientTape() as tape, batch_norm_implementation(BN_IMPLEMENTATION[self.mode]):
+        with tf.GradientTape() as tape, BatchNorm.using(_BN_IMPLEMENTATION[self.mode]):
             logits = self.model(images, training=True)
             loss = softmax_cross_entropy(logits, labels, self.num_classes, self.label_smoothing)
             scaled = self.optimizer.scale_loss(loss)  # identity unless fp16 loss scaling
@@ -240,5 +237,3 @@ class EvalStep:
         with tf.device(self.device):
             return self._forward(images)
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['EvalStep', 'TrainStep', 'build_optimizer']

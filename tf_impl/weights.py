@@ -6,29 +6,26 @@ no array is transposed here: this module maps canonical names to Keras
 variables and asserts every shape before a copy.
 
 ``training=True`` forwards (parity checks) use BN batch statistics but must
-leave the model unchanged and deterministic: ``batch_statistics_mode`` turns
+leave the model unchanged and deterministic: ``inference`` turns
 the BN moving-statistics update and dropout off for the duration of an eager
 call.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # Keras 3 picks its backend at first import
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from common.architectures import ArchSpec, LayerSpec  # noqa: E402
-from common.weights import WeightLayoutError, check_weights  # noqa: E402
-from tf_impl.layers import BatchNorm  # noqa: E402
+from common.architectures import ArchSpec, LayerSpec
+from common.weights import WeightLayoutError, check_weights
+from tf_impl.layers import BatchNorm
 
 # canonical parameter suffix -> Keras attribute of the layer (the depthwise kernel is also `kernel`)
-KERAS_ATTRIBUTE = {"kernel": "kernel", "bias": "bias", "gamma": "gamma", "beta": "beta",
+_ATTRIBUTE = {"kernel": "kernel", "bias": "bias", "gamma": "gamma", "beta": "beta",
                    "moving_mean": "moving_mean", "moving_variance": "moving_variance"}
-KERAS_LAYER_TYPE = {"conv": keras.layers.Conv2D, "dwconv": keras.layers.DepthwiseConv2D,
+_LAYER_TYPE = {"conv": keras.layers.Conv2D, "dwconv": keras.layers.DepthwiseConv2D,
                     "dense": keras.layers.Dense, "bn": BatchNorm}
 PREDICT_CHUNK = 1000  # images per eval-mode forward in predict (bounds memory, no effect on results)
 
@@ -41,13 +38,13 @@ def canonical_layers(model: keras.Model, spec: ArchSpec) -> dict[str, keras.laye
             keras_layer = model.get_layer(layer.name)
         except ValueError as exc:
             raise WeightLayoutError(f"{spec.model}: no Keras layer named {layer.name!r}") from exc
-        expected = KERAS_LAYER_TYPE[layer.kind]
+        expected = _LAYER_TYPE[layer.kind]
         # Conv2D is a base of nothing else we use, but DepthwiseConv2D is not a Conv2D: check exactly.
         if type(keras_layer) is not expected:
             raise WeightLayoutError(f"{layer.name}: expected {expected.__name__}, "
                                     f"found {type(keras_layer).__name__}")
         found[layer.name] = keras_layer
-    mapped = {id(getattr(found[l.name], KERAS_ATTRIBUTE[p])) for l in spec.layers for p in l.params}
+    mapped = {id(getattr(found[l.name], _ATTRIBUTE[p])) for l in spec.layers for p in l.params}
     unmapped = [v.path for v in model.weights if id(v) not in mapped]
     if unmapped:
         raise WeightLayoutError(f"{spec.model}: Keras weights outside the canonical spec: {unmapped[:5]}")
@@ -57,7 +54,7 @@ def canonical_layers(model: keras.Model, spec: ArchSpec) -> dict[str, keras.laye
 def canonical_variables(model: keras.Model, spec: ArchSpec) -> dict[str, tuple[LayerSpec, keras.Variable]]:
     """Canonical weight name -> (its LayerSpec, the live Keras variable)."""
     found = canonical_layers(model, spec)
-    return {f"{l.name}.{p}": (l, getattr(found[l.name], KERAS_ATTRIBUTE[p]))
+    return {f"{l.name}.{p}": (l, getattr(found[l.name], _ATTRIBUTE[p]))
             for l in spec.layers for p in l.params}
 
 
@@ -89,11 +86,15 @@ def set_weights(model: keras.Model, spec: ArchSpec, weights: dict[str, np.ndarra
 
 
 @contextlib.contextmanager
-def batch_statistics_mode(model: keras.Model) -> Iterator[None]:
-    """While active, ``training=True`` calls use BN batch statistics with no update and no dropout.
+def inference(model: keras.Model, training: bool) -> Iterator[None]:
+    """Forward context of predict/layer_outputs: with ``training``, calls made with ``training=True``
+    use BN batch statistics with no update and no dropout; without it, nothing changes.
 
     Works for eager calls (the flags are Python attributes read at call time).
     """
+    if not training:
+        yield
+        return
     bns = [l for l in model.layers if isinstance(l, BatchNorm)]
     dropouts = [l for l in model.layers if isinstance(l, keras.layers.Dropout)]
     rates = [d.rate for d in dropouts]
@@ -118,7 +119,7 @@ def predict(model: keras.Model, images: np.ndarray, training: bool = False) -> n
     """
     images = np.asarray(images, np.float32)
     if training:
-        with batch_statistics_mode(model):
+        with inference(model, training=True):
             return _numpy(model(images, training=True))
     chunks = [_numpy(model(images[i:i + PREDICT_CHUNK], training=False))
               for i in range(0, len(images), PREDICT_CHUNK)]
@@ -131,7 +132,7 @@ def layer_outputs(model: keras.Model, spec: ArchSpec, images: np.ndarray,
     names = [l.name for l in spec.layers]
     probe = keras.Model(model.input, [model.get_layer(n).output for n in names])  # shares the layers
     images = np.asarray(images, np.float32)
-    with batch_statistics_mode(model) if training else contextlib.nullcontext():
+    with inference(model, training):
         outputs = probe(images, training=training)
     return {name: _numpy(value) for name, value in zip(names, outputs)}
 
@@ -139,5 +140,3 @@ def layer_outputs(model: keras.Model, spec: ArchSpec, images: np.ndarray,
 def _numpy(value) -> np.ndarray:
     return np.asarray(value.numpy(), np.float32)
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['PREDICT_CHUNK', 'get_weights', 'layer_outputs', 'predict', 'set_weights']

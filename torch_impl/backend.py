@@ -43,7 +43,7 @@ from torch_impl.optim import EvalStep, TrainStep
 BEST = {"cpu": ("eager", True), "cuda": ("compile", True)}
 # Default channels_last when the mode is given explicitly and spec.channels_last is None
 # (CPU compile: channels_last within noise of NCHW in the numbers above; kept for one CPU layout).
-BEST_CHANNELS_LAST = {("cpu", "eager"): True, ("cpu", "compile"): True,
+_BEST_CHANNELS_LAST = {("cpu", "eager"): True, ("cpu", "compile"): True,
                       ("cuda", "eager"): True, ("cuda", "compile"): True}
 # torch's inter-op pool only runs torch.jit.fork / async ops, which this loop never issues; one
 # thread keeps it from competing with the intra-op pool (torch's default: one per core).
@@ -76,7 +76,7 @@ def resolve_mode(mode: str, channels_last: bool | None, device: torch.device) ->
     if mode == "best":
         mode, best_channels_last = BEST[device.type]
     else:
-        best_channels_last = BEST_CHANNELS_LAST[(device.type, mode)]
+        best_channels_last = _BEST_CHANNELS_LAST[(device.type, mode)]
     if mode == "compile" and device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
         raise UserError("--mode compile on the CPU needs a C++ compiler for TorchInductor (g++ not found): "
                         "install g++ or use --mode eager")
@@ -153,8 +153,8 @@ class Backend:
 
     # -- model ---------------------------------------------------------------
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
-                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5) -> nn.Module:
-        model = create_model(name, num_classes, in_shape, bn_momentum, bn_epsilon)
+                    bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> nn.Module:
+        model = create_model(name, num_classes, in_shape, bn_momentum, bn_epsilon, dropout)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return model.to(self.device, memory_format=memory_format)
 
@@ -214,14 +214,14 @@ class Backend:
 
     def audit(self, model: nn.Module, train_step: TrainStep) -> dict[str, Any]:
         return {**_model_settings(model), **_optimizer_settings(train_step),
-                "loss": "softmax_cross_entropy_from_logits", "label_smoothing": train_step.label_smoothing,
+                "loss": train_step.loss_name, "label_smoothing": train_step.label_smoothing,
                 "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[train_step.autocast_dtype],
                 "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
                 "device_type": self._device_type(), "device": self._device_name(),
                 "execution_mode": train_step.mode,
-                "data_format": "NCHW channels_last" if weight_io.uses_channels_last(model) else "NCHW",
-                "loss_scaling": "dynamic" if train_step.scaler.is_enabled() else None}
+                "data_format": "NCHW channels_last" if weight_io._uses_channels_last(model) else "NCHW",
+                "loss_scaling": train_step.loss_scaling}
 
     # -- measurement ---------------------------------------------------------
     def synchronize(self) -> None:
@@ -279,5 +279,3 @@ def _optimizer_settings(train_step: TrainStep) -> dict[str, Any]:
             "weight_decay": float(weight_decay), "weight_decay_mode": mode,
             "optimizer_epsilon": None if is_sgd else float(groups[0]["eps"])}
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['Backend']

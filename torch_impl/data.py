@@ -7,7 +7,7 @@ that op order and a permute to NCHW. No per-sample Python work.
 
 Placement: on CUDA the padded dataset is kept on the GPU (CIFAR-10 padded is
 ~240 MB) and batches are built there; a dataset larger than
-``DEVICE_RESIDENT_MAX_BYTES`` stays in host memory, batches are gathered on the
+``_DEVICE_RESIDENT_MAX_BYTES`` stays in host memory, batches are gathered on the
 CPU as uint8, pinned, and copied with ``non_blocking=True`` (4x fewer bytes
 than float32), then normalised on the GPU. Batches are produced lazily: GPU
 kernels are asynchronous, so building batch i+1 queues behind step i.
@@ -21,7 +21,7 @@ import torch
 
 from common.sampler import EpochPlan
 
-DEVICE_RESIDENT_MAX_BYTES = 2 << 30  # keep the uint8 dataset on the GPU up to this size
+_DEVICE_RESIDENT_MAX_BYTES = 2 << 30  # keep the uint8 dataset on the GPU up to this size
 
 
 def normalize(images_uint8_nhwc: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
@@ -39,7 +39,7 @@ class _Normalizer:
                  std: Sequence[float], channels_last: bool):
         self.device = device
         self.channels_last = channels_last
-        resident = device.type == "cpu" or images.nbytes <= DEVICE_RESIDENT_MAX_BYTES
+        resident = device.type == "cpu" or images.nbytes <= _DEVICE_RESIDENT_MAX_BYTES
         self.storage_device = device if resident else torch.device("cpu")
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
@@ -109,5 +109,3 @@ class EvalPipeline:
             stop = start + self.batch_size
             yield self.io.finish(self.images[start:stop], self.labels[start:stop], raw)
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['EvalPipeline', 'TrainPipeline', 'normalize']

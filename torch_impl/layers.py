@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+# The BatchNorm layer class of this side: torch's own, which already updates running_var with the
+# unbiased batch variance (the convention the contract fixes). tf_impl.layers.BatchNorm is a Keras
+# BatchNormalization changed to do the same.
+BatchNorm = nn.BatchNorm2d
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
@@ -25,21 +29,31 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: in
                      groups=groups, bias=bias)
 
 
-def batch_norm(channels: int, momentum: float, epsilon: float) -> nn.BatchNorm2d:
+def batch_norm(channels: int, momentum: float, epsilon: float) -> BatchNorm:
     """BatchNorm with the recipe's momentum/epsilon (torch convention, no translation needed).
 
     torch updates the running variance with the unbiased batch variance and
     normalises with the biased one: exactly the convention the contract fixes.
     """
-    return nn.BatchNorm2d(channels, eps=epsilon, momentum=momentum)
+    return BatchNorm(channels, eps=epsilon, momentum=momentum)
+
+
+def depthwise_conv2d(channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv2d:
+    """A depthwise conv (depth multiplier 1, no bias), padded like ``conv2d``."""
+    return conv2d(channels, channels, kernel_size, stride, groups=channels)
+
+
+def dense(in_features: int, units: int) -> nn.Linear:
+    """A dense layer with bias (its output observable before any activation)."""
+    return nn.Linear(in_features, units)
 
 
 def activation(name: str | None) -> nn.Module:
     """ReLU / ReLU6 (in place: saves one activation buffer per layer) or identity."""
-    return nn.Identity() if name is None else ACTIVATIONS[name](inplace=True)
+    return nn.Identity() if name is None else _ACTIVATIONS[name](inplace=True)
 
 
-class ConvBN(nn.Module):
+class _ConvBN(nn.Module):
     """conv -> BN -> optional activation; children named ``conv`` and ``bn`` (canonical names)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
@@ -72,7 +86,7 @@ class OptionAShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
 
 
-class BasicBlock(nn.Module):
+class _BasicBlock(nn.Module):
     """ResNet basic block: conv1 -> bn1 -> relu -> conv2 -> bn2 -> (+ shortcut) -> relu.
 
     ``shortcut`` is "A" (option-A, resnet20) or "projection" (1x1 conv + BN,
@@ -94,7 +108,7 @@ class BasicBlock(nn.Module):
         elif shortcut == "A":
             self.shortcut = OptionAShortcut(in_channels, out_channels, stride)
         else:
-            self.shortcut = ConvBN(in_channels, out_channels, 1, stride, act=None,
+            self.shortcut = _ConvBN(in_channels, out_channels, 1, stride, act=None,
                                    bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +117,7 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
-class InvertedResidual(nn.Module):
+class _InvertedResidual(nn.Module):
     """MobileNetV2 block: [expand 1x1 -> BN -> ReLU6] -> depthwise 3x3 -> BN -> ReLU6 -> project 1x1 -> BN.
 
     The expand stage exists only when ``expansion != 1``; the residual is
@@ -115,9 +129,9 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = in_channels * expansion
         bn = {"bn_momentum": bn_momentum, "bn_epsilon": bn_epsilon}
-        self.expand = ConvBN(in_channels, hidden, 1, act="relu6", **bn) if expansion != 1 else None
-        self.depthwise = ConvBN(hidden, hidden, 3, stride, groups=hidden, act="relu6", **bn)
-        self.project = ConvBN(hidden, out_channels, 1, act=None, **bn)
+        self.expand = _ConvBN(in_channels, hidden, 1, act="relu6", **bn) if expansion != 1 else None
+        self.depthwise = _ConvBN(hidden, hidden, 3, stride, groups=hidden, act="relu6", **bn)
+        self.project = _ConvBN(hidden, out_channels, 1, act=None, **bn)
         self.use_residual = stride == 1 and in_channels == out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +140,7 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-class GlobalMaxPool(nn.Module):
+class _GlobalMaxPool(nn.Module):
     """Max over H and W, keeping (N, C, 1, 1).
 
     ``amax`` rather than AdaptiveMaxPool2d: its backward is deterministic on
@@ -136,5 +150,30 @@ class GlobalMaxPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.amax(x, dim=(2, 3), keepdim=True)
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['OptionAShortcut', 'activation', 'batch_norm', 'conv2d']
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = False,
+            act: str | None = "relu", depthwise: bool = False, *, bn_momentum: float,
+            bn_epsilon: float) -> nn.Module:
+    """conv -> BN -> optional activation; children ``conv`` and ``bn`` (canonical names)."""
+    groups = in_channels if depthwise else 1
+    return _ConvBN(in_channels, out_channels, kernel_size, stride, groups, bias, act,
+                   bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
+
+
+def basic_block(in_channels: int, out_channels: int, stride: int, shortcut: str, *, bn_momentum: float,
+                bn_epsilon: float) -> nn.Module:
+    """ResNet basic block (see ``_BasicBlock``): option-A or projection shortcut."""
+    return _BasicBlock(in_channels, out_channels, stride, shortcut, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
+
+
+def inverted_residual(in_channels: int, out_channels: int, stride: int, expansion: int, *, bn_momentum: float,
+                      bn_epsilon: float) -> nn.Module:
+    """MobileNetV2 block (see ``_InvertedResidual``)."""
+    return _InvertedResidual(in_channels, out_channels, stride, expansion, bn_momentum=bn_momentum,
+                             bn_epsilon=bn_epsilon)
+
+
+def global_max_pool() -> nn.Module:
+    """Max over H and W, keeping (N, C, 1, 1) (see ``_GlobalMaxPool``)."""
+    return _GlobalMaxPool()

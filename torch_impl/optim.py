@@ -18,7 +18,7 @@ param groups; only the forward + loss is compiled, so a new LR never recompiles.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,10 +29,15 @@ from common.architectures import ArchSpec
 from common.config import Recipe
 from common.optim_reference import decays
 from common.weights import from_torch, to_torch
-from torch_impl.weights import canonical_tensors
+from torch_impl.weights import canonical_variables
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-SLOT_PREFIX = {"momentum_buffer": "momentum", "exp_avg": "m", "exp_avg_sq": "v"}  # torch key -> canonical
+LOSS_NAME = "softmax_cross_entropy_from_logits"
+# fp16 dynamic loss scaling, set explicitly (these are GradScaler's defaults; the Keras side sets the same)
+FP16_INITIAL_LOSS_SCALE = 2.0 ** 16  # initial scale
+FP16_GROWTH_STEPS = 2000  # finite steps before the loss scale doubles
+EXECUTION_MODES = ("eager", "compile")
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SLOT_PREFIX = {"momentum_buffer": "momentum", "exp_avg": "m", "exp_avg_sq": "v"}  # torch key -> canonical
 
 
 def _fused_supported(device: torch.device) -> bool:
@@ -54,9 +59,9 @@ def build_optimizer(groups: list[dict[str, Any]], recipe: Recipe, device: torch.
     return adam(groups, lr=recipe.lr, betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_epsilon, **impl)
 
 
-def parameter_groups(model: nn.Module, arch: ArchSpec, recipe: Recipe) -> list[dict[str, Any]]:
+def _parameter_groups(model: nn.Module, arch: ArchSpec, recipe: Recipe) -> list[dict[str, Any]]:
     """One group that decays and one that does not (empty groups dropped), in canonical order."""
-    tensors = canonical_tensors(model, arch)
+    tensors = canonical_variables(model, arch)
     decay, keep = [], []
     for name in arch.trainable_names():
         (decay if decays(name, recipe) else keep).append(tensors[name][2])
@@ -70,6 +75,21 @@ def parameter_groups(model: nn.Module, arch: ArchSpec, recipe: Recipe) -> list[d
     return [g for g in groups if g["params"]]
 
 
+def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy from logits in float32; target (1-e)*onehot + e/K (torch's label smoothing)."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+def compile_function(fn: Callable, mode: str) -> Callable:
+    """``fn`` as run in execution ``mode``: eager (as is) or compile (torch.compile, inductor).
+
+    dynamic=False: at most two batch shapes (a kept last partial batch), each specialised.
+    """
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"unknown execution mode {mode!r}; choose one of {EXECUTION_MODES}")
+    return torch.compile(fn, dynamic=False) if mode == "compile" else fn
+
+
 class TrainStep:
     """forward (autocast) -> float32 loss -> backward (GradScaler under fp16) -> optimizer step.
 
@@ -80,25 +100,30 @@ class TrainStep:
                  precision: str, mode: str):
         self.model, self.arch, self.recipe = model, arch, recipe
         self.device, self.precision, self.mode = device, precision, mode
-        self.autocast_dtype = AUTOCAST_DTYPES[precision]
+        self.autocast_dtype = _AUTOCAST_DTYPES[precision]
         self.label_smoothing = float(recipe.label_smoothing)
-        tensors = canonical_tensors(model, arch)
+        self.loss_name = LOSS_NAME
+        tensors = canonical_variables(model, arch)
         self.trainable = {name: tensors[name] for name in arch.trainable_names()}
-        self.optimizer = build_optimizer(parameter_groups(model, arch, recipe), recipe, device)
+        self.optimizer = build_optimizer(_parameter_groups(model, arch, recipe), recipe, device)
         # fp16 needs dynamic loss scaling against gradient underflow; bf16 has fp32's range and does not.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INITIAL_LOSS_SCALE,
+                                           growth_interval=FP16_GROWTH_STEPS, enabled=precision == "fp16")
         self.steps = 0  # optimizer steps taken (calls), for optimizer_state()["step"]
         # Only forward + loss is compiled: backward runs the compiled backward graph, and the eager
         # optimizer reads the LR from the param groups, so changing the LR never recompiles.
-        # dynamic=False: at most two batch shapes (a kept last partial batch), each specialised.
-        self._forward = torch.compile(self._forward_loss, dynamic=False) if mode == "compile" else self._forward_loss
+        self._forward = compile_function(self._forward_loss, mode)
+
+    @property
+    def loss_scaling(self) -> str | None:
+        return "dynamic" if self.scaler.is_enabled() else None
 
     def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             logits = self.model(images)
         logits = logits.float()  # the loss is always computed in float32
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = softmax_cross_entropy(logits, labels, self.label_smoothing)
         correct = (logits.argmax(dim=1) == labels).sum()
         return loss, correct
 
@@ -141,7 +166,7 @@ class TrainStep:
         state: dict[str, np.ndarray] = {"step": np.array(self.steps, np.int64)}
         for name, (layer, param, tensor) in self.trainable.items():
             slots = self.optimizer.state.get(tensor, {})
-            for key, prefix in SLOT_PREFIX.items():
+            for key, prefix in _SLOT_PREFIX.items():
                 if slots.get(key) is not None:
                     array = slots[key].detach().float().contiguous().cpu().numpy()
                     state[f"{prefix}/{name}"] = from_torch(layer, param, array)
@@ -159,7 +184,7 @@ class TrainStep:
         restored: dict[int, dict[str, torch.Tensor]] = {}
         for name, (layer, param, tensor) in self.trainable.items():
             entry = {}
-            for key, prefix in SLOT_PREFIX.items():
+            for key, prefix in _SLOT_PREFIX.items():
                 if f"{prefix}/{name}" in state:
                     array = to_torch(layer, param, np.asarray(state[f"{prefix}/{name}"], np.float32))
                     # empty_like keeps the parameter's device and memory format (channels_last)
@@ -180,8 +205,8 @@ class EvalStep:
 
     def __init__(self, model: nn.Module, *, device: torch.device, precision: str, mode: str):
         self.model, self.device = model, device
-        self.autocast_dtype = AUTOCAST_DTYPES[precision]
-        self._forward = torch.compile(self._logits, dynamic=False) if mode == "compile" else self._logits
+        self.autocast_dtype = _AUTOCAST_DTYPES[precision]
+        self._forward = compile_function(self._logits, mode)
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -194,5 +219,3 @@ class EvalStep:
         with torch.no_grad():
             return self._forward(images)
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['EvalStep', 'TrainStep', 'build_optimizer']

@@ -18,7 +18,7 @@ from common.architectures import ArchSpec, LayerSpec
 from common.weights import WeightLayoutError, check_weights, from_torch, to_torch
 
 # canonical parameter suffix -> torch attribute of the module
-TORCH_ATTRIBUTE = {"kernel": "weight", "bias": "bias", "gamma": "weight", "beta": "bias",
+_ATTRIBUTE = {"kernel": "weight", "bias": "bias", "gamma": "weight", "beta": "bias",
                    "moving_mean": "running_mean", "moving_variance": "running_var"}
 PREDICT_CHUNK = 1000  # images per eval-mode forward in predict (bounds memory, no effect on results)
 
@@ -36,7 +36,7 @@ def _check_kind(layer: LayerSpec, module: nn.Module) -> None:
         raise WeightLayoutError(f"{layer.name}: expected a {layer.kind} layer, found {type(module).__name__}")
 
 
-def canonical_modules(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+def canonical_layers(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
     """Canonical layer name -> module, checking kinds and that no trainable tensor is left unmapped."""
     modules = {}
     for layer in spec.layers:
@@ -47,24 +47,24 @@ def canonical_modules(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
         _check_kind(layer, module)
         modules[layer.name] = module
     mapped = {id(t) for l in spec.layers for p in l.params
-              for t in [getattr(modules[l.name], TORCH_ATTRIBUTE[p])]}
+              for t in [getattr(modules[l.name], _ATTRIBUTE[p])]}
     unmapped = [n for n, p in model.named_parameters() if id(p) not in mapped]
     if unmapped:
         raise WeightLayoutError(f"{spec.model}: torch parameters outside the canonical spec: {unmapped[:5]}")
     return modules
 
 
-def canonical_tensors(model: nn.Module, spec: ArchSpec) -> dict[str, tuple[LayerSpec, str, torch.Tensor]]:
+def canonical_variables(model: nn.Module, spec: ArchSpec) -> dict[str, tuple[LayerSpec, str, torch.Tensor]]:
     """Canonical weight name -> (its LayerSpec, param suffix, the live torch tensor)."""
-    modules = canonical_modules(model, spec)
-    return {f"{l.name}.{p}": (l, p, getattr(modules[l.name], TORCH_ATTRIBUTE[p]))
+    modules = canonical_layers(model, spec)
+    return {f"{l.name}.{p}": (l, p, getattr(modules[l.name], _ATTRIBUTE[p]))
             for l in spec.layers for p in l.params}
 
 
 def get_weights(model: nn.Module, spec: ArchSpec) -> dict[str, np.ndarray]:
     """Every canonical weight (trainable and BN statistics) as float32 numpy in the canonical layout."""
     weights = {}
-    for name, (layer, param, tensor) in canonical_tensors(model, spec).items():
+    for name, (layer, param, tensor) in canonical_variables(model, spec).items():
         array = tensor.detach().float().contiguous().cpu().numpy()  # contiguous: channels_last kernels
         weights[name] = from_torch(layer, param, array)
     return weights
@@ -73,7 +73,7 @@ def get_weights(model: nn.Module, spec: ArchSpec) -> dict[str, np.ndarray]:
 def set_weights(model: nn.Module, spec: ArchSpec, weights: dict[str, np.ndarray]) -> None:
     """Copy canonical weights in (exact for float32); every shape is asserted before its copy."""
     check_weights(spec, weights)
-    tensors = canonical_tensors(model, spec)
+    tensors = canonical_variables(model, spec)
     with torch.no_grad():
         for name, (layer, param, tensor) in tensors.items():
             array = to_torch(layer, param, np.asarray(weights[name], np.float32))
@@ -82,7 +82,13 @@ def set_weights(model: nn.Module, spec: ArchSpec, weights: dict[str, np.ndarray]
             tensor.copy_(torch.from_numpy(array))  # copy_ keeps the tensor's memory format and device
 
 
-def uses_channels_last(model: nn.Module) -> bool:
+def trainable_variable_names(model: nn.Module, spec: ArchSpec) -> list[str]:
+    """Canonical names of ``model.parameters()``, in that order (the order the optimizer sees them)."""
+    names = {id(tensor): name for name, (_, _, tensor) in canonical_variables(model, spec).items()}
+    return [names[id(parameter)] for parameter in model.parameters() if parameter.requires_grad]
+
+
+def _uses_channels_last(model: nn.Module) -> bool:
     """Whether the model's conv kernels are stored channels_last (read back from the tensors)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and module.weight.shape[1] * module.weight.shape[2] > 1:
@@ -90,12 +96,12 @@ def uses_channels_last(model: nn.Module) -> bool:
     return False
 
 
-def to_model_input(model: nn.Module, images_nhwc: np.ndarray) -> torch.Tensor:
+def _to_model_input(model: nn.Module, images_nhwc: np.ndarray) -> torch.Tensor:
     """NHWC float32 numpy -> NCHW tensor on the model's device, in the model's memory format."""
     parameter = next(model.parameters())
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc, np.float32)).to(parameter.device)
     x = x.permute(0, 3, 1, 2)  # an NHWC buffer viewed as NCHW is already channels_last
-    return x.contiguous(memory_format=torch.channels_last if uses_channels_last(model) else torch.contiguous_format)
+    return x.contiguous(memory_format=torch.channels_last if _uses_channels_last(model) else torch.contiguous_format)
 
 
 @contextlib.contextmanager
@@ -130,7 +136,7 @@ def predict(model: nn.Module, images_nhwc: np.ndarray, training: bool = False) -
     outputs = []
     with inference(model, training):
         for start in range(0, len(images_nhwc), max(chunk, 1)):
-            logits = model(to_model_input(model, images_nhwc[start:start + chunk]))
+            logits = model(_to_model_input(model, images_nhwc[start:start + chunk]))
             outputs.append(logits.float().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
@@ -154,14 +160,12 @@ def layer_outputs(model: nn.Module, spec: ArchSpec, images_nhwc: np.ndarray,
         return hook
 
     handles = [module.register_forward_hook(hook_for(name))
-               for name, module in canonical_modules(model, spec).items()]
+               for name, module in canonical_layers(model, spec).items()]
     try:
         with inference(model, training):
-            model(to_model_input(model, images_nhwc))
+            model(_to_model_input(model, images_nhwc))
     finally:
         for handle in handles:
             handle.remove()
     return {layer.name: _to_nhwc_numpy(captured[layer.name]) for layer in spec.layers}
 
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = ['PREDICT_CHUNK', 'get_weights', 'layer_outputs', 'predict', 'set_weights']

@@ -1,10 +1,11 @@
-"""Worker subprocess for one torch run: ``python -m torch_impl.worker SPEC.json OUT.json``."""
+"""The PyTorch worker process: ``python -m torch_impl.worker TASK ARGS`` (tasks: common.worker.TASKS).
+
+Every process dualbench starts for the torch side (a training run, its
+audit, a bench measurement, a parity phase) starts here.
+"""
 import sys
 
-from common.worker import run_worker
+from common.worker import main
 
 if __name__ == "__main__":
-    sys.exit(run_worker("torch"))
-
-# The mirrored public API (tests/test_mirror.py): the same names in torch_impl/ and tf_impl/.
-__all__ = []
+    sys.exit(main("torch"))

@@ -13,7 +13,7 @@ import colorsys
 
 import numpy as np
 
-from common.data_cache import Arrays
+from common.data.cache import Arrays
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32  # pixels, height and width

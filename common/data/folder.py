@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data_cache import Arrays
+from common.data.cache import Arrays
 from common.errors import DataError
 
 SPLITS = ("train", "test")

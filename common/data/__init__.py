@@ -11,7 +11,7 @@ in every run manifest proves it. SPECs (see ``DATASET_SPECS``):
 * ``synthetic`` or ``synthetic:N_TRAIN,N_TEST``: deterministic generated images.
 
 Every SPEC is decoded once and cached under ``default_cache_dir()``
-(``common.data_cache``); path sources are re-decoded when any file under them
+(``common.data.cache``); path sources are re-decoded when any file under them
 changes (name, size or mtime). Subsets are taken after loading.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Callable
 
 import numpy as np
 
-from common import data_cache
-from common.data_cache import Arrays
+from common.data import cache as data_cache
+from common.data.cache import Arrays
 from common.errors import DataError
 
 DATASET_SPECS: list[tuple[str, str]] = [
@@ -219,13 +219,13 @@ def _parse_spec(spec: str) -> _Source:
     if prefix in ("cifar10", "folder") and rest:
         return _path_source(prefix, Path(rest).expanduser())
     if prefix == "tfds" and rest:
-        from common import data_tfds
+        from common.data import tfds as data_tfds
 
         return _Source("tfds", data_cache.slug(rest), lambda: data_tfds.tfds_signature(rest),
                        lambda root, progress: data_tfds.read_tfds(rest, root / "datasets", progress))
     if prefix == "synthetic":
         n_train, n_test = _synthetic_sizes(spec, rest)
-        from common.data_synthetic import make_synthetic
+        from common.data.synthetic import make_synthetic
 
         return _Source("synthetic", f"{n_train}_{n_test}", lambda: f"synthetic v1 {n_train} {n_test}",
                        lambda root, progress: make_synthetic(n_train, n_test))
@@ -235,14 +235,14 @@ def _parse_spec(spec: str) -> _Source:
 
 def _path_source(prefix: str, path: Path) -> _Source:
     if prefix == "folder":
-        from common.data_folder import read_folder
+        from common.data.folder import read_folder
 
         if not path.is_dir():
             raise DataError(f"image folder {path} not found: pass --data folder:PATH with "
                             "PATH/train/<class>/* and PATH/test/<class>/*")
         located, decode = path, read_folder
     else:
-        from common.data_cifar import locate, read_cifar
+        from common.data.cifar import locate, read_cifar
 
         located = locate(path)
 
@@ -256,7 +256,7 @@ def _path_source(prefix: str, path: Path) -> _Source:
 
 
 def _official_cifar10() -> _Source:
-    from common import data_cifar
+    from common.data import cifar as data_cifar
 
     def decode(root: Path, progress: bool) -> Arrays:
         archive = data_cifar.download_official(root / "downloads", progress)
@@ -267,7 +267,7 @@ def _official_cifar10() -> _Source:
 
 
 def _synthetic_sizes(spec: str, rest: str) -> tuple[int, int]:
-    from common.data_synthetic import DEFAULT_TEST, DEFAULT_TRAIN
+    from common.data.synthetic import DEFAULT_TEST, DEFAULT_TRAIN
 
     if not rest:
         return DEFAULT_TRAIN, DEFAULT_TEST

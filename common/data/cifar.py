@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data_cache import Arrays
+from common.data.cache import Arrays
 from common.errors import DataError
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

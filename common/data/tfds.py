@@ -1,7 +1,9 @@
 """The ``tfds:NAME`` SPEC: tensorflow-datasets, exported in a subprocess.
 
-This process must never import tensorflow, so ``compare.tfds_export`` runs in
-a child Python that writes plain ``.npy`` files, which are read back here.
+This process must never import tensorflow, so the TensorFlow worker's
+``tfds-export`` task (tf_impl/worker.py, started through common.registry like
+every backend process) runs in a child Python that writes plain ``.npy``
+files, which are read back here.
 """
 from __future__ import annotations
 
@@ -14,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data_cache import ARRAY_NAMES, Arrays, path_signature
+from common.data.cache import ARRAY_NAMES, Arrays, path_signature
 from common.errors import DataError
 
-EXPORT_MODULE = "compare.tfds_export"
 _ERROR_PREFIX = "tfds_export: error: "
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds common/ and compare/
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds common/ and tf_impl/
 
 
 def tfds_data_dir() -> Path:
@@ -36,7 +37,9 @@ def tfds_signature(name: str) -> str:
 
 def export_command(name: str, out_dir: Path) -> list[str]:
     """The child command line; tests replace this to run the export under ``tfds.testing.mock_data``."""
-    return [sys.executable, "-m", EXPORT_MODULE, name, str(out_dir), "--data-dir", str(tfds_data_dir())]
+    from common.registry import worker_command
+
+    return [sys.executable, *worker_command("tensorflow"), "tfds-export", name, str(out_dir)]
 
 
 def read_tfds(name: str, scratch_parent: Path, progress: bool = False) -> Arrays:
@@ -46,6 +49,7 @@ def read_tfds(name: str, scratch_parent: Path, progress: bool = False) -> Arrays
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["CUDA_VISIBLE_DEVICES"] = ""  # exporting needs no GPU; don't let TF reserve its memory
+    env["TFDS_DATA_DIR"] = str(tfds_data_dir())
     if progress:
         print(f"exporting tfds:{name} with tensorflow-datasets (subprocess)...", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix=".tmp-tfds-", dir=scratch_parent) as scratch:
@@ -59,7 +63,7 @@ def read_tfds(name: str, scratch_parent: Path, progress: bool = False) -> Arrays
             class_names = tuple(json.loads((out_dir / "class_names.json").read_text()))
         except (OSError, ValueError) as exc:
             raise DataError(f"tfds:{name}: the export subprocess wrote no usable arrays ({exc}); "
-                            f"run `python -m {EXPORT_MODULE} {name} OUT_DIR` to see why") from None
+                            f"run `{_manual_command(name)}` to see why") from None
     return Arrays(*loaded, class_names)
 
 
@@ -69,5 +73,9 @@ def _failure_message(name: str, proc: subprocess.CompletedProcess) -> str:
     if ours:
         return f"tfds:{name}: {ours[-1]}"
     last = lines[-1].strip() if lines else f"exit code {proc.returncode}"
-    return (f"tfds:{name}: the export subprocess failed ({last}); run `python -m {EXPORT_MODULE} "
-            f"{name} OUT_DIR` to see the full output")
+    return (f"tfds:{name}: the export subprocess failed ({last}); run `{_manual_command(name)}` "
+            "to see the full output")
+
+
+def _manual_command(name: str) -> str:
+    return f"python -m tf_impl.worker tfds-export {name} OUT_DIR"
