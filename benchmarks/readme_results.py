@@ -65,6 +65,7 @@ CAPTIONS = {
     "roofline": "achieved training GFLOP/s against the machine's fp32 matmul peak",
     "mode_matrix": "execution modes per framework: the evidence behind `--mode best`",
     "tf_bn_kernels": "TensorFlow BatchNorm kernel per mode",
+    "parity_margins": "worst measured parity values against their criteria, per CPU kernel family",
 }
 
 

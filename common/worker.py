@@ -174,6 +174,12 @@ def _parity_task(backend_name: str, args: argparse.Namespace) -> int:
     return run_parity_request(backend_name, args.request, args.out)
 
 
+def _step_parity_task(backend_name: str, args: argparse.Namespace) -> int:
+    from common.step_parity import run_step_parity_request
+
+    return run_step_parity_request(backend_name, args.request, args.out)
+
+
 # task -> (handler(backend_name, args), help, [(argument, help), ...])
 Task = tuple[Callable[[str, argparse.Namespace], int], str, list[tuple[str, str]]]
 TASKS: dict[str, Task] = {
@@ -187,6 +193,9 @@ TASKS: dict[str, Task] = {
     "parity": (_parity_task, "forward outputs for given weights (common.parity)",
                [("request", "folder with request.json, images.npy, <model>.weights.npz"),
                 ("out", "folder for <model>.npz / <model>.json")]),
+    "step-parity": (_step_parity_task, "K training steps, free and replayed from another side's states",
+                    [("request", "folder with request.json (cases) and the other side's <case>.free.npz"),
+                     ("out", "folder for <case>.free.npz / <case>.replay.npz")]),
 }
 
 

@@ -121,3 +121,21 @@ def test_the_readme_has_the_results_markers():
 
     text = (ROOT / "README.md").read_text()
     assert text.count(readme_results.BEGIN) == 1 and text.count(readme_results.END) == 1
+
+
+def test_parity_margins_rows_put_each_worst_value_beside_its_limit():
+    import parity_margins
+
+    from compare.parity import DEFAULT_RTOL
+    from compare.step_parity import STEP_TOLERANCE
+
+    found = {"forward": [{"model": "resnet20", "max_rel_diff": DEFAULT_RTOL / 4, "passed": True}],
+             "training": [{"case": "mobilenet_v2_8px_adamw", "update_rule_rel": 0.0, "loss_rel": 2e-6,
+                           "bn_rel": 2 * STEP_TOLERANCE["bn_rel"], "grad_rel": 0.05}]}
+    rows = {(r["subject"], r["criterion"]): r for r in parity_margins.summarise("avx2", found)}
+    assert rows[("resnet20", "max_rel_diff")]["margin"] == pytest.approx(4.0)
+    assert rows[("mobilenet_v2_8px_adamw", "grad_rel")]["limit"] == 1e-1  # the case's own gradient bound
+    assert rows[("mobilenet_v2_8px_adamw", "grad_rel")]["passed"]
+    assert not rows[("mobilenet_v2_8px_adamw", "bn_rel")]["passed"]
+    assert rows[("mobilenet_v2_8px_adamw", "update_rule_rel")]["margin"] is None  # 0 measured: no ratio
+    assert {r["config"] for r in rows.values()} == {"avx2"}
