@@ -129,7 +129,10 @@ def measure(backend: Any, spec: RunSpec, steps: int, phases: tuple[str, ...] = (
                                 batch)
         rows.append({"phase": "infer", "measure": "pipeline", **piped})
     device_peak = backend.peak_device_memory_bytes()
-    common = {"model": spec.model, "backend": spec.backend, "batch_size": batch, "mode": spec.mode,
+    residency = backend.data_residency()  # the dataset's own bytes inside those peaks, shown apart
+    common = {"train_data_on": residency["train_data"], "host_data_bytes": residency["host_bytes"],
+              "device_data_bytes": residency["device_bytes"],
+              "model": spec.model, "backend": spec.backend, "batch_size": batch, "mode": spec.mode,
               "resolved_mode": built["settings"].get("execution_mode"), "precision": spec.precision,
               "data_format": built["settings"].get("data_format"), "device": built["settings"].get("device"),
               "threads": built["settings"].get("intra_op_threads"), "device_peak_bytes": device_peak,
