@@ -71,6 +71,7 @@ CAPTIONS = {
     "roofline": "achieved training GFLOP/s against the machine's fp32 matmul peak",
     "mode_matrix": "execution modes per framework: the evidence behind `--mode best`",
     "tf_bn_kernels": "TensorFlow BatchNorm kernel per mode",
+    "gpu_check": "torch CUDA paths on one GPU (benchmarks/gpu_check.py)",
 }
 
 
