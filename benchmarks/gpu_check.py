@@ -259,6 +259,7 @@ def environment(device: str) -> dict[str, str]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """The rows as a Markdown table (not benchmarks/_common's: it imports compare.store, i.e. pandas)."""
     def cell(value: Any) -> str:
         return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
