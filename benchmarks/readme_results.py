@@ -20,15 +20,20 @@ from run_all import SCRIPTS  # the scripts' canonical order (benchmarks/ is on s
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SUMMARY_COLUMNS = {
     "model": "model", "backend": "backend", "runs_ok": "runs ok", "test_acc_mean_pct": "test acc %",
-    "test_acc_std_pct": "± std", "train_img_s": "train img/s (median)", "train_img_s_ci_lo": "95% CI lo",
-    "train_img_s_ci_hi": "95% CI hi", "pipeline_img_s": "pipeline img/s", "step_ms_p50": "step ms p50",
-    "compile_s": "compile s", "epoch_wall_s": "epoch wall s", "host_peak_rss_mib": "host RSS MiB",
+    "test_acc_std_pct": "± std", "train_img_s": "train img/s (median)",
+    "train_img_s_seeds_ci_lo": "95% CI lo (seeds)", "train_img_s_seeds_ci_hi": "95% CI hi (seeds)",
+    "train_img_s_steps_ci_lo": "step-level CI lo", "train_img_s_steps_ci_hi": "step-level CI hi",
+    "pipeline_img_s": "pipeline img/s", "step_ms_p50": "step ms p50", "compile_s": "compile s",
+    "epoch_wall_s": "epoch wall s", "train_data_on": "data on", "host_peak_rss_mib": "host RSS MiB",
+    "host_data_mib": "host data MiB", "device_peak_mib": "device peak MiB", "device_data_mib": "device data MiB",
 }
 H2H_COLUMNS = {
-    "model": "model", "train_img_s_ratio": "tf/torch train img/s", "train_img_s_ratio_seed_min": "per-seed min",
-    "train_img_s_ratio_seed_max": "per-seed max", "pipeline_img_s_ratio": "tf/torch pipeline",
-    "host_rss_ratio": "tf/torch host RSS", "acc_diff_pts": "acc diff (tf-torch, pts)",
-    "acc_diff_ci_lo_pts": "95% CI lo", "acc_diff_ci_hi_pts": "95% CI hi", "verdict": "verdict",
+    "model": "model", "train_img_s_ratio": "tf/torch train img/s (median of seeds)",
+    "train_img_s_ratio_ci_lo": "95% CI lo (seeds)", "train_img_s_ratio_ci_hi": "95% CI hi (seeds)",
+    "pipeline_img_s_ratio": "tf/torch pipeline", "host_rss_ratio": "tf/torch host RSS",
+    "host_rss_less_data_ratio": "host RSS less data", "device_peak_less_data_ratio": "device peak less data",
+    "acc_diff_pts": "acc diff (tf-torch, pts)", "acc_diff_ci_lo_pts": "95% CI lo", "acc_diff_ci_hi_pts": "95% CI hi",
+    "acc_test": "test", "verdict": "verdict",
 }
 
 
@@ -50,7 +55,8 @@ def run_section(results: Path) -> list[str]:
         f"({manifest.get('usable_cores', '?')} usable cores, no GPU), Python {manifest.get('python', '?')}, "
         f"{versions}; git {manifest.get('git_commit', '?')}; data fingerprint `{manifest.get('data_fingerprint', '?')}`.",
         "", "```bash", manifest.get("command", "?"), "```", "",
-        "**Summary** (mean over seeds; throughput medians over all steady-state steps of all seeds):", "",
+        "**Summary** (mean over seeds; throughput medians over all steady-state steps of all seeds, 95% "
+        "interval across seeds; the step-level interval is secondary):", "",
         _table(pd.read_csv(results / "summary.csv"), SUMMARY_COLUMNS), "",
         "**Head to head**:", "", _table(pd.read_csv(results / "head_to_head.csv"), H2H_COLUMNS), "",
     ]
@@ -66,6 +72,7 @@ CAPTIONS = {
     "mode_matrix": "execution modes per framework: the evidence behind `--mode best`",
     "tf_bn_kernels": "TensorFlow BatchNorm kernel per mode",
     "parity_margins": "worst measured parity values against their criteria, per CPU kernel family",
+    "gpu_check": "torch CUDA paths on one GPU (benchmarks/gpu_check.py)",
 }
 
 

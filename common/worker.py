@@ -75,6 +75,9 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
     result.trainable_params = backend.trainable_param_count(model)
     result.buffers = backend.buffer_count(model)
     result.macs_per_image = arch.macs()
+    residency = backend.data_residency()
+    result.train_data_on, result.data_arrays = residency["train_data"], residency["arrays"]
+    result.host_data_bytes, result.device_data_bytes = residency["host_bytes"], residency["device_bytes"]
     result.class_names = list(dataset.class_names)
     result.manifest = collect_manifest(versions=backend.versions(), effective=effective,
                                        data_fingerprint=dataset.fingerprint, data_spec=spec.data,

@@ -98,8 +98,11 @@ def main(args: argparse.Namespace) -> int:
         return 0 if all(r.get("status") in ("ok", "oom") for r in rows) else 1
     shown = frame.drop(columns=["images_per_sec_ci", "error", "retry_of"]).copy()
     shown["host_peak_rss_mib"] = shown.pop("host_peak_rss_bytes") / 2**20
-    shown["device_peak_mib"] = shown.pop("device_peak_bytes").map(
-        lambda v: "n/a" if v is None or pd.isna(v) else f"{v / 2**20:.0f}")
+    shown["host_data_mib"] = shown.pop("host_data_bytes") / 2**20  # the dataset's share of the RSS
+    device_measured = shown["device_peak_bytes"].notna()
+    for column in ("device_peak_bytes", "device_data_bytes"):
+        shown[column.replace("_bytes", "_mib")] = [f"{v / 2**20:.0f}" if measured and not pd.isna(v) else "n/a"
+                                                   for v, measured in zip(shown.pop(column), device_measured)]
     shown = shown.astype(object).where(shown.notna(), "")  # blank, not "nan", where not measured
     print(shown.to_markdown(index=False, floatfmt=".4g"))
     for (model, backend, precision), largest in largest_fitting_batch(rows).items():

@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from common.backend import residency_summary
 from common.config import RunSpec
 from common.sampler import EpochPlan, normalize_reference, plan_batch_reference
 
@@ -225,6 +226,11 @@ class FakeBackend:
 
     def peak_device_memory_bytes(self) -> int | None:
         return None  # CPU: not measured (never 0)
+
+    def data_residency(self) -> dict[str, Any]:
+        # batches are cut straight from common.data's arrays: the fake holds no copy of its own
+        return residency_summary({"train_images": ("host", 0), "train_labels": ("host", 0),
+                                  "test_images": ("host", 0), "test_labels": ("host", 0)})
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         return isinstance(error, MemoryError)

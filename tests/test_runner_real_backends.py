@@ -42,6 +42,10 @@ def test_real_backends_end_to_end(tmp_path):
         assert 0.0 <= result.test_accuracy <= 1.0
         assert result.host_peak_rss_bytes > 10 * 2 ** 20
         assert result.device_peak_bytes is None  # CPU: not measured, never 0
+        # CPU: both keep their dataset copy in host memory; its bytes are recorded apart from the RSS
+        assert result.train_data_on == "host" and result.device_data_bytes == 0
+        assert result.data_arrays["train_images"] == ["host", 256 * 40 * 40 * 3]  # padded by 4, uint8
+        assert 0 < result.host_data_bytes < result.host_peak_rss_bytes
         assert len(result.epochs) == 1 and result.confusion_matrix and result.settings and result.manifest
     assert rows[0]["trainable_params"] == rows[1]["trainable_params"]
     assert rows[0]["settings"]["data_fingerprint"] == rows[1]["settings"]["data_fingerprint"]

@@ -101,3 +101,17 @@ def test_backend_attach_data_wires_the_recipe():
     want = normalize_reference(plan_batch_reference(data.train_images, plan, 1), recipe.mean, recipe.std)
     np.testing.assert_allclose(batches[1][0].numpy(), want, rtol=0, atol=1e-6)
     assert [len(y) for _, y in backend.eval_batches()] == [7, 7, 7, 2]
+
+
+def test_data_residency_counts_every_host_variable():
+    """TensorFlow copies every array into a host tf.Variable: all of it is host data, none on the device."""
+    data = TinyDataset(shape=(8, 8, 3))
+    spec = RunSpec(model="seed_cnn", backend="tensorflow", device="cpu", recipe=Recipe(crop_padding=3))
+    backend = Backend()
+    backend.attach_data(data, spec)
+    residency = backend.data_residency()
+    n_train, n_test = len(data.train_labels), len(data.test_labels)
+    arrays = {"train_images": ["host", n_train * 14 * 14 * 3], "train_labels": ["host", n_train * 8],
+              "test_images": ["host", n_test * 8 * 8 * 3], "test_labels": ["host", n_test * 8]}
+    assert residency == {"train_data": "host", "host_bytes": sum(n for _, n in arrays.values()),
+                         "device_bytes": 0, "arrays": arrays}

@@ -21,6 +21,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from common.backend import residency_summary  # noqa: E402
 from common.config import Recipe, RunSpec  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.manifest import usable_cores  # noqa: E402
@@ -221,6 +222,11 @@ class Backend:
         if self.device_type != "gpu":
             return None
         return int(tf.config.experimental.get_memory_info(self.device.lstrip("/"))["peak"])
+
+    def data_residency(self) -> dict[str, Any]:
+        if self._train is None or self._eval is None:
+            raise RuntimeError("attach_data() first")
+        return residency_summary({**self._train.held_arrays(), **self._eval.held_arrays()})
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         if isinstance(error, (tf.errors.ResourceExhaustedError, MemoryError)):

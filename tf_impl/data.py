@@ -66,6 +66,12 @@ def _host_variable(array: np.ndarray, name: str) -> tf.Variable:
         return tf.Variable(array, trainable=False, name=name)
 
 
+def _held(variable: tf.Variable) -> tuple[str, int]:
+    """(where, bytes) of a dataset variable: a variable always holds its own copy."""
+    where = "host" if "CPU" in variable.device.upper() else "device"
+    return where, int(variable.shape.num_elements()) * variable.dtype.size
+
+
 class TrainPipeline:
     """Training batches of an EpochPlan: gather + pad-and-crop + flip + normalise, batched."""
 
@@ -78,6 +84,10 @@ class TrainPipeline:
         pad = ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0))
         self.images = _host_variable(np.pad(np.asarray(images, np.uint8), pad), "train_images_padded")
         self.labels = _host_variable(np.asarray(labels, np.int64), "train_labels")
+
+    def held_arrays(self) -> dict[str, tuple[str, int]]:
+        """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
+        return {"train_images": _held(self.images), "train_labels": _held(self.labels)}
 
     def _dataset(self, plan: EpochPlan, raw: bool = False) -> tf.data.Dataset:
         """The tf.data pipeline of one epoch (host side, before device placement)."""
@@ -120,6 +130,10 @@ class EvalPipeline:
         self.num_examples = len(labels)
         self.images = _host_variable(np.asarray(images, np.uint8), "test_images")
         self.labels = _host_variable(np.asarray(labels, np.int64), "test_labels")
+
+    def held_arrays(self) -> dict[str, tuple[str, int]]:
+        """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
+        return {"test_images": _held(self.images), "test_labels": _held(self.labels)}
 
     def _dataset(self, raw: bool = False) -> tf.data.Dataset:
         dataset = tf.data.Dataset.range(self.num_examples).batch(self.batch_size)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.backend import residency_summary
 from common.config import RunSpec
 from common.errors import UserError
 from common.manifest import usable_cores
@@ -234,6 +235,11 @@ class Backend:
 
     def peak_device_memory_bytes(self) -> int | None:
         return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+
+    def data_residency(self) -> dict[str, Any]:
+        if self._train is None or self._eval is None:
+            raise RuntimeError("attach_data() must be called before data_residency()")
+        return residency_summary({**self._train.held_arrays(), **self._eval.held_arrays()})
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         if isinstance(error, torch.OutOfMemoryError):
