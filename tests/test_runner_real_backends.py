@@ -27,7 +27,7 @@ def test_real_backends_end_to_end(tmp_path):
     argv = [sys.executable, "-m", "compare", "run", "--backends", "torch,tensorflow", "--models", "seed_cnn",
             "--data", "synthetic", "--epochs", "1", "--max-steps-per-epoch", "3", "--train-subset", "256",
             "--test-subset", "128", "--batch-size", "32",
-            "--warmup-steps", "1",  # 3 steps = compile step + 1 warm-up + 1 measured: throughput is not None
+            "--measure-warmup-steps", "1",  # 3 steps = compile step + 1 warm-up + 1 measured: throughput is not None
             "--device", "cpu", "--timeout", "600", "--out", str(out)]
     done = subprocess.run(argv, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1500)
     logs = "\n".join(p.read_text()[-3000:] for p in sorted((out / "logs").glob("*.log"))) if out.exists() else ""
