@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(json.loads(frame.to_json(orient="records")), indent=2))
         return 0 if all(r.get("status") in ("ok", "oom") for r in rows) else 1
-    shown = frame.drop(columns=["images_per_sec_ci", "error", "retry_of"]).copy()
+    shown = frame.drop(columns=["images_per_sec_ci", "error", "retry_of", "fallbacks"]).copy()
     shown["host_peak_rss_mib"] = shown.pop("host_peak_rss_bytes") / 2**20
     shown["device_peak_mib"] = shown.pop("device_peak_bytes").map(
         lambda v: "n/a" if v is None or pd.isna(v) else f"{v / 2**20:.0f}")
@@ -108,6 +108,9 @@ def main(args: argparse.Namespace) -> int:
     print(shown.to_markdown(index=False, floatfmt=".4g"))
     for (model, backend, precision), largest in largest_fitting_batch(rows).items():
         print(f"largest batch that fits: {model} / {backend} / {precision}: {largest}")
+    for note in dict.fromkeys(f"{r['model']} / {r['backend']}: {r['fallbacks']}" for r in rows
+                              if r.get("fallbacks") not in (None, "none")):
+        print(f"note: could not apply everything as asked: {note}")  # never a silent fallback
     failed = [r for r in rows if r.get("status") not in ("ok", "oom")]
     for row in failed:
         print(f"failed: {row['model']} / {row['backend']} / batch {row['batch_size']}: {row.get('error')}",

@@ -80,3 +80,13 @@ def test_pipeline_measure_counts_the_images_it_saw_and_skips_short_eval_batches(
     assert seen == [8, 8, 3] and row["steps"] == 2
     # 8 + 3 images in the timed window, not 2 x 8
     assert row["images_per_sec"] * row["step_time_p50_s"] * 2 == pytest.approx(11)
+
+
+def test_bench_records_and_prints_a_backend_fallback(fake_env, monkeypatch, capsys):
+    monkeypatch.setenv(FAULT_ENV, "fakea:fallback")
+    assert run_cli("bench", "--models", "seed_cnn", "--backends", "fakea,fakeb", "--batch-size", "16",
+                   "--steps", "2", "--measure-warmup-steps", "0", "--phases", "train",
+                   "--data", "synthetic:256,128") == 0
+    out = capsys.readouterr().out
+    assert "note: could not apply everything as asked: seed_cnn / fakea: fake backend: simulated fallback" in out
+    assert "fakeb:" not in out
