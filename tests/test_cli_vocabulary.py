@@ -19,7 +19,8 @@ BAD_FLAG_VALUES = {
     "--epochs": "0", "--batch-size": "-1", "--eval-batch-size": "0", "--lr": "0", "--optimizer": "lion",
     "--schedule": "linear", "--lr-warmup-epochs": "99", "--weight-decay": "-1", "--wd-mode": "l1",
     "--momentum": "1.5", "--adam-betas": "0.9,1.0", "--adam-epsilon": "0", "--label-smoothing": "1",
-    "--dropout": "1.0", "--init": "zeros", "--bn-momentum": "-0.1", "--bn-epsilon": "0", "--data": "folder:/nonexistent",
+    "--dropout": "1.0", "--init": "zeros", "--bn-momentum": "-0.1", "--bn-epsilon": "0",
+    "--data": "folder:/nonexistent",
     "--device": "tpu", "--precision": "fp8", "--threads": "0", "--train-subset": "0", "--test-subset": "-3",
     "--measure-warmup-steps": "-1", "--max-steps-per-epoch": "0",
 }
