@@ -54,7 +54,8 @@ MUST_MATCH = (
 )
 NATIVE = (
     "device",  # resolved device name
-    "execution_mode",  # eager / compile / graph / xla
+    "execution_mode",  # eager / compile / graph / xla / jit_compile
+    "execution_style",  # custom (the hand-written step) | fit (Keras's compile + fit)
     "data_format",  # NCHW, channels_last, NHWC
     "inter_op_threads",
     "input_pipeline",  # where the dataset lives and how batches reach the device

@@ -4,7 +4,8 @@ For one (backend, model, batch size, mode, precision) it measures, with the
 same clock rules as common.loop (synchronize before every clock read, the
 first call timed apart as compile time, warm-up steps excluded):
 
-* train/compute: the same device-resident batch stepped repeatedly;
+* train/compute: the same device-resident batch stepped repeatedly (Keras's fit style: fit's own
+  per-step windows over the real pipeline, ``_fit_timed``);
 * train/pipeline: batches drawn from the real pipeline, one per step;
 * infer/compute: the eval step on a device-resident batch;
 * infer/pipeline: the eval step over the eval pipeline, batches produced inside the window.
@@ -82,6 +83,41 @@ def _pipeline_timed(backend: Any, step: Callable[[Any, Any], Any], batches: Iter
             "step_time_p50_s": percentile(times, 50), "step_time_p90_s": percentile(times, 90), "steps": steps}
 
 
+def _fit_timed(backend: Any, train_step: Any, plans: Iterator, steps: int, warmup: int, lr: float
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The train/compute and train/pipeline measures of Keras's ``fit`` style, from ``fit`` itself.
+
+    ``fit`` runs over the real pipeline (epoch after epoch if one is too short); its StepClock
+    callback gives each step's own window (compute) and its end time, so the time between
+    consecutive step ends is the pipeline-inclusive window, as ``_pipeline_timed``'s. The first
+    step is the compile step, the next ``warmup`` are left out.
+    """
+    windows, ends, sizes = [], [], []
+
+    def on_step(_index: int, start: float, end: float, _logs: dict) -> bool:
+        windows.append(end - start)
+        ends.append(end)
+        return False
+
+    total = 1 + warmup + steps
+    while len(windows) < total:
+        plan = next(plans)
+        count = min(plan.num_batches, total - len(windows))
+        sizes += plan.batch_sizes()[:count]
+        train_step.fit_epoch(plan, [lr] * count, on_step)
+    first = 1 + warmup
+    compute_times, images = windows[first:], sizes[first:]
+    pipeline_times = [b - a for a, b in zip(ends[first - 1:-1], ends[first:])]
+    median, lo, hi = median_ci([n / t for n, t in zip(images, compute_times)])
+    compute = {"images_per_sec": median, "images_per_sec_ci": [lo, hi], "compile_s": windows[0],
+               "step_time_p50_s": percentile(compute_times, 50), "step_time_p90_s": percentile(compute_times, 90),
+               "steps": steps}
+    piped = {"images_per_sec": sum(images) / sum(pipeline_times), "images_per_sec_ci": None, "compile_s": None,
+             "step_time_p50_s": percentile(pipeline_times, 50), "step_time_p90_s": percentile(pipeline_times, 90),
+             "steps": steps}
+    return compute, piped
+
+
 def eval_stream(backend: Any, batch: int) -> Iterator[tuple[Any, Any]]:
     """Eval batches produced on demand from the eval pipeline, pass after pass, for the infer/pipeline measure.
 
@@ -117,7 +153,10 @@ def measure(backend: Any, spec: RunSpec, steps: int, phases: tuple[str, ...] = (
     lr = spec.recipe.lr
     rows = []
     backend.reset_peak_memory()
-    if "train" in phases:
+    if "train" in phases and getattr(train_step, "style", "custom") == "fit":
+        compute, piped = _fit_timed(backend, train_step, plans, steps, warmup, lr)
+        rows += [{"phase": "train", "measure": "compute", **compute}, {"phase": "train", "measure": "pipeline", **piped}]
+    elif "train" in phases:
         compute = _timed(backend, lambda: train_step(first_images, first_labels, lr), steps, warmup, batch)
         rows.append({"phase": "train", "measure": "compute", **compute})
         piped = _pipeline_timed(backend, lambda x, y: train_step(x, y, lr), pipeline, steps, warmup, batch)
@@ -134,6 +173,7 @@ def measure(backend: Any, spec: RunSpec, steps: int, phases: tuple[str, ...] = (
     common = {"train_data_on": residency["train_data"], "host_data_bytes": residency["host_bytes"],
               "device_data_bytes": residency["device_bytes"],
               "model": spec.model, "backend": spec.backend, "batch_size": batch, "mode": spec.mode,
+              "style": spec.style,
               "resolved_mode": built["settings"].get("execution_mode"), "precision": spec.precision,
               "data_format": built["settings"].get("data_format"), "device": built["settings"].get("device"),
               "threads": built["settings"].get("intra_op_threads"), "device_peak_bytes": device_peak,
@@ -154,7 +194,7 @@ def run_bench_request(backend_name: str, request_path: str, out_path: str) -> in
     except Exception as exc:  # an OOM is a result (the boundary), anything else an error row
         status = "oom" if backend.is_out_of_memory(exc) else "error"
         rows = [{"model": spec.model, "backend": spec.backend, "batch_size": spec.recipe.batch_size,
-                 "mode": spec.mode, "precision": spec.precision, "status": status,
+                 "mode": spec.mode, "style": spec.style, "precision": spec.precision, "status": status,
                  "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}]
         code = 0 if status == "oom" else 1
     write_json_atomic(out_path, {"rows": rows})

@@ -23,7 +23,16 @@ INIT_SCHEMES = ("torch_default", "he_normal_fan_out", "glorot_uniform")
 BACKEND_MODES = {
     "torch": ("best", "eager", "compile"),
     "tensorflow": ("best", "eager", "graph", "xla"),
+    "keras-torch": ("best", "eager", "jit_compile"),  # jit_compile: torch.compile, as Keras's own flag
 }
+# Execution styles per backend: "custom" = the hand-written training step; "fit" = Keras's own
+# model.compile + model.fit on the same pipeline, model, optimizer and loss (keras_impl.fit).
+BACKEND_STYLES = {
+    "torch": ("custom",),
+    "tensorflow": ("custom", "fit"),
+    "keras-torch": ("custom", "fit"),
+}
+STYLES = ("custom", "fit")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|(cuda|gpu)(:\d+)?)$", re.IGNORECASE)  # what both backends accept
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of CIFAR-10 train, in [0, 1]
 CIFAR_STD = (0.2470, 0.2435, 0.2616)  # per-channel std of CIFAR-10 train, in [0, 1]
@@ -105,6 +114,7 @@ class RunSpec:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (TensorFlow: GPU:N)
     precision: str = "fp32"  # one of PRECISIONS
     mode: str = "best"  # execution mode, one of BACKEND_MODES[backend]
+    style: str = "custom"  # execution style, one of BACKEND_STYLES[backend]: custom step or Keras fit
     channels_last: bool | None = None  # torch memory format; None = backend decides
     deterministic: bool = False  # framework determinism switches (slower)
     allow_tf32: bool = False  # TensorFloat-32 matmuls/convs on Ampere+ GPUs
@@ -120,6 +130,8 @@ class RunSpec:
         modes = BACKEND_MODES.get(self.backend)
         if modes is not None:
             _one_of("mode", self.mode, modes, what=f"mode for {self.backend}")
+        _one_of("style", self.style, BACKEND_STYLES.get(self.backend, ("custom",)),
+                what=f"execution style for {self.backend}")
         _one_of("precision", self.precision, PRECISIONS)
         if not DEVICE_PATTERN.match(str(self.device).strip()):
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N, gpu or gpu:N", "device")
@@ -148,7 +160,16 @@ class RunSpec:
 
     def run_id(self) -> str:
         """Stable identifier of this run inside a results folder."""
-        return f"{self.model}__{self.backend}__seed{self.seed}"
+        return f"{self.model}__{self.series()}__seed{self.seed}".replace(":", "-")
+
+    def series(self) -> str:
+        """What the tables compare: the backend, or "<backend>:fit" for Keras's fit style."""
+        return series_name(self.backend, self.style)
+
+
+def series_name(backend: str, style: str = "custom") -> str:
+    """"tensorflow" for the custom step, "tensorflow:fit" for the fit style (tables, plots, the audit)."""
+    return backend if style == "custom" else f"{backend}:{style}"
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...], what: str | None = None) -> None:

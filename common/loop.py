@@ -129,7 +129,8 @@ def train(backend: Any, train_step: Callable, eval_step: Callable, spec: RunSpec
     skip = 1 + spec.warmup_steps  # compile step + warm-up steps, counted from this process's start
     while result.state.epoch < recipe.epochs:
         plan = first_plan if result.state.epoch == 0 else _plan(spec, result.state.epoch, num_train)
-        epoch = _train_epoch(backend, train_step, recipe, plan, steps_per_epoch, skip, result, on_step)
+        run_epoch = _fit_epoch if getattr(train_step, "style", "custom") == "fit" else _train_epoch
+        epoch = run_epoch(backend, train_step, recipe, plan, steps_per_epoch, skip, result, on_step)
         if epoch is None:
             return result  # diverged
         train_time, loss_sum, correct, seen = epoch
@@ -185,6 +186,49 @@ def _train_epoch(backend: Any, train_step: Callable, recipe: Any, plan: Any, ste
     if steady_start is not None:
         result.steady_wall_s += (epoch_end if whole_epoch_steady else last_step_end) - steady_start
     return epoch_end - epoch_start, loss_sum, correct, seen
+
+
+def _fit_epoch(backend: Any, train_step: Any, recipe: Any, plan: Any, steps_per_epoch: int, skip: int,
+               result: LoopResult, on_step: Callable[[int, int, float], None] | None
+               ) -> tuple[float, float, float, int] | None:
+    """One epoch through Keras's ``fit`` (keras_impl.fit.FitStep), accounted exactly as ``_train_epoch``.
+
+    The epoch clock holds fit's whole call (building and tearing down its view of the
+    pipeline included); each step's window is fit's own, between the synchronised clock
+    reads of its StepClock callback; the learning rates are common.schedules' per step.
+    """
+    sizes = list(itertools.islice(plan.batch_sizes(), steps_per_epoch))
+    lrs = [lr_at(recipe, result.state.global_step + index, steps_per_epoch) for index in range(len(sizes))]
+    whole_epoch_steady = result.process_steps >= skip
+    clock = {"steady_start": None, "last_step_end": 0.0}
+
+    def step_done(index: int, start: float, end: float, logs: dict[str, float]) -> bool:
+        loss = float(logs.get("loss", math.nan))  # fit's running mean over the epoch: NaN once any step is
+        result.state.global_step += 1
+        result.record_step(skip, end - start, sizes[index])
+        clock["last_step_end"] = end
+        if result.process_steps == skip:
+            clock["steady_start"] = end  # pipeline-inclusive clock starts after warm-up
+        if not math.isfinite(loss):
+            result.status, result.diverged_step = "diverged", result.state.global_step
+            return True
+        if on_step is not None:
+            on_step(result.state.epoch, index, loss)
+        return False
+
+    backend.synchronize()
+    epoch_start = time.perf_counter()
+    if whole_epoch_steady:
+        clock["steady_start"] = epoch_start
+    logs = train_step.fit_epoch(plan, lrs, step_done)
+    backend.synchronize()
+    epoch_end = time.perf_counter()
+    if result.status == "diverged":
+        return None
+    if clock["steady_start"] is not None:
+        result.steady_wall_s += (epoch_end if whole_epoch_steady else clock["last_step_end"]) - clock["steady_start"]
+    seen = sum(sizes)
+    return epoch_end - epoch_start, logs["loss"] * seen, logs["accuracy"] * seen, seen
 
 
 def _epoch_row(state: LoopState, logits: np.ndarray, test_labels: np.ndarray, loss_sum: float, correct: float,

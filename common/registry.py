@@ -18,11 +18,12 @@ from common.errors import ConfigError
 _BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("torch_impl.backend:Backend", "torch_impl.worker"),
     "tensorflow": ("tf_impl.backend:Backend", "tf_impl.worker"),
+    "keras-torch": ("kerastorch_impl.backend:Backend", "kerastorch_impl.worker"),  # Keras 3 on PyTorch
 }
 # Extra backends for tests: DUALBENCH_EXTRA_BACKENDS="fake=tests.fake_backend:FakeBackend;..."; their
 # worker is the class's module run as `python -m MODULE NAME TASK ...` (it calls common.worker.main).
 EXTRA_BACKENDS_ENV = "DUALBENCH_EXTRA_BACKENDS"
-REAL_BACKENDS = ("torch", "tensorflow")
+REAL_BACKENDS = ("torch", "tensorflow", "keras-torch")
 
 
 def _all_backends() -> dict[str, tuple[str, str]]:

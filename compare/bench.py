@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.bench import bench_spec
-from common.config import RunSpec
+from common.config import RunSpec, series_name
 from common.registry import worker_command
 from compare.process import run_process, stderr_tail
 
-COLUMNS = ["model", "backend", "mode", "precision", "batch_size", "phase", "measure", "status", "images_per_sec",
+COLUMNS = ["model", "backend", "mode", "style", "precision", "batch_size", "phase", "measure", "status", "images_per_sec",
            "images_per_sec_ci", "step_time_p50_s", "step_time_p90_s", "compile_s", "host_peak_rss_bytes",
            "device_peak_bytes", "train_data_on", "host_data_bytes", "device_data_bytes", "resolved_mode",
            "data_format", "device", "threads", "retry_of", "error", "fallbacks"]
@@ -37,14 +37,16 @@ class BenchConfig:
     mode: str  # execution mode for this backend (RunSpec.mode)
     batch_sizes: tuple[int, ...]
     base: RunSpec  # mode, device, threads, data... (model/backend/batch set per measurement)
+    style: str = "custom"  # execution style (RunSpec.style): the custom step or Keras's fit
 
 
 def measure_once(config: BenchConfig, batch_size: int, steps: int, phases: tuple[str, ...],
                  timeout_s: float | None, workdir: Path) -> list[dict[str, Any]]:
     """Run one measurement subprocess and return its rows (with host peak RSS added)."""
     spec = replace(config.base, model=config.model, backend=config.backend, precision=config.precision,
-                   mode=config.mode, recipe=replace(config.base.recipe, batch_size=batch_size, eval_batch_size=batch_size))
-    tag = f"{config.model}__{config.backend}__{config.mode}__{config.precision}__b{batch_size}"
+                   mode=config.mode, style=config.style,
+                   recipe=replace(config.base.recipe, batch_size=batch_size, eval_batch_size=batch_size))
+    tag = f"{config.model}__{config.backend}__{config.mode}__{config.style}__{config.precision}__b{batch_size}"
     request, out = workdir / f"{tag}.request.json", workdir / f"{tag}.out.json"
     request.write_text(json.dumps({"spec": spec.to_dict(), "steps": steps, "phases": list(phases)}))
     argv = [sys.executable, *worker_command(config.backend), "bench", str(request), str(out)]
@@ -52,7 +54,7 @@ def measure_once(config: BenchConfig, batch_size: int, steps: int, phases: tuple
     if outcome.interrupted:
         raise KeyboardInterrupt
     base = {"model": config.model, "backend": config.backend, "precision": config.precision, "mode": config.mode,
-            "batch_size": batch_size, "host_peak_rss_bytes": outcome.host_peak_rss_bytes}
+            "style": config.style, "batch_size": batch_size, "host_peak_rss_bytes": outcome.host_peak_rss_bytes}
     if out.exists():
         return [{**row, **base} for row in json.loads(out.read_text())["rows"]]
     status = "timeout" if outcome.timed_out else "crashed"
@@ -87,10 +89,10 @@ def sweep(config: BenchConfig, steps: int, phases: tuple[str, ...], timeout_s: f
 
 
 def largest_fitting_batch(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], int | None]:
-    """(model, backend, precision) -> the largest batch size measured without error."""
+    """(model, backend series, precision) -> the largest batch size measured without error."""
     best: dict[tuple[str, str, str], int | None] = {}
     for row in rows:
-        key = (row["model"], row["backend"], row["precision"])
+        key = (row["model"], series_name(row["backend"], row.get("style", "custom")), row["precision"])
         best.setdefault(key, None)
         if row.get("status") == "ok":
             best[key] = max(best[key] or 0, row["batch_size"])
@@ -100,3 +102,15 @@ def largest_fitting_batch(rows: list[dict[str, Any]]) -> dict[tuple[str, str, st
 def default_base(**overrides: Any) -> RunSpec:
     """The RunSpec template of a bench sweep (warm-up 5 steps, synthetic data by default)."""
     return replace(bench_spec("seed_cnn", "torch", 32, "synthetic"), **overrides)
+
+
+def fit_ratio_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """fit over custom training images/s, per (model, Keras backend, mode, precision, batch size, measure):
+    the cost of Keras's idiom, from one bench sweep that measured both styles."""
+    key = ("model", "backend", "mode", "precision", "batch_size", "measure")
+    found: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        if row.get("status") == "ok" and row.get("phase") == "train" and row.get("images_per_sec"):
+            found.setdefault(tuple(row.get(k) for k in key), {})[row.get("style", "custom")] = row["images_per_sec"]
+    return [{**dict(zip(key, k)), "custom_img_s": v["custom"], "fit_img_s": v["fit"],
+             "fit_over_custom": v["fit"] / v["custom"]} for k, v in found.items() if {"custom", "fit"} <= set(v)]

@@ -8,7 +8,7 @@ import sys
 from common.config import PRECISIONS
 from common.errors import ConfigError
 from compare import options
-from compare.bench import COLUMNS, BenchConfig, default_base, largest_fitting_batch, sweep
+from compare.bench import COLUMNS, BenchConfig, default_base, fit_ratio_rows, largest_fitting_batch, sweep
 from compare.store import write_file_atomic
 
 PHASES = ("train", "infer")
@@ -64,6 +64,7 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
     if args.steps <= 0 or warmup < 0:
         raise ConfigError("--steps must be positive and --measure-warmup-steps >= 0")
     modes = options.parse_modes(args.mode, backends)
+    series = options.parse_styles(args.style, backends)
     window = max(batch_sizes) * (args.steps + warmup)  # images the pipeline measure draws
     if args.data is None:
         n_train = max(2000, -(-window // 1000) * 1000)
@@ -80,8 +81,8 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
         print(f"note: --data {args.data} has {train_images} training images but the pipeline measure draws "
               f"{window} at batch {max(batch_sizes)}: its figure includes epoch restarts; use a larger "
               "dataset or fewer --steps", file=sys.stderr)
-    configs = [BenchConfig(m, b, p, modes[b], batch_sizes, base)
-               for m in models for p in precisions for b in backends]
+    configs = [BenchConfig(m, b, p, modes[b], batch_sizes, base, style)
+               for m in models for p in precisions for b, style in series]
     return configs, phases
 
 
@@ -91,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     configs, phases = build_configs(args)
     rows: list[dict] = []
     for config in configs:
-        print(f"bench {config.model} / {config.backend} / {config.precision} / {config.mode}: "
+        print(f"bench {config.model} / {config.backend} / {config.precision} / {config.mode} / {config.style}: "
               f"batch sizes {','.join(map(str, config.batch_sizes))}", file=sys.stderr, flush=True)
         rows += sweep(config, args.steps, phases, args.timeout)
     frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
@@ -109,6 +110,10 @@ def main(args: argparse.Namespace) -> int:
                                                    for v, measured in zip(shown.pop(column), device_measured)]
     shown = shown.astype(object).where(shown.notna(), "")  # blank, not "nan", where not measured
     print(shown.to_markdown(index=False, floatfmt=".4g"))
+    ratios = fit_ratio_rows(rows)
+    if ratios:
+        print("\nThe cost of the idiom: Keras fit over the custom step (training images/s, same backend and mode)")
+        print(pd.DataFrame(ratios).to_markdown(index=False, floatfmt=".4g"))
     for (model, backend, precision), largest in largest_fitting_batch(rows).items():
         print(f"largest batch that fits: {model} / {backend} / {precision}: {largest}")
     for note in dict.fromkeys(f"{r['model']} / {r['backend']}: {r['fallbacks']}" for r in rows

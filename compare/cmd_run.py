@@ -10,6 +10,7 @@ tables, plots, report.md/.html. Exit codes: 0 all runs ok, 1 some run failed,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from typing import Any
@@ -53,16 +54,17 @@ def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
     models, backends = options.parse_selection(args)
     seeds = options.parse_seeds(args.seeds)
     modes = options.parse_modes(args.mode, backends)
+    series = options.parse_styles(args.style, backends)
     recipe = options.build_recipe(args)
     shared = options.spec_kwargs(args)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     specs = []
-    for model, seed, backend in plan_runs(models, backends, seeds):
-        checkpoint = None
+    for model, seed, (backend, style) in plan_runs(models, series, seeds):
+        spec = options.make_spec(model, backend, seed, modes[backend], recipe, shared, style=style)
         if args.checkpoint:
-            checkpoint = str(store.checkpoint_dir(f"{model}__{backend}__seed{seed}").resolve())
-        specs.append(options.make_spec(model, backend, seed, modes[backend], recipe, shared, checkpoint))
+            spec = dataclasses.replace(spec, checkpoint_dir=str(store.checkpoint_dir(spec.run_id()).resolve()))
+        specs.append(spec)
     return specs
 
 
@@ -92,6 +94,7 @@ def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any) -> None:
         train_images=int(len(dataset.train_labels)), test_images=int(len(dataset.test_labels)),
         models=list(dict.fromkeys(s.model for s in specs)),
         backends=list(dict.fromkeys(s.backend for s in specs)),
+        series=list(dict.fromkeys(s.series() for s in specs)),
         seeds=sorted({s.seed for s in specs})))
 
 

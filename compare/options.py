@@ -20,8 +20,8 @@ import dataclasses
 import os
 from typing import Any
 
-from common.config import (BACKEND_MODES, INIT_SCHEMES, OPTIMIZERS, PRECISIONS, SCHEDULES,
-                           WEIGHT_DECAY_MODES, Recipe, RunSpec)
+from common.config import (BACKEND_MODES, BACKEND_STYLES, INIT_SCHEMES, OPTIMIZERS, PRECISIONS, SCHEDULES,
+                           STYLES, WEIGHT_DECAY_MODES, Recipe, RunSpec)
 from common.errors import ConfigError
 from common.registry import check_backend, parse_models
 
@@ -53,7 +53,8 @@ def _dest(flag: str) -> str:
 
 def field_flags() -> dict[str, str]:
     """Recipe / RunSpec field -> the flag that sets it (what a ConfigError about that field names)."""
-    flags: dict[str, str] = {"seed": "--seeds", "mode": "--mode", "channels_last": "--channels-last"}
+    flags: dict[str, str] = {"seed": "--seeds", "mode": "--mode", "style": "--style",
+                             "channels_last": "--channels-last"}
     for flag, fields in [*RECIPE_FLAGS.items(), *SPEC_FLAGS.items()]:
         for name in (fields if isinstance(fields, tuple) else (fields,)):
             flags[name] = flag
@@ -94,6 +95,11 @@ def add_execution_options(parser: argparse.ArgumentParser) -> None:
       help="execution mode: one mode for every backend (e.g. best, eager) or per backend "
            "'torch=compile,tensorflow=xla' (default best: each backend's fastest correct mode); modes: "
            + "; ".join(f"{b}: {'/'.join(m)}" for b, m in BACKEND_MODES.items()))
+    p("--style", default="custom",
+      help="execution style(s), comma-separated: custom (the hand-written training step, every backend) and/or "
+           "fit (Keras's model.compile + model.fit on the same pipeline, for "
+           f"{', '.join(b for b, s in BACKEND_STYLES.items() if 'fit' in s)}); 'custom,fit' runs both and "
+           "reports fit over custom; a backend without a requested style runs custom (default custom)")
     p("--threads", type=int, default=None,
       help="intra-op threads for both frameworks (default: every core this process may use)")
     p("--channels-last", choices=tuple(CHANNELS_LAST), default="auto",
@@ -193,10 +199,30 @@ def parse_backends(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise ConfigError(f"--backends lists a backend twice: {text!r}")
     keras_backend = os.environ.get("KERAS_BACKEND")
-    if "tensorflow" in names and keras_backend and keras_backend != "tensorflow":
-        raise ConfigError(f"KERAS_BACKEND={keras_backend} is set in your environment, but the tensorflow "
-                          "backend runs Keras on TensorFlow: unset KERAS_BACKEND (dualbench sets it per worker)")
+    for name, wanted in (("tensorflow", "tensorflow"), ("keras-torch", "torch")):
+        if name in names and keras_backend and keras_backend != wanted:
+            raise ConfigError(f"KERAS_BACKEND={keras_backend} is set in your environment, but the {name} "
+                              f"backend runs Keras on {wanted}: unset KERAS_BACKEND (dualbench sets it per worker)")
     return [check_backend(name) for name in names]
+
+
+def parse_styles(text: str, backends: list[str]) -> list[tuple[str, str]]:
+    """--style -> the (backend, style) series to run, in backend order; a backend that has none of the
+    requested styles runs "custom" (torch has only that); a style no selected backend has is an error."""
+    styles = list(dict.fromkeys(part.strip() for part in str(text or "custom").split(",") if part.strip()))
+    for style in styles or ["<empty>"]:
+        if style not in STYLES:
+            raise ConfigError(f"unknown --style {style!r}; choose from: {', '.join(STYLES)} (or custom,fit)")
+    series = []
+    for backend in backends:
+        available = BACKEND_STYLES.get(backend, ("custom",))
+        series += [(backend, style) for style in styles if style in available] or [(backend, "custom")]
+    for style in styles:
+        if not any(s == style for _, s in series):
+            owners = ", ".join(b for b, s in BACKEND_STYLES.items() if style in s)
+            raise ConfigError(f"--style {style}: none of --backends {','.join(backends)} has it (it exists for "
+                              f"{owners}); add one of those backends or drop --style {style}")
+    return series
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -246,10 +272,10 @@ def spec_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_spec(model: str, backend: str, seed: int, mode: str, recipe: Recipe, shared: dict[str, Any],
-              checkpoint_dir: str | None = None) -> RunSpec:
+              checkpoint_dir: str | None = None, style: str = "custom") -> RunSpec:
     """One validated RunSpec (ConfigError names the flag to fix)."""
     try:
-        return RunSpec(model=model, backend=backend, seed=seed, mode=mode, recipe=recipe,
+        return RunSpec(model=model, backend=backend, seed=seed, mode=mode, style=style, recipe=recipe,
                        checkpoint_dir=checkpoint_dir, **shared)
     except ConfigError as exc:
         raise name_the_flag(exc) from None
@@ -275,6 +301,9 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     if set(modes.values()) != {"best"}:
         distinct = set(modes.values())
         words += ["--mode", distinct.pop() if len(distinct) == 1 else ",".join(f"{b}={m}" for b, m in modes.items())]
+    styles = list(dict.fromkeys(s.get("style", "custom") for s in specs))
+    if styles != ["custom"]:
+        words += ["--style", ",".join(sorted(styles, key=STYLES.index))]
     first, defaults = specs[0], RunSpec(model="x", backend="x").to_dict()
     for flag, name in SPEC_FLAGS.items():
         value = first.get(name, defaults[name])

@@ -26,16 +26,29 @@ import pandas as pd  # noqa: E402
 from common.results import RunResult  # noqa: E402
 from compare.store import write_file_atomic  # noqa: E402
 
-# Okabe-Ito palette (colour-blind safe): blue and orange stay far apart under protanopia,
+# Okabe-Ito palette (colour-blind safe): blue, orange and black stay far apart under protanopia,
 # deuteranopia and tritanopia and differ in lightness, so they also read in greyscale
-# (the brand reds/oranges of torch and TensorFlow did not; tests/test_plots.py checks both).
-COLORS = {"torch": "#0072B2", "tensorflow": "#E69F00"}
+# (the brand reds/oranges of torch and TensorFlow did not; tests/test_plots.py checks every pair).
+COLORS = {"torch": "#0072B2", "tensorflow": "#E69F00", "keras-torch": "#000000"}
 _FALLBACK = ("#009E73", "#CC79A7", "#56B4E9", "#D55E00")  # further backends, same palette
+# A backend's fit series ("tensorflow:fit") keeps the backend's colour and is told apart by form:
+# dashed lines with square markers, hatched bars (colour = framework, form = idiom).
+_FIT_LINE = {"linestyle": "--", "marker": "s"}
+_FIT_HATCH = "xx"
+
+
+def _base(series: str) -> str:
+    return series.split(":", 1)[0]
 
 
 def color(backend: str, index: int) -> str:
-    """A fixed colour per backend, so a framework looks the same in every figure."""
-    return COLORS.get(backend, _FALLBACK[index % len(_FALLBACK)])
+    """A fixed colour per backend (a fit series takes its backend's), so a framework looks the same everywhere."""
+    return COLORS.get(_base(backend), _FALLBACK[index % len(_FALLBACK)])
+
+
+def is_fit(series: str) -> bool:
+    """Whether a series is a Keras backend's fit style ("<backend>:fit")."""
+    return series.endswith(":fit")
 
 
 def _save(fig, path: Path) -> Path:
@@ -52,7 +65,8 @@ def _band(ax, frame: pd.DataFrame, x: str, y: str, label: str, colour: str) -> b
         return False
     grouped = data.groupby("epoch")
     xs = grouped[x].mean()
-    ax.plot(xs.values, grouped[y].mean().values, color=colour, label=label, marker="o", markersize=3)
+    form = _FIT_LINE if is_fit(label) else {"marker": "o"}
+    ax.plot(xs.values, grouped[y].mean().values, color=colour, label=label, markersize=3, **form)
     if data["seed"].nunique() > 1:
         ax.fill_between(xs.values, grouped[y].min().values, grouped[y].max().values, color=colour, alpha=0.2)
     return True
@@ -98,7 +112,8 @@ def _grouped_bars(ax, summary: pd.DataFrame, backends: list[str], value: str,
             yerr = np.nan_to_num(np.vstack([heights - low, high - heights]), nan=0.0).clip(min=0)
         positions = np.arange(len(models)) + (index - (len(backends) - 1) / 2) * width
         ax.bar(positions, np.nan_to_num(heights), width, yerr=yerr, capsize=4, label=backend,
-               color=color(backend, index))
+               color=color(backend, index), hatch=_FIT_HATCH if is_fit(backend) else None,
+               edgecolor="white" if is_fit(backend) else None)
         drew = True
     ax.set_xticks(np.arange(len(models)), models)
     ax.grid(axis="y", alpha=0.3)

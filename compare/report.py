@@ -19,7 +19,7 @@ from compare import plots
 from compare.document import Block, to_html, to_markdown
 from compare.options import command_for
 from compare.store import ResultsStore
-from compare.tables import audit_frame, build_tables, ordered_backends, ordered_models, runs_table
+from compare.tables import audit_frame, build_tables, by_series, ordered_backends, ordered_models, runs_table
 
 SPEC_SETTINGS = ("data", "device", "precision", "threads", "channels_last", "deterministic", "allow_tf32",
                  "train_subset", "test_subset", "warmup_steps", "max_steps_per_epoch")
@@ -147,7 +147,8 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                    "count seeds."),
         Block("table", table=tables["summary"]),
         Block("h2", "Head to head"),
-        Block("p", "Ratios are other/baseline (above 1: the other backend is faster or uses more memory). "
+        Block("p", "Every pair of backends, the later one over the earlier (above 1: it is faster or uses "
+                   "more memory); '<backend>:fit' is Keras's model.fit on that backend. "
                    "The seed pairs the two frameworks' runs (same initial weights, same data order, run back to "
                    "back). Throughput ratios are the median of the per-seed ratios; ci_lo/ci_hi is the 95% t "
                    "interval across seeds of the log ratio; seed_min/seed_max the extreme per-seed ratios. "
@@ -155,6 +156,7 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                    "memory. The accuracy difference (points) is tested as acc_test says: a paired t test over "
                    "the seeds both frameworks ran, Welch's interval only where runs do not pair."),
         Block("table", table=tables["head_to_head"]),
+        *_idiom_blocks(tables["idiom_cost"]),
         Block("h2", "Runs"),
         Block("table", table=runs_table(results)),
     ]
@@ -177,6 +179,19 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
     blocks += [Block("h2", "How to reproduce"), Block("code", text=command),
                Block("p", f"Re-render this report from the results alone: `dualbench report {store.root}`")]
     return blocks
+
+
+def _idiom_blocks(idiom_cost: pd.DataFrame) -> list[Block]:
+    """The cost of Keras's idiom, when the run had both styles of a Keras backend."""
+    if idiom_cost.empty:
+        return []
+    return [Block("h2", "The cost of the idiom: Keras fit vs the custom step"),
+            Block("p", "Same backend, model, pipeline, optimizer, loss and seeds, measured in this run: "
+                       "model.compile + model.fit (the learning rate set per step by a callback from "
+                       "common.schedules, each step timed by a callback between synchronised clock reads) over "
+                       "the hand-written training step. Below 1: fit is slower. Compile times are each style's "
+                       "first step."),
+            Block("table", table=idiom_cost)]
 
 
 def machine_value(machine: pd.DataFrame, item: str) -> str:
@@ -218,12 +233,12 @@ def _audit_blocks(audit: dict[str, Any]) -> list[Block]:
 
 def render_all(store: ResultsStore) -> list[Path]:
     """Tables, plots and reports for the folder; returns every path written."""
-    results = store.load_runs()
+    results = by_series(store.load_runs())
     if not results:
         raise UserError(f"no results in {store.runs_path}: run `dualbench run --out {store.root} ...` first")
     tables = build_tables(results)
     written: list[Path] = []
-    for name in ("summary", "head_to_head", "curves", "per_class"):
+    for name in ("summary", "head_to_head", "idiom_cost", "curves", "per_class"):
         written += store.write_table(name, tables[name])
     failures_csv = store.root / "failures.csv"
     if not tables["failures"].empty:
@@ -244,11 +259,14 @@ def render_and_print(store: Any) -> None:
     from compare.tables import build_tables, terminal_summary, to_text
 
     written = render_all(store)
-    tables = build_tables(store.load_runs())
+    tables = build_tables(by_series(store.load_runs()))
     print("\nSummary (all columns in summary.csv):")
     print(to_text(terminal_summary(tables["summary"])))
     print("\nHead to head:")
     print(to_text(tables["head_to_head"]))
+    if not tables["idiom_cost"].empty:
+        print("\nThe cost of the idiom (Keras fit over the custom step, same backend):")
+        print(to_text(tables["idiom_cost"]))
     if not tables["failures"].empty:
         print("\nFailures:")
         print(to_text(tables["failures"]))

@@ -40,10 +40,11 @@ def abba(sides: list[Any], rounds: int) -> Iterator[tuple[int, Any]]:
             yield round_index, side
 
 
-def plan_runs(models: list[str], backends: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
-    """(model, seed, backend) in execution order: the backends in ABBA order, one round per (model, seed)."""
+def plan_runs(models: list[str], sides: list[Any], seeds: list[int]) -> list[tuple[str, int, Any]]:
+    """(model, seed, side) in execution order: the sides (backends, or (backend, style) series) in ABBA
+    order, one round per (model, seed)."""
     pairs = [(model, seed) for model in models for seed in seeds]
-    return [(*pairs[i], backend) for i, backend in abba(list(backends), len(pairs))]
+    return [(*pairs[i], side) for i, side in abba(list(sides), len(pairs))]
 
 
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
@@ -164,15 +165,15 @@ class Runner:
 
     # -- fairness audit -----------------------------------------------------------
     def audit(self, specs: list[RunSpec]) -> dict[str, dict[str, Any]]:
-        """Audit-only worker per (model, backend) (first seed); merge into audit.json; write audit.csv.
+        """Audit-only worker per (model, series) (first seed); merge into audit.json; write audit.csv.
 
         A worker that exits 2 (a user error: unusable device, bad dataset) stops
         everything with its message; other failures are recorded and the
         backend's settings show as '<not reported>'.
         """
-        first: dict[tuple[str, str], RunSpec] = {}
+        first: dict[tuple[str, str], RunSpec] = {}  # (model, series): a backend's fit style is audited apart
         for spec in specs:
-            first.setdefault((spec.model, spec.backend), dataclasses.replace(spec, checkpoint_dir=None))
+            first.setdefault((spec.model, spec.series()), dataclasses.replace(spec, checkpoint_dir=None))
         audit = self.store.load_audit()
         for model in dict.fromkeys(spec.model for spec in specs):
             settings: dict[str, dict[str, Any]] = {}

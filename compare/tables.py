@@ -6,6 +6,8 @@ measured never shows up as 0.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from typing import Any, Iterable
 
@@ -13,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from common.architectures import ARCHITECTURES
+from common.config import STYLES, series_name
 from common.registry import REAL_BACKENDS
 from common.results import RunResult
 from compare import stats
@@ -38,6 +41,11 @@ HEAD_TO_HEAD_COLUMNS = [
     "host_rss_less_data_ratio", "device_peak_ratio", "device_peak_less_data_ratio", "acc_diff_pts",
     "acc_diff_ci_lo_pts", "acc_diff_ci_hi_pts", "acc_test", "seeds", "verdict",
 ]
+# fit / custom step of one Keras backend (idiom_cost_table): the head-to-head's ratio columns, renamed
+IDIOM_RATIO_COLUMNS = ("train_img_s_ratio", "train_img_s_ratio_ci_lo", "train_img_s_ratio_ci_hi",
+                       "train_img_s_ratio_seed_min", "train_img_s_ratio_seed_max", "pipeline_img_s_ratio")
+IDIOM_COST_COLUMNS = ["model", "backend", *(f"fit_over_custom_{c}" for c in IDIOM_RATIO_COLUMNS),
+                      "compile_s_custom", "compile_s_fit", "acc_diff_pts", "seeds", "verdict"]
 CURVE_COLUMNS = ["model", "backend", "seed", "status", "epoch", "train_loss", "train_accuracy", "test_loss",
                  "test_accuracy", "wall_s"]
 FAILURE_COLUMNS = ["run_id", "status", "exit_code", "error"]
@@ -51,10 +59,18 @@ def ordered_models(results: Iterable[RunResult]) -> list[str]:
 
 
 def ordered_backends(results: Iterable[RunResult]) -> list[str]:
-    """torch, tensorflow first (the baseline is the first), then other backends in first-seen order."""
+    """torch, tensorflow, keras-torch first (each followed by its fit series), then others in first-seen order."""
     seen = list(dict.fromkeys(r.backend for r in results))
-    known = [b for b in REAL_BACKENDS if b in seen]
+    order = [series_name(b, style) for b in REAL_BACKENDS for style in STYLES]
+    known = [b for b in order if b in seen]
     return known + [b for b in seen if b not in known]
+
+
+def by_series(results: Iterable[RunResult]) -> list[RunResult]:
+    """Copies of ``results`` whose ``backend`` is what the tables compare: the backend, or "<backend>:fit"
+    for runs in Keras's fit style (RunSpec.series). Every table, plot and report section groups by it."""
+    return [dataclasses.replace(r, backend=series_name(r.backend, (r.spec or {}).get("style", "custom")))
+            for r in results]
 
 
 def _values(runs: list[RunResult], name: str) -> list[float]:
@@ -201,19 +217,36 @@ def _head_to_head_row(results: list[RunResult], model: str, base: str, other: st
 
 
 def head_to_head_table(results: list[RunResult]) -> pd.DataFrame:
-    """Per model: every other backend against the baseline (torch when present, else the first)."""
+    """Per model, every pair of backends (series): the later one in ``ordered_backends`` over the earlier."""
     summary = summary_table(results).set_index(["model", "backend"])
     backends = ordered_backends(results)
     rows = []
     for model in ordered_models(results):
         present = [b for b in backends if (model, b) in summary.index]
-        if len(present) < 2:
-            continue
-        base = present[0]
-        for other in present[1:]:
+        for base, other in itertools.combinations(present, 2):
             rows.append(_head_to_head_row(results, model, base, other, summary.loc[(model, base)],
                                           summary.loc[(model, other)]))
     return pd.DataFrame(rows, columns=HEAD_TO_HEAD_COLUMNS)
+
+
+def idiom_cost_table(head_to_head: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """The cost of Keras's idiom: per model and Keras backend, fit over the custom step, measured in one run.
+
+    The rows of the head-to-head whose comparison is "<backend>:fit/<backend>" (same backend,
+    same everything else, paired per seed), with both styles' compile step beside them.
+    """
+    rows = []
+    compile_s = summary.set_index(["model", "backend"])["compile_s"] if not summary.empty else pd.Series()
+    for _, row in head_to_head.iterrows():
+        other, _, base = row["comparison"].partition("/")
+        if other != series_name(base, "fit"):
+            continue
+        rows.append({"model": row["model"], "backend": base, **{
+            f"fit_over_custom_{key}": row[key] for key in IDIOM_RATIO_COLUMNS},
+            "compile_s_custom": compile_s.get((row["model"], base), math.nan),
+            "compile_s_fit": compile_s.get((row["model"], other), math.nan),
+            "acc_diff_pts": row["acc_diff_pts"], "seeds": row["seeds"], "verdict": row["verdict"]})
+    return pd.DataFrame(rows, columns=IDIOM_COST_COLUMNS)
 
 
 def curves_table(results: list[RunResult]) -> pd.DataFrame:
@@ -266,7 +299,8 @@ def per_class_table(results: list[RunResult]) -> pd.DataFrame:
 
 def build_tables(results: list[RunResult]) -> dict[str, pd.DataFrame]:
     """All tables by name (the file stem they are written to)."""
-    return {"summary": summary_table(results), "head_to_head": head_to_head_table(results),
+    summary, head_to_head = summary_table(results), head_to_head_table(results)
+    return {"summary": summary, "head_to_head": head_to_head, "idiom_cost": idiom_cost_table(head_to_head, summary),
             "curves": curves_table(results), "per_class": per_class_table(results),
             "failures": failures_table(results)}
 

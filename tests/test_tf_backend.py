@@ -20,7 +20,8 @@ from common.errors import UserError  # noqa: E402
 from common.init import initial_weights  # noqa: E402
 from common.loop import train  # noqa: E402
 from common.registry import get_backend, list_models  # noqa: E402
-from tf_impl.backend import Backend, _strided_padding  # noqa: E402
+from keras_impl.audit import strided_padding  # noqa: E402
+from tf_impl.backend import Backend  # noqa: E402
 
 # In-process, an earlier test has usually started the TF runtime: setup() then warns that the thread
 # pools cannot change (and the audit reports what TF has). The worker test checks a fresh process.
@@ -144,7 +145,7 @@ def test_audit_reports_sgd_and_fp16_loss_scaling(backend):
 def test_padding_audit_catches_keras_same_at_stride_2():
     inputs = keras.Input((8, 8, 3))
     outputs = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="bad")(inputs)
-    assert _strided_padding(keras.Model(inputs, outputs)).startswith("asymmetric (bad")
+    assert strided_padding(keras.Model(inputs, outputs)).startswith("asymmetric (bad")
 
 
 def test_measurement_hooks_on_the_cpu(backend):

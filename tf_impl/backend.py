@@ -20,17 +20,18 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from common.audit import decay_settings, fallbacks_text, normalization_text, single_value  # noqa: E402
+from common.audit import fallbacks_text, normalization_text, single_value  # noqa: E402
 from common.backend import residency_summary  # noqa: E402
 from common.config import RunSpec  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.manifest import usable_cores  # noqa: E402
 from common.sampler import EpochPlan  # noqa: E402
 from tf_impl import data as tf_data  # noqa: E402
+from keras_impl import audit as _keras_audit  # noqa: E402
 from tf_impl import weights as tf_weights  # noqa: E402
-from tf_impl.layers import BatchNorm  # noqa: E402
 from tf_impl.models import create_model  # noqa: E402
-from tf_impl.optim import EvalStep, TrainStep  # noqa: E402
+from keras_impl import fit as _keras_fit  # noqa: E402
+from tf_impl.optim import EvalStep, TrainStep, _fit_step  # noqa: E402
 
 # "best" execution mode per device type, measured with benchmarks/mode_matrix.py (dualbench bench,
 # compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps, one process per
@@ -149,7 +150,7 @@ class Backend:
             return create_model(name, num_classes, in_shape, bn_momentum, bn_epsilon, dropout)
 
     def trainable_param_count(self, model: keras.Model) -> int:
-        return int(sum(np.prod(v.shape) for v in model.trainable_weights))
+        return _keras_audit.trainable_param_count(model)
 
     def buffer_count(self, model: keras.Model) -> int:
         # Keras's count_params() includes the BN moving statistics; they are buffers, not parameters.
@@ -189,9 +190,18 @@ class Backend:
             raise RuntimeError("attach_data() first")
         return self._eval.batches(raw)
 
-    def make_train_step(self, model: keras.Model, spec: RunSpec) -> TrainStep:
+    def make_train_step(self, model: keras.Model, spec: RunSpec) -> TrainStep | _keras_fit.FitStep:
+        if spec.style == "fit":
+            return _fit_step(model, model.arch_spec, spec.recipe, device=self.device, precision=self.precision,
+                             mode=self.mode, epoch_data=self._fit_epoch_data, synchronize=self.synchronize)
         return TrainStep(model, model.arch_spec, spec.recipe, device=self.device, precision=self.precision,
                          mode=self.mode)
+
+    def _fit_epoch_data(self, plan: EpochPlan) -> tf.data.Dataset:
+        """One epoch of the pipeline as ``fit`` takes data on this backend: the tf.data.Dataset, prefetched."""
+        if self._train is None:
+            raise RuntimeError("attach_data() first")
+        return self._train._dataset(plan).prefetch(tf.data.AUTOTUNE)
 
     def make_eval_step(self, model: keras.Model) -> Callable[[Any], Any]:
         return EvalStep(model, device=self.device, mode=self.mode)
@@ -199,18 +209,14 @@ class Backend:
     def to_numpy(self, value: Any) -> np.ndarray:
         return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
 
-    def audit(self, model: keras.Model, train_step: TrainStep) -> dict[str, Any]:
+    def audit(self, model: keras.Model, train_step: TrainStep | _keras_fit.FitStep) -> dict[str, Any]:
         settings = self._effective_settings()
-        return {**_layer_settings(model), "strided_conv_padding": _strided_padding(model),
-                **_optimizer_settings(train_step), **self._pipeline_settings(),
-                "trainable_params": self.trainable_param_count(model),
-                "loss": train_step.loss.name, "label_smoothing": float(train_step.loss.label_smoothing),
-                "loss_scaling": _loss_scaling(train_step.optimizer),
+        return {**_keras_audit.model_settings(model, train_step), **self._pipeline_settings(),
                 "precision": settings["precision"], "tf32": settings["tf32"],
                 "deterministic": settings["deterministic"], "intra_op_threads": settings["intra_op_threads"],
                 "inter_op_threads": settings["inter_op_threads"], "device_type": self.device_type,
-                "device": settings["device"], "execution_mode": train_step.mode,
-                "data_format": settings["data_format"], "fallbacks": fallbacks_text(self.fallback_notes())}
+                "device": settings["device"], "data_format": settings["data_format"],
+                "fallbacks": fallbacks_text(self.fallback_notes())}
 
     def _pipeline_settings(self) -> dict[str, Any]:
         """Batch size, padding, normalisation and placement read from the built pipelines."""
@@ -296,77 +302,3 @@ def _determinism_enabled() -> bool:
     from tensorflow.python.framework import config as tf_config
 
     return bool(tf_config.is_op_determinism_enabled())
-
-
-def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Every layer, nested models' layers included."""
-    found = []
-    for layer in model.layers:
-        found.append(layer)
-        if isinstance(layer, keras.Model):
-            found += _all_layers(layer)
-    return found
-
-
-def _layer_settings(model: keras.Model) -> dict[str, Any]:
-    """BN momentum (torch convention), epsilon, variance estimator of every BN layer; dropout rate."""
-    layers = _all_layers(model)
-    bns = [l for l in layers if isinstance(l, BatchNorm)]
-    # 12 significant digits: 1 - (1 - 0.1) is 0.09999999999999998 in binary floating point.
-    return {"bn_momentum": single_value(float(f"{1.0 - l.momentum:.12g}") for l in bns),
-            "bn_epsilon": single_value(float(l.epsilon) for l in bns),
-            "bn_running_variance": single_value(l.running_variance_estimator for l in bns),
-            "dropout": single_value(float(l.rate) for l in layers if isinstance(l, keras.layers.Dropout))}
-
-
-def _optimizer_settings(train_step: TrainStep) -> dict[str, Any]:
-    """Hyperparameters and decayed parameters read from the built optimizer (never from the recipe)."""
-    optimizer = train_step.inner_optimizer
-    is_sgd = optimizer.kind == "sgd"
-    decayed = [name for name, flag in zip(optimizer.variable_names, optimizer.decay_flags)
-               if flag and optimizer.decay_coefficient != 0]
-    if is_sgd:
-        name = "sgd"
-    else:
-        name = "adamw" if optimizer.decay_mode == "decoupled" else "adam"
-    return {"optimizer": name,
-            "momentum": float(optimizer.sgd_momentum) if is_sgd else None,
-            "nesterov": bool(optimizer.nesterov) if is_sgd else None,
-            "adam_beta1": None if is_sgd else float(optimizer.beta_1),
-            "adam_beta2": None if is_sgd else float(optimizer.beta_2),
-            "optimizer_epsilon": None if is_sgd else float(optimizer.adam_epsilon),
-            "weight_decay": float(optimizer.decay_coefficient) if decayed else 0.0,
-            "weight_decay_mode": optimizer.decay_mode if decayed else None,
-            **decay_settings(decayed, optimizer.variable_names)}
-
-
-def _loss_scaling(optimizer: keras.optimizers.Optimizer) -> str | None:
-    """fp16 dynamic loss scaling as the LossScaleOptimizer holds it; None without one."""
-    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return None
-    # initial_scale: what dynamic_scale started from (dynamic_scale itself moves during training)
-    return (f"dynamic (initial scale {float(optimizer.initial_scale):g}, "
-            f"growth interval {int(optimizer.dynamic_growth_steps)} steps)")
-
-
-def _strided_padding(model: keras.Model) -> str:
-    """'symmetric' iff every k>1 conv pads k//2 on every side, read from the layers.
-
-    Stride 1: Keras 'same' (symmetric for an odd kernel). Strided: 'valid'
-    after a ZeroPadding2D of ((k//2, k//2), (k//2, k//2)). 1x1 convs: 'valid'.
-    """
-    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D | keras.layers.DepthwiseConv2D)]
-    for layer in convs:
-        kernel, stride, pad = max(layer.kernel_size), max(layer.strides), layer.kernel_size[0] // 2
-        if kernel == 1:
-            ok = layer.padding == "valid"
-        elif stride == 1:
-            ok = layer.padding == "same" and kernel % 2 == 1
-        else:
-            source = layer._inbound_nodes[0].parent_nodes[0].operation  # the layer feeding this conv
-            ok = (layer.padding == "valid" and isinstance(source, keras.layers.ZeroPadding2D)
-                  and tuple(map(tuple, source.padding)) == ((pad, pad), (pad, pad)))
-        if not ok:
-            return f"asymmetric ({layer.name}: padding={layer.padding!r}, stride {stride})"
-    return "symmetric"
-

@@ -102,6 +102,16 @@ class Backend:
     def setup(self, spec: RunSpec) -> dict[str, Any]:
         self.device = resolve_device(spec.device)
         self.mode, self.channels_last = resolve_mode(spec.mode, spec.channels_last, self.device)
+        self._configure_torch(spec)
+        return {"device": self._device_name(), "device_type": self._device_type(), "execution_mode": self.mode,
+                "channels_last": self.channels_last, "precision": self.precision,
+                "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
+                "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "cudnn_benchmark": torch.backends.cudnn.benchmark, "fallbacks": self.fallback_notes()}
+
+    def _configure_torch(self, spec: RunSpec) -> None:
+        """Precision check, threads, TF32, determinism, cuDNN autotune and seeds for ``self.device``
+        (PyTorch's process settings; the Keras-on-PyTorch backend applies them too)."""
         self.precision = spec.precision
         self._fallbacks = []
         if spec.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -119,11 +129,6 @@ class Backend:
         torch.backends.cudnn.deterministic = spec.deterministic
         torch.backends.cudnn.benchmark = not spec.deterministic  # autotuned conv algorithms (fixed shapes)
         torch.manual_seed(spec.seed)  # dropout masks (CPU and every CUDA device)
-        return {"device": self._device_name(), "device_type": self._device_type(), "execution_mode": self.mode,
-                "channels_last": self.channels_last, "precision": self.precision,
-                "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
-                "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
-                "cudnn_benchmark": torch.backends.cudnn.benchmark, "fallbacks": self.fallback_notes()}
 
     def _set_interop_threads(self, threads: int) -> None:
         """Set the inter-op pool; torch allows it only before its first inter-op work (then: a fallback note)."""
@@ -234,7 +239,7 @@ class Backend:
                 "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
                 "device_type": self._device_type(), "device": self._device_name(),
-                "execution_mode": train_step.mode,
+                "execution_mode": train_step.mode, "execution_style": train_step.style,
                 "data_format": "NCHW channels_last" if weight_io._uses_channels_last(model) else "NCHW",
                 "fallbacks": fallbacks_text(self.fallback_notes())}
 

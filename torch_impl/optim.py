@@ -114,6 +114,8 @@ class TrainStep:
     ``__call__`` returns ``(mean_loss, correct_count)`` as device tensors (no host sync).
     """
 
+    style = "custom"  # a hand-written training step (the Keras backends also offer Keras's fit)
+
     def __init__(self, model: nn.Module, arch: ArchSpec, recipe: Recipe, *, device: torch.device,
                  precision: str, mode: str):
         self.model, self.arch, self.recipe = model, arch, recipe
