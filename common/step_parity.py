@@ -13,9 +13,10 @@ made per step (compare.step_parity runs the processes):
 3. each replayed step is compared with A's own step from the same state:
    update, loss, BN statistics and optimizer slots.
 
-Both directions run (torch replays TensorFlow's states and vice versa). The
-free runs of both sides are kept too, as a figure of how far fp32 noise
-carries, never as a pass/fail gate. Framework-free: only the Backend protocol.
+Both directions run for every backend against torch (torch replays each
+other backend's states and each replays torch's). The free runs are kept too,
+as a figure of how far fp32 noise carries, never as a pass/fail gate.
+Framework-free: only the Backend protocol.
 """
 from __future__ import annotations
 
@@ -159,10 +160,11 @@ def load_states(path: Path) -> tuple[list[dict[str, np.ndarray]], list[float]]:
 def run_step_parity_request(backend_name: str, request: str, out: str) -> int:
     """The ``step-parity`` worker task.
 
-    REQUEST/request.json: ``{"cases": [...], "replay_from": backend name or null}``.
-    Writes OUT/<case>.free.npz (this backend's free run) and, when
-    ``replay_from`` is set, OUT/<case>.replay.npz (steps made from that
-    backend's free-run states, read from REQUEST/<case>.free.npz).
+    REQUEST/request.json: ``{"cases": [...], "free_run": bool, "replays": [{"source": backend,
+    "states": folder}, ...]}``. Only the cases that give this backend a mode (``case["modes"]``) run.
+    Writes OUT/<case>.free.npz (this backend's free run, unless ``free_run`` is false) and, per
+    replay, OUT/<case>.replay_<source>.npz: the steps made from ``source``'s free-run states, read
+    from <states>/<case>.free.npz.
     """
     from common.registry import get_backend
 
@@ -171,9 +173,14 @@ def run_step_parity_request(backend_name: str, request: str, out: str) -> int:
     backend = get_backend(backend_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     for case in spec["cases"]:
+        if backend_name not in case["modes"]:
+            continue
         if spec.get("free_run", True):
             save_states(out_dir / f"{case['name']}.free.npz", *free_run(backend, case))
-        if spec.get("replay_from"):
-            states, _ = load_states(request_dir / f"{case['name']}.free.npz")
-            save_states(out_dir / f"{case['name']}.replay.npz", *replay(backend, case, states))
+        for replay_request in spec.get("replays", []):
+            source = Path(replay_request["states"]) / f"{case['name']}.free.npz"
+            if source.exists():  # the source backend ran this case
+                states, _ = load_states(source)
+                save_states(out_dir / f"{case['name']}.replay_{replay_request['source']}.npz",
+                            *replay(backend, case, states))
     return 0

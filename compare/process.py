@@ -48,10 +48,14 @@ class ProcessOutcome:
 
 def worker_env() -> dict[str, str]:
     """The parent's environment, the project root on PYTHONPATH (so `-m common.worker` imports) and
-    common.manifest.MALLOC_TUNING (unless the user set those variables)."""
+    common.manifest.MALLOC_TUNING (unless the user set those variables), without KERAS_BACKEND: each
+    Keras worker chooses its own (tensorflow: Keras on TensorFlow, keras-torch: on torch), and a parent
+    that runs Keras itself (the tests) must not hand its choice on. The CLI refuses a user's
+    KERAS_BACKEND that contradicts a selected backend before any worker starts."""
     from common.manifest import MALLOC_TUNING, PROJECT_ROOT
 
     env = dict(os.environ)
+    env.pop("KERAS_BACKEND", None)
     parts = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -1,11 +1,13 @@
 """Cross-framework training parity, step by step (common.step_parity does the work in each worker).
 
-Three worker processes, each framework in its own: torch trains the cases
-freely; TensorFlow trains them freely and replays every torch step from
-torch's state; torch replays every TensorFlow step from TensorFlow's state.
-``step_rows`` compares each replayed step with the original one made from the
-same state (the pass/fail criterion); ``trajectory_rows`` compares the two
-free runs (a figure of how far fp32 noise carries, never a gate).
+Every backend is compared with torch, each framework in its own worker
+process: torch trains the cases freely; each other backend trains them freely
+and replays every torch step from torch's state; one more torch process
+replays every step of the other backends from their states. ``step_rows``
+compares each replayed step with the original one made from the same state
+(the pass/fail criterion); ``trajectory_rows`` compares the free runs (a figure
+of how far fp32 noise carries, never a gate). A case runs on the backends its
+``modes`` name.
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ from typing import Any
 import numpy as np
 
 from common.config import Recipe
-from common.registry import worker_command
 from common.optim_reference import ReferenceOptimizer, decays
+from common.registry import worker_command
 from common.schedules import lr_at
 from common.step_parity import case_arch, case_recipe, load_states
+from compare.process import worker_env
 
-BACKENDS = ("torch", "tensorflow")
+BACKENDS = ("torch", "tensorflow", "keras-torch")
+REFERENCE = "torch"
 # Per-step criteria (fp32, TF32 off, determinism on), see step_rows. Loss, BN statistics and the update
 # rule are deterministic functions of the state and agree to fp32 rounding: tight. Gradients are not: a
 # ReLU/ReLU6 input within rounding of a kink takes a different side on another CPU's kernels and reroutes
@@ -39,7 +43,7 @@ _SGD = dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-3, wei
 # the bias correction: an effective epsilon ~30x larger at step 1) would change the update visibly.
 _ADAMW = dict(optimizer="adamw", weight_decay=0.05, weight_decay_mode="decoupled", lr=1e-3, schedule="onecycle",
               epochs=1, batch_size=32, adam_epsilon=1e-6)
-_EAGER = {"torch": "eager", "tensorflow": "graph"}
+_EAGER = {"torch": "eager", "tensorflow": "graph", "keras-torch": "eager"}
 # name -> case: model, input size, recipe (Recipe fields), execution modes, steps. Every LR schedule here
 # changes the LR at every step (one-cycle), so an LR folded into the momentum buffer would show.
 CASES: dict[str, dict[str, Any]] = {
@@ -52,7 +56,7 @@ CASES: dict[str, dict[str, Any]] = {
     "mobilenet_v2_8px_adamw": dict(model="mobilenet_v2", hw=8, recipe={**_ADAMW, "dropout": 0.0}, modes=_EAGER,
                                    grad_tolerance=1e-1),  # BN over 32 values per channel after stride 8
     "resnet20_8px_sgd_compiled": dict(model="resnet20", hw=8, recipe=_SGD,
-                                      modes={"torch": "compile", "tensorflow": "xla"}),
+                                      modes={"torch": "compile", "tensorflow": "xla", "keras-torch": "jit_compile"}),
 }
 
 
@@ -66,32 +70,48 @@ def make_case(base: str, steps: int = _STEPS, **changes: Any) -> dict[str, Any]:
 
 def _run(backend: str, request_dir: Path, out_dir: Path, timeout: float) -> None:
     command = [sys.executable, *worker_command(backend), "step-parity", str(request_dir), str(out_dir)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=worker_env())
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"{backend} step-parity worker failed (exit {proc.returncode}):\n{tail}")
 
 
-def run_cases(cases: list[dict[str, Any]], timeout: float = 1800) -> dict[str, dict[str, Any]]:
-    """Free runs and replays of every case in both directions: {case: {"free": {...}, "replay": {...}}}."""
+def run_cases(cases: list[dict[str, Any]], timeout: float = 1800,
+              backends: tuple[str, ...] = BACKENDS) -> dict[str, dict[str, Any]]:
+    """Free runs and replays of every case, every backend against torch in both directions:
+    {case: {"free": {backend: (states, losses)}, "replay": {"<replayer>_from_<source>": (states, losses)}}}.
+
+    A case runs on the backends among ``backends`` that its ``modes`` name.
+    """
+    others = [b for b in backends if b != REFERENCE]
     with tempfile.TemporaryDirectory(prefix="dualbench-step-parity-") as tmp:
         root = Path(tmp)
-        torch_free, tf_out, torch_replay = root / "torch_free", root / "tf", root / "torch_replay"
-        torch_free.mkdir()
-        (torch_free / "request.json").write_text(json.dumps({"cases": cases}))
-        _run("torch", torch_free, torch_free, timeout)
-        (torch_free / "request.json").write_text(json.dumps({"cases": cases, "replay_from": "torch"}))
-        _run("tensorflow", torch_free, tf_out, timeout)  # tf: free run + replay of torch's states
-        (tf_out / "request.json").write_text(json.dumps({"cases": cases, "replay_from": "tensorflow",
-                                                          "free_run": False}))
-        _run("torch", tf_out, torch_replay, timeout)
-        out = {}
-        for case in cases:
-            name = case["name"]
-            out[name] = {"free": {"torch": load_states(torch_free / f"{name}.free.npz"),
-                                  "tensorflow": load_states(tf_out / f"{name}.free.npz")},
-                         "replay": {"tensorflow": load_states(tf_out / f"{name}.replay.npz"),  # from torch's
-                                    "torch": load_states(torch_replay / f"{name}.replay.npz")}}  # from tf's
+        folders = {b: root / b for b in backends}
+        folders[REFERENCE].mkdir()
+        (folders[REFERENCE] / "request.json").write_text(json.dumps({"cases": cases}))
+        _run(REFERENCE, folders[REFERENCE], folders[REFERENCE], timeout)  # torch: free runs
+        reference_replay = {"source": REFERENCE, "states": str(folders[REFERENCE])}
+        for other in others:  # free run + replay of torch's states
+            (folders[other] / "request").mkdir(parents=True)
+            (folders[other] / "request" / "request.json").write_text(
+                json.dumps({"cases": cases, "replays": [reference_replay]}))
+            _run(other, folders[other] / "request", folders[other], timeout)
+        replays = root / "torch_replays"
+        replays.mkdir()
+        (replays / "request.json").write_text(json.dumps({"cases": cases, "free_run": False, "replays": [
+            {"source": other, "states": str(folders[other])} for other in others]}))
+        _run(REFERENCE, replays, replays, timeout)  # torch: replay of every other backend's states
+        return {case["name"]: _collect(case["name"], folders, replays, others) for case in cases}
+
+
+def _collect(name: str, folders: dict[str, Path], replays: Path, others: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"free": {REFERENCE: load_states(folders[REFERENCE] / f"{name}.free.npz")}, "replay": {}}
+    for other in others:
+        if not (folders[other] / f"{name}.free.npz").exists():
+            continue  # the case gives this backend no mode
+        out["free"][other] = load_states(folders[other] / f"{name}.free.npz")
+        out["replay"][f"{other}_from_{REFERENCE}"] = load_states(folders[other] / f"{name}.replay_{REFERENCE}.npz")
+        out["replay"][f"{REFERENCE}_from_{other}"] = load_states(replays / f"{name}.replay_{other}.npz")
     return out
 
 
@@ -180,9 +200,10 @@ def step_rows(case: dict[str, Any], result: dict[str, Any]) -> list[dict[str, An
     trainable = [f"w/{n}" for n in names]
     buffers = [f"w/{n}" for n in arch.buffer_names()]
     rows = []
-    for original, replayer in (("torch", "tensorflow"), ("tensorflow", "torch")):
+    others = [b for b in result["free"] if b != REFERENCE]
+    for original, replayer in [pair for other in others for pair in ((REFERENCE, other), (other, REFERENCE))]:
         states, losses = result["free"][original]
-        replayed, replay_losses = result["replay"][replayer]
+        replayed, replay_losses = result["replay"][f"{replayer}_from_{original}"]
         slots = sorted(k for k in states[0] if k.startswith("o/") and k != "o/step")
         for k, (after, loss) in enumerate(zip(replayed, replay_losses)):
             before, want = states[k], states[k + 1]
@@ -201,14 +222,15 @@ def step_rows(case: dict[str, Any], result: dict[str, Any]) -> list[dict[str, An
 
 
 def trajectory_rows(case: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The two free runs side by side: relative weight and loss difference after each step (not a gate)."""
+    """Each backend's free run beside torch's: relative weight and loss difference after each step (not a gate)."""
     arch = case_arch(case)
     names = [f"w/{n}" for n in arch.trainable_names()]
-    (torch_states, torch_losses), (tf_states, tf_losses) = (result["free"][b] for b in BACKENDS)
-    return [{"case": case["name"], "step": k,
-             "weights_rel": _rel(_vector(torch_states[k + 1], names) - _vector(tf_states[k + 1], names),
-                                 _vector(tf_states[k + 1], names)),
-             "loss_rel": abs(torch_losses[k] - tf_losses[k]) / max(abs(tf_losses[k]), 1e-30)}
+    torch_states, torch_losses = result["free"][REFERENCE]
+    return [{"case": case["name"], "backend": other, "step": k,
+             "weights_rel": _rel(_vector(torch_states[k + 1], names) - _vector(states[k + 1], names),
+                                 _vector(states[k + 1], names)),
+             "loss_rel": abs(torch_losses[k] - losses[k]) / max(abs(losses[k]), 1e-30)}
+            for other, (states, losses) in result["free"].items() if other != REFERENCE
             for k in range(case["steps"])]
 
 

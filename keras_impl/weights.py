@@ -142,6 +142,6 @@ def layer_outputs(model: keras.Model, spec: ArchSpec, images: np.ndarray,
 def to_numpy(value, dtype=np.float32) -> np.ndarray:
     """numpy of a tensor or a Keras variable, on any Keras backend (a torch tensor: detached, on the host)."""
     if isinstance(value, keras.Variable):
-        value = value.value  # the backend's own tensor (KerasVariable.__array__ predates numpy 2's copy=)
+        return np.asarray(value.numpy(), dtype)  # (convert_to_numpy of a tf.Variable warns under numpy 2)
     return np.asarray(ops.convert_to_numpy(value), dtype)
 

@@ -17,6 +17,7 @@ from common.init import initial_weights  # noqa: E402
 from common.registry import list_models  # noqa: E402
 from common.weights import WeightLayoutError  # noqa: E402
 from tf_impl import weights as tf_weights  # noqa: E402
+from keras_impl.layers import keras_layer_name  # noqa: E402
 from tf_impl.layers import BatchNorm, batch_norm, conv2d  # noqa: E402
 from tf_impl.models import MODELS, create_model  # noqa: E402
 from tf_impl.optim import _BN_IMPLEMENTATION  # noqa: E402
@@ -29,8 +30,8 @@ def _images(n, in_shape, seed=0):
 
 
 def _probe(model, names):
-    """Outputs of the named layers (any layer, not only weight-owning ones), eval mode."""
-    return keras.Model(model.input, [model.get_layer(n).output for n in names])
+    """Outputs of the layers with these canonical names (any layer, not only weight-owning ones), eval mode."""
+    return keras.Model(model.input, [model.get_layer(keras_layer_name(n)).output for n in names])
 
 
 def test_every_registered_model_has_a_keras_builder():
@@ -259,7 +260,7 @@ def test_mobilenet_residuals_and_vgg_global_pool_follow_the_spec():
     for _t, c, n, s in MOBILENET_V2_CONFIG:
         for i in range(n):
             if (s if i == 0 else 1) == 1 and channels == c:
-                with_residual.add(f"block{index}.add")
+                with_residual.add(keras_layer_name(f"block{index}.add"))
             index, channels = index + 1, c
     adds = {l.name for l in model.layers if isinstance(l, keras.layers.Add)}
     assert adds == with_residual

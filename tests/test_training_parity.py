@@ -76,30 +76,41 @@ BROKEN = {
 }
 
 
+# keras-torch runs one case here (in one more worker process; `dualbench parity --training` runs it on
+# every case): the same Keras code as tensorflow, so what it adds is Keras's torch backend.
+KERAS_TORCH_CASES = ("resnet20_8px_sgd",)
+
+
 def _cases():
     names = [n for n in CASES if shutil.which("g++") or CASES[n]["modes"]["torch"] != "compile"]
     cases = [make_case(n) for n in names]
     cases += [make_case(base, steps=3, name=name, overrides=overrides) for name, (base, overrides) in BROKEN.items()]
+    for case in cases:
+        if case["name"] not in KERAS_TORCH_CASES:
+            case["modes"] = {b: m for b, m in case["modes"].items() if b != "keras-torch"}
     return cases
 
 
 @pytest.fixture(scope="module")
 def step_parity():
     cases = _cases()
-    return {c["name"]: c for c in cases}, run_cases(cases)
+    return {c["name"]: c for c in cases}, run_cases(cases, backends=("torch", "tensorflow", "keras-torch"))
 
 
 @pytest.mark.slow
 def test_every_step_matches_from_the_same_state(step_parity):
-    """Each framework makes the other's step from the other's state: loss, gradients (slots), BN
-    statistics and the update rule agree, for every case, step and direction (10 steps, one-cycle LR)."""
+    """Each framework makes torch's step from torch's state and torch makes theirs: loss, gradients (slots),
+    BN statistics and the update rule (against common.optim_reference) agree, for every case, step and
+    direction (10 steps, one-cycle LR); keras-torch on KERAS_TORCH_CASES."""
     cases, results = step_parity
     report = []
     for name, case in cases.items():
         if name in BROKEN:
             continue
         rows = step_rows(case, results[name])
-        assert len(rows) == 2 * case["steps"] and len({r["lr"] for r in rows}) == case["steps"]
+        others = sorted({r["replayed_by"] for r in rows} - {"torch"})
+        assert others == sorted(["tensorflow", "keras-torch"] if name in KERAS_TORCH_CASES else ["tensorflow"])
+        assert len(rows) == 2 * len(others) * case["steps"] and len({r["lr"] for r in rows}) == case["steps"]
         worst = {k: max(r[k] for r in rows) for k in ("update_rule_rel", "grad_rel", "loss_rel", "bn_rel")}
         report.append(f"{name}: " + " ".join(f"{k}={v:.1e}" for k, v in worst.items()))
         assert not failures(case, rows), failures(case, rows)[:5]
