@@ -48,6 +48,8 @@ class RunResult:
     epoch_wall_s: float | None = None  # median pipeline-inclusive training time per epoch
     host_peak_rss_bytes: int | None = None  # worker peak RSS (parent's wait4 rusage)
     device_peak_bytes: int | None = None  # allocator peak on GPU; None on CPU
+    final_weights_file: str | None = None  # final canonical weights (.npz), relative to the results folder
+    final_weights_sha256: str | None = None  # SHA-256 of that file as written
     trainable_params: int | None = None
     buffers: int | None = None  # non-trainable values (BN statistics)
     macs_per_image: int | None = None  # forward multiply-accumulates per image
