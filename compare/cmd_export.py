@@ -172,8 +172,8 @@ def _write(store: Any, root: Any, deployment: dict[str, Any], rerender: bool) ->
 
 def _exit_code(deployment: dict[str, Any], strict: bool) -> int:
     rows = deployment["rows"]
-    wrong = [r for r in rows if r["status"] == "mismatch"] + [c for c in deployment["cross_framework"]
-                                                              if not c["passed"]]
+    wrong = [r for r in rows if r["status"] in ("mismatch", "unloadable")]
+    wrong += [c for c in deployment["cross_framework"] if not c["passed"]]
     missing = [r for r in rows if r["status"] == "failed" or r.get("serve_error")]
     return 1 if wrong or (strict and missing) else 0
 

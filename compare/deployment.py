@@ -97,7 +97,8 @@ def plot_latency(deployment: dict[str, Any], path: Path) -> Path | None:
     p50, p90, p99 = (table[c].astype(float) for c in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms"))
     left.barh(positions, p50, color=colours, xerr=[[0] * len(table), (p90 - p50).clip(lower=0)], capsize=3)
     left.scatter(p99, positions, color="black", marker="|", s=80, zorder=3, label="p99")
-    left.set_xlabel("batch-1 latency, ms (bar p50, whisker p90, tick p99)")
+    left.set_xscale("log")  # runtimes differ by orders of magnitude at batch 1
+    left.set_xlabel("batch-1 latency, ms, log scale (bar p50, whisker p90, tick p99)")
     left.set_yticks(positions, labels)
     left.legend(loc="lower right")
     throughput = table.columns[SERVE_COLUMNS.index("throughput_img_s")]

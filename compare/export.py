@@ -12,8 +12,10 @@ For every job (one set of canonical weights in one framework, compare.export_pla
 5. ``export-serve``: every verified artifact, each measurement its own process, artifacts in
    ABBA order over the rounds (compare.runner.abba), peak RSS from os.wait4 (compare.process).
 
-Nothing here imports a framework. A format that cannot be produced is a row with
-status ``failed`` and the converter's one-line message; the other formats go on.
+Nothing here imports a framework. Row statuses: ``ok`` (made and verified), ``failed``
+(not made: the converter's one-line message; the other formats go on), ``mismatch`` (it
+computes something else, or cannot take the images; the message says what differs),
+``unloadable`` (its own runtime could not load or run it).
 """
 from __future__ import annotations
 
@@ -249,6 +251,8 @@ class Exporter:
             return
         row.update({k: step.response.get(k) for k in ("exporter", "fallback_reason", "opset", "convert_s")})
         row["size_bytes"] = _size_bytes(artifact)
+        self._progress(f"{job.label} {row['format']}: exported in {row['convert_s']:.1f} s"
+                       + (f" (fallback: {row['fallback_reason']})" if row["fallback_reason"] else ""))
 
     def verify(self, job: ExportJob, row: dict[str, Any], reference: np.ndarray | None) -> None:
         """Verify the artifact of ``row`` in a fresh process of its runtime; updates the row.
@@ -262,10 +266,13 @@ class Exporter:
                                 logits=str(logits_path), batch=self.settings.verify_batch)
         step = self._launch(job, "export-verify", request, f"{row['format']}.verify")
         response = step.response
-        row.update(runtime_version=response.get("runtime_version"), verify_frameworks=response.get("frameworks_loaded"))
-        if not step.ok or response.get("input_shape_error"):
-            problem = response.get("input_shape_error") or f"the verifier failed: {step.error}"
-            row.update(status="mismatch", error=problem, verified=False)
+        row.update(runtime_version=response.get("runtime_version"),
+                   verify_frameworks=response.get("frameworks_loaded"))
+        if not step.ok:  # its runtime could not load or run it
+            row.update(status="unloadable", error=f"the {row['runtime']} verifier failed: {step.error}",
+                       verified=False)
+        elif response.get("input_shape_error"):
+            row.update(status="mismatch", error=response["input_shape_error"], verified=False)
         else:
             with np.load(logits_path) as data:
                 arrays = {key: data[key] for key in data.files}
@@ -274,9 +281,8 @@ class Exporter:
                 self._judge(row, reference, arrays)
             else:
                 row.update(status="ok", verified=None)
-        self._progress(f"{job.label} {row['format']}: {row['status']}"
-                       + (f" ({row['error']})" if row["error"] else
-                          f" (max rel diff {row.get('max_rel_diff', float('nan')):.1e})" if row.get('verified') else ""))
+        detail = row["error"] or (f"max rel diff {row['max_rel_diff']:.1e}" if row.get("verified") else "")
+        self._progress(f"{job.label} {row['format']}: {row['status']}" + (f" ({detail})" if detail else ""))
 
     def _judge(self, row: dict[str, Any], reference: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         metrics = compare_logits(reference, arrays["logits"])

@@ -40,13 +40,14 @@ def test_a_run_keeps_its_final_weights_with_their_sha256(fake_env, tmp_path):
         load_weights(path, row["final_weights_sha256"])
 
 
-def test_resuming_a_folder_from_before_weights_were_kept_is_not_a_new_configuration(fake_env, tmp_path):
-    out = tmp_path / "out"
+def test_rerunning_or_moving_a_folder_is_not_a_new_configuration(fake_env, tmp_path):
+    """The weights path the runner hands the worker is where files go, not a setting: a rerun skips
+    the finished run even though its stored spec holds another absolute path."""
+    out, moved = tmp_path / "out", tmp_path / "moved"
     assert fake_run(out, backends="fakea") == 0
-    stored = rows(out)["seed_cnn__fakea__seed0"]
-    stored["spec"].pop("final_weights_path")  # what an older dualbench wrote
-    write_jsonl_atomic(out / "runs.jsonl", [stored])
-    assert fake_run(out, backends="fakea") == 0  # skipped as done, no "other settings" error
+    assert rows(out)["seed_cnn__fakea__seed0"]["spec"]["final_weights_path"].startswith(str(out))
+    out.rename(moved)
+    assert fake_run(moved, backends="fakea") == 0  # skipped as done, no "other settings" error
     assert launches(fake_env, "train") == ["seed_cnn__fakea__seed0"]
 
 
@@ -74,6 +75,7 @@ def test_diagnose_names_batch_statistics_and_a_transposed_layout():
     rng = np.random.default_rng(0)
     reference = rng.standard_normal((8, 10))
     assert diagnose(reference, reference, reference, reference + 1) == []  # a correct artifact: no notes
+    assert diagnose(reference, reference, reference, reference) == []  # ... also on symmetric images
     batch_dependent = diagnose(reference, reference + 1, reference + 2, None)
     assert len(batch_dependent) == 1 and "BatchNorm exported in training mode" in batch_dependent[0]
     transposed = diagnose(reference, reference + 1, reference + 1, reference)
@@ -187,3 +189,14 @@ def test_a_results_folder_without_weights_is_one_line_naming_the_fix(fake_env, t
     empty.mkdir()
     assert run_cli("export", str(empty)) == 2
     assert "runs.jsonl not found" in _one_error_line(capsys)
+
+
+def test_an_input_shape_that_cannot_take_the_images_is_named():
+    from common.deploy_worker import _shape_problem
+
+    assert _shape_problem([None, 3, 32, 32], [500, 3, 32, 32]) is None  # dynamic batch, NCHW as fed
+    assert _shape_problem([None, None, None, 3], [500, 32, 32, 3]) is None  # free spatial dimensions
+    message = _shape_problem([None, 32, 32, 3], [500, 3, 32, 32])  # an NHWC artifact fed NCHW images
+    assert message == "the artifact's input shape is ['batch', 32, 32, 3], the verification images are " \
+                      "['batch', 3, 32, 32]"
+    assert _shape_problem([None, 3, 32], [500, 3, 32, 32])  # another rank
