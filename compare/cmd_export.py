@@ -88,9 +88,8 @@ def _check_mode(args: argparse.Namespace) -> None:
 def _fresh(args: argparse.Namespace, exporter: Any) -> list[Any]:
     from common.config import INIT_SCHEMES
     from common.registry import parse_models
-    from compare.cmd_parity import _in_shape
     from compare.export_plan import fresh_jobs
-    from compare.options import parse_backends
+    from compare.options import parse_backends, parse_in_shape
 
     if args.init not in INIT_SCHEMES:
         raise ConfigError(f"unknown --init {args.init!r}; choose one of: {', '.join(INIT_SCHEMES)}")
@@ -99,7 +98,7 @@ def _fresh(args: argparse.Namespace, exporter: Any) -> list[Any]:
     if unknown:
         raise ConfigError(f"--backends {','.join(unknown)} has no export formats; use torch and/or tensorflow")
     return fresh_jobs(parse_models(args.models), backends, exporter, seed=args.seed, init_scheme=args.init,
-                      data=args.data, test_subset=args.test_subset, in_shape=_in_shape(args.in_shape),
+                      data=args.data, test_subset=args.test_subset, in_shape=parse_in_shape(args.in_shape),
                       image_count=args.images)
 
 

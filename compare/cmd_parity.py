@@ -7,6 +7,7 @@ import json
 
 
 from common.registry import parse_models
+from compare.options import parse_in_shape
 from compare.parity import DEFAULT_ATOL, run_parity
 
 SUMMARY_COLUMNS = ["model", "torch_trainable_params", "tf_trainable_params", "spec_trainable_params",
@@ -26,25 +27,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per model")
 
 
-def _in_shape(text: str) -> tuple[int, int, int]:
-    from common.errors import ConfigError
-
-    try:
-        h, w, c = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--in-shape must be H,W,C like 32,32,3, got {text!r}") from None
-    if min(h, w, c) <= 0:
-        raise ConfigError(f"--in-shape must be positive, got {text!r}")
-    return h, w, c
-
-
 def main(args: argparse.Namespace) -> int:
     from common.errors import ConfigError
 
     models = parse_models(args.models)
     if args.batch < 2:
         raise ConfigError("--batch must be at least 2 (training-mode BN needs a batch)")
-    reports = run_parity(models, num_classes=args.num_classes, in_shape=_in_shape(args.in_shape),
+    reports = run_parity(models, num_classes=args.num_classes, in_shape=parse_in_shape(args.in_shape),
                          batch=args.batch, seed=args.seed, init_scheme=args.init, atol=args.atol)
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if not k.startswith("layers_")} for r in reports],

@@ -168,6 +168,7 @@ def test_report_rerenders_the_deployment_section(fake_env, tmp_path):
     (["--models", "resnet20"], "--models needs --out"),
     (["--models", "resnet20", "--out", "{tmp}/x", "--formats", "onnx,pickle"], "unknown --formats pickle"),
     (["--models", "resnet20", "--out", "{tmp}/x", "--threads", "0"], "--threads must be positive"),
+    (["--models", "resnet20", "--out", "{tmp}/x", "--in-shape", "8,8"], "--in-shape must be H,W,C"),
     (["--models", "resnet20", "--out", "{tmp}/x", "--backends", "fakea"], "has no export formats"),
     (["{tmp}/missing"], "is not a results folder"),
 ])
