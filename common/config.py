@@ -124,6 +124,7 @@ class RunSpec:
     warmup_steps: int = 5  # steps excluded from throughput (after the compile step)
     max_steps_per_epoch: int | None = None  # cap steps per epoch (smoke tests, bench)
     checkpoint_dir: str | None = None  # per-epoch checkpoints here; resume if present
+    final_weights_path: str | None = None  # the worker saves the final canonical weights here (.npz); None: not kept
     recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:
