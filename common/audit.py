@@ -33,13 +33,17 @@ MUST_MATCH = (
     "data_fingerprint",
     "sampler_seed",
     "device_type",  # cpu | gpu
-    "host_allocator",  # glibc malloc tuning the worker started with (common.manifest.MALLOC_TUNING)
 )
 NATIVE = (
     "device",  # resolved device name
+    # Each framework's execution configuration, chosen per machine by compare.tune (--mode auto):
+    "execution_config",  # the configuration requested and how it was chosen (search, cache, pin, fallback)
     "execution_mode",  # eager / compile / graph / xla
     "data_format",  # NCHW, channels_last, NHWC
-    "inter_op_threads",
+    "onednn",  # oneDNN kernels: TF's IsMklEnabled(), torch.backends.mkldnn (read back)
+    "host_allocator",  # glibc malloc tuning the worker started with (common.execution.MALLOC_TUNING)
+    "inter_op_threads",  # 0 = the framework's default (one per core)
+    "data_threads",  # tf.data private thread pool (0 = tf.data's default); torch builds batches in the step's thread
     "loss_scaling",  # fp16 only
 )
 AUDIT_KEYS = MUST_MATCH + NATIVE

@@ -12,16 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import ConfigError
+from common.execution import ExecutionConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WEIGHT_DECAY_MODES = ("coupled_l2", "decoupled")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16", "fp16")
 INIT_SCHEMES = ("torch_default", "he_normal_fan_out", "glorot_uniform")
-# Execution modes per backend; "best" lets the backend pick its fastest correct one.
+# Execution modes per backend. "auto": the configuration measured fastest (and correct) on this
+# machine by compare.tune (cached per machine); "best": the fixed fallback (common.execution.FALLBACK).
 BACKEND_MODES = {
-    "torch": ("best", "eager", "compile"),
-    "tensorflow": ("best", "eager", "graph", "xla"),
+    "torch": ("auto", "best", "eager", "compile"),
+    "tensorflow": ("auto", "best", "eager", "graph", "xla"),
 }
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of CIFAR-10 train, in [0, 1]
 CIFAR_STD = (0.2470, 0.2435, 0.2616)  # per-channel std of CIFAR-10 train, in [0, 1]
@@ -100,8 +102,9 @@ class RunSpec:
     seed: int = 0  # drives init weights, sampler order, augmentation, subsets
     device: str = "auto"  # auto | cpu | cuda | cuda:N (TensorFlow: GPU:N)
     precision: str = "fp32"  # one of PRECISIONS
-    mode: str = "best"  # execution mode, one of BACKEND_MODES[backend]
-    channels_last: bool | None = None  # torch memory format; None = backend decides
+    mode: str = "auto"  # requested execution mode, one of BACKEND_MODES[backend]
+    channels_last: bool | None = None  # torch memory format; None = the search / fallback decides
+    execution: ExecutionConfig | None = None  # resolved by the parent (compare.tune); None: fallback + pins
     deterministic: bool = False  # framework determinism switches (slower)
     allow_tf32: bool = False  # TensorFloat-32 matmuls/convs on Ampere+ GPUs
     threads: int | None = None  # intra-op threads for both frameworks; None = all cores
@@ -116,6 +119,8 @@ class RunSpec:
         modes = BACKEND_MODES.get(self.backend)
         if modes is not None:
             _one_of(f"mode for {self.backend}", self.mode, modes)
+            if self.execution is not None and self.execution.mode != "best":
+                _one_of(f"execution mode for {self.backend}", self.execution.mode, modes[2:])
         _one_of("precision", self.precision, PRECISIONS)
         if self.threads is not None:
             _positive("threads", self.threads)
@@ -141,7 +146,9 @@ class RunSpec:
         for key in ("step_milestones", "mean", "std"):
             if key in recipe_raw:
                 recipe_raw[key] = tuple(recipe_raw[key])
-        return cls(**raw, recipe=Recipe(**recipe_raw))
+        execution = raw.pop("execution", None)
+        execution = ExecutionConfig.from_dict(execution) if isinstance(execution, dict) else execution
+        return cls(**raw, recipe=Recipe(**recipe_raw), execution=execution)
 
     def run_id(self) -> str:
         """Stable identifier of this run inside a results folder."""

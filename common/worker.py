@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -23,7 +24,8 @@ from common.config import RunSpec
 from common.errors import UserError
 from common.init import initial_weights
 from common.loop import LoopState, final_report, train
-from common.manifest import allocator_setting, collect_manifest
+from common.execution import allocator_setting, requested
+from common.manifest import collect_manifest
 from common.results import RunResult, write_json_atomic
 
 EVENT_PREFIX = "DUALBENCH_EVENT "
@@ -38,9 +40,11 @@ def emit(event: str, **fields: Any) -> None:
 def common_settings(spec: RunSpec, dataset: Any) -> dict[str, Any]:
     """Audit values that come from the spec itself rather than from a framework object."""
     r = spec.recipe
+    execution = requested(spec)
     return {"init_scheme": r.init_scheme, "lr_schedule": f"{r.schedule} (common.schedules, per step)",
             "batch_size": r.batch_size, "data_fingerprint": dataset.fingerprint, "sampler_seed": spec.seed,
-            "host_allocator": allocator_setting()}
+            "host_allocator": allocator_setting(os.environ),  # what this process really started with
+            "execution_config": f"{execution.label()} ({execution.source or 'given'})"}
 
 
 def build(backend: Any, spec: RunSpec) -> dict[str, Any]:
@@ -168,6 +172,12 @@ def _bench_task(backend_name: str, args: argparse.Namespace) -> int:
     return run_bench_request(backend_name, args.request, args.out)
 
 
+def _tune_task(backend_name: str, args: argparse.Namespace) -> int:
+    from common.tuning import run_tune_request
+
+    return run_tune_request(backend_name, args.request, args.out)
+
+
 def _parity_task(backend_name: str, args: argparse.Namespace) -> int:
     from common.parity import run_parity_request
 
@@ -184,6 +194,10 @@ TASKS: dict[str, Task] = {
     "bench": (_bench_task, "throughput and memory of one configuration (common.bench)",
               [("request", "JSON: {'spec': RunSpec dict, 'steps': int, 'phases': [...]}"),
                ("out", "where to write the rows JSON")]),
+    "tune": (_tune_task, "gate outputs and throughput of one execution configuration (common.tuning)",
+             [("request", "JSON: {'spec': RunSpec dict with execution, 'gate_steps', 'warmup', 'steps', "
+                          "'stop_below'}"),
+              ("out", "where to write the result JSON")]),
     "parity": (_parity_task, "forward outputs for given weights (common.parity)",
                [("request", "folder with request.json, images.npy, <model>.weights.npz"),
                 ("out", "folder for <model>.npz / <model>.json")]),

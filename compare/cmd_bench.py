@@ -27,10 +27,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     p("--data", default=None, help="dataset SPEC feeding the pipeline measurement (default: synthetic images, "
       "enough that the timed steps stay inside one epoch at the largest batch size)")
     p("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p("--mode", default="best", help="as for `dualbench run`: one mode or per backend 'torch=compile,...'")
+    p("--mode", default="auto", help="as for `dualbench run`: auto (a configuration `dualbench tune` measured "
+      "on this machine, else the fallback), best, one mode, or per backend 'torch=compile,...'")
     p("--threads", type=int, default=None, help="intra-op threads for both frameworks (default: all cores)")
     p("--channels-last", choices=tuple(options.CHANNELS_LAST), default="auto", help="torch memory format")
     p("--warmup-steps", type=int, default=5, help="untimed steps after the compile step")
+    options.add_tune_options(parser)
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -59,6 +61,7 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
     phases = _choices(args.phases, PHASES, "--phases")
     if args.steps <= 0 or args.warmup_steps < 0:
         raise ConfigError("--steps must be positive and --warmup-steps >= 0")
+    options.check_tune_budget(args)
     modes = options.parse_modes(args.mode, backends)
     window = max(batch_sizes) * (args.steps + args.warmup_steps)  # images the pipeline measure draws
     if args.data is None:
@@ -69,7 +72,8 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
                         warmup_steps=args.warmup_steps, channels_last=options.CHANNELS_LAST[args.channels_last])
     from common.data import load_dataset
 
-    train_images = len(load_dataset(args.data, progress=False).train_labels)  # fails here, once, if missing
+    dataset = load_dataset(args.data, progress=False)  # fails here, once, if missing
+    train_images = len(dataset.train_labels)
     if train_images < window:
         # Each epoch start rebuilds the pipeline (tf.data: a new graph and prefetch); in real training that
         # is amortised over a whole epoch, here it would land inside the timed steps.
@@ -78,7 +82,27 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
               "dataset or fewer --steps", file=sys.stderr)
     configs = [BenchConfig(m, b, p, modes[b], batch_sizes, base)
                for m in models for p in precisions for b in backends]
-    return configs, phases
+    return resolve_executions(args, configs, dataset), phases
+
+
+def resolve_executions(args: argparse.Namespace, configs: list[BenchConfig], dataset) -> list[BenchConfig]:
+    """Each sweep's execution configuration: --mode auto takes a cached search result, searched at the
+    sweep's middle batch size, and searches only with --retune (a sweep is too short to pay for one)."""
+    from dataclasses import replace
+
+    from compare.tune_resolve import Resolver
+
+    resolver = Resolver(dataset, retune=args.retune, budget_s=args.tune_budget_s)
+    resolved = []
+    for config in configs:
+        batch = sorted(config.batch_sizes)[(len(config.batch_sizes) - 1) // 2]
+        spec = replace(config.base, model=config.model, backend=config.backend, precision=config.precision,
+                       mode=config.mode, recipe=replace(config.base.recipe, batch_size=batch))
+        execution = resolver.resolve_one(spec).execution
+        print(f"execution {config.backend} / {config.model}: {execution.label()} ({execution.source})",
+              file=sys.stderr, flush=True)
+        resolved.append(replace(config, execution=execution))
+    return resolved
 
 
 def main(args: argparse.Namespace) -> int:

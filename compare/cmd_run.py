@@ -1,7 +1,9 @@
 """`dualbench run`: train models on both backends (one worker subprocess per run) and report.
 
 Order of work: validate every option and the dataset in this process (no
-worker starts on bad input) -> fairness audit (one audit-only worker per model
+worker starts on bad input) -> each backend's execution configuration
+(``--mode auto``: cached per machine, searched where it pays; compare.tune_resolve)
+-> fairness audit (one audit-only worker per model
 and backend; ``--strict`` stops on an asymmetry) -> runs in ABBA order, each
 upserted into OUT/runs.jsonl as it finishes (already-ok runs are skipped) ->
 tables, plots, report.md/.html. Exit codes: 0 all runs ok, 1 some run failed,
@@ -29,6 +31,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     options.add_recipe_options(parser)
     options.add_spec_options(parser)
+    options.add_tune_options(parser)
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per worker before its process group is killed (status timeout)")
     parser.add_argument("--out", required=True, help="results folder (created; reruns resume in it)")
@@ -48,6 +51,7 @@ def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
     shared = options.spec_kwargs(args)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    options.check_tune_budget(args)
     specs = []
     for model, seed, backend in plan_runs(models, backends, seeds):
         checkpoint = None
@@ -72,6 +76,24 @@ def validate_dataset(spec: RunSpec, seeds: list[int]) -> Any:
         raise ConfigError(f"--batch-size {spec.recipe.batch_size} is larger than the {n_train} training images "
                           "(the last partial batch is dropped): lower --batch-size")
     return dataset
+
+
+def resolve_executions(args: argparse.Namespace, specs: list[RunSpec], dataset: Any, store: Any) -> list[RunSpec]:
+    """Every spec with its execution configuration (--mode auto: cache or search); tuning.json written."""
+    from compare.tune_resolve import AUTO_SEARCH_MIN_STEPS, Resolver, planned_steps
+
+    seeds = len({s.seed for s in specs})
+    steps = planned_steps(specs[0], len(dataset.train_labels), seeds)
+    resolver = Resolver(dataset, retune=args.retune, search_if_missing=steps >= AUTO_SEARCH_MIN_STEPS,
+                        budget_s=args.tune_budget_s)
+    resolved = resolver.resolve(specs)
+    store.write_json("tuning.json", {"planned_steps_per_backend_model": steps,
+                                     "search_min_steps": AUTO_SEARCH_MIN_STEPS, "cache": str(resolver.cache.path),
+                                     "fingerprint": resolver.cache.fingerprint, "resolutions": resolver.summary()})
+    for record in resolver.summary():
+        print(f"execution {record['backend']} / {record['model']}: {record['label']} ({record['source']})",
+              flush=True)
+    return resolved
 
 
 def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any) -> None:
@@ -140,6 +162,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> int:
     dataset = validate_dataset(specs[0], seeds)
     from compare.progress import Progress
 
+    specs = resolve_executions(args, specs, dataset, store)
     runner = Runner(store, timeout_s=args.timeout, force=args.force)
     runner.check_existing(specs)
     _write_manifest(store, specs, dataset)

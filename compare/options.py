@@ -51,20 +51,38 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
     p("--data", default=None, help=f"dataset SPEC (default {_default(RunSpec, 'data')}; see `dualbench list`)")
     p("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
     p("--precision", default=None, choices=PRECISIONS, help="compute precision (default fp32)")
-    p("--mode", default="best",
-      help="execution mode: one mode for every backend (e.g. best, eager) or per backend "
-           "'torch=compile,tensorflow=xla'; modes: "
+    p("--mode", default="auto",
+      help="execution mode: auto (default: the configuration measured fastest and correct on this machine, "
+           "cached; see `dualbench tune`), best (a fixed fallback, no measuring), one mode for every backend, "
+           "or per backend 'torch=compile,tensorflow=xla' (a pinned backend is not searched); modes: "
            + "; ".join(f"{b}: {'/'.join(m)}" for b, m in BACKEND_MODES.items()))
     p("--threads", type=int, default=None, help="intra-op threads for both frameworks (default: all cores)")
     p("--deterministic", action="store_true", default=None, help="framework determinism switches (slower)")
     p("--allow-tf32", action="store_true", default=None, help="allow TensorFloat-32 on Ampere+ GPUs")
     p("--channels-last", choices=tuple(CHANNELS_LAST), default="auto",
-      help="torch memory format (auto: the backend decides)")
+      help="torch memory format (auto: the search or the fallback decides; on/off pins it)")
     p("--train-subset", type=int, default=None, help="stratified training subset size (images)")
     p("--test-subset", type=int, default=None, help="stratified test subset size (images)")
     p("--warmup-steps", type=int, default=None,
       help=f"steps excluded from throughput after the compile step (default {_default(RunSpec, 'warmup_steps')})")
     p("--max-steps-per-epoch", type=int, default=None, help="cap training steps per epoch (smoke runs)")
+
+
+def add_tune_options(parser: argparse.ArgumentParser) -> None:
+    """--retune and --tune-budget-s: how --mode auto searches (compare.tune)."""
+    from compare.tune import DEFAULT_BUDGET_S
+
+    parser.add_argument("--retune", action="store_true",
+                        help="--mode auto: search again even if this machine has a cached result (and even for "
+                             "a short run); the new result replaces the cached one")
+    parser.add_argument("--tune-budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="seconds after which a search (per backend and model) stops trying new "
+                             "configurations (default %(default)s)")
+
+
+def check_tune_budget(args: argparse.Namespace) -> None:
+    if args.tune_budget_s <= 0:
+        raise ConfigError(f"--tune-budget-s must be a positive number of seconds, got {args.tune_budget_s:g}")
 
 
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +165,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def parse_modes(text: str, backends: list[str]) -> dict[str, str]:
     """--mode -> {backend: mode}. One mode applies to all backends; 'b=m,...' sets them one by one."""
-    text = str(text or "best").strip()
+    text = str(text or "auto").strip()
     if "=" not in text:
         mismatched = [b for b in backends if b in BACKEND_MODES and text not in BACKEND_MODES[b]]
         if mismatched:
@@ -155,7 +173,7 @@ def parse_modes(text: str, backends: list[str]) -> dict[str, str]:
             raise ConfigError(f"--mode {text} does not exist for {b} (it has {', '.join(BACKEND_MODES[b])}); "
                               f"give modes per backend, e.g. --mode torch=compile,tensorflow=xla")
         return {b: text for b in backends}
-    modes = {b: "best" for b in backends}
+    modes = {b: "auto" for b in backends}
     for item in filter(None, (p.strip() for p in text.split(","))):
         backend, sep, mode = (s.strip() for s in item.partition("="))
         if not sep or not mode:
@@ -204,8 +222,8 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     seeds = sorted({int(s["seed"]) for s in specs})
     words = ["dualbench", "run", "--models", ",".join(models), "--backends", ",".join(backends),
              "--seeds", ",".join(map(str, seeds))]
-    modes = {s["backend"]: s.get("mode", "best") for s in specs}
-    if set(modes.values()) != {"best"}:
+    modes = {s["backend"]: s.get("mode", "auto") for s in specs}
+    if set(modes.values()) != {"auto"}:
         distinct = set(modes.values())
         words += ["--mode", distinct.pop() if len(distinct) == 1 else ",".join(f"{b}={m}" for b, m in modes.items())]
     first, defaults = specs[0], RunSpec(model="x", backend="x").to_dict()

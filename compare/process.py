@@ -46,18 +46,18 @@ class ProcessOutcome:
     stdout_tail: list[str] = field(default_factory=list)  # non-event stdout lines (last TAIL_LINES)
 
 
-def worker_env() -> dict[str, str]:
-    """The parent's environment, the project root on PYTHONPATH (so `-m common.worker` imports) and
-    common.manifest.MALLOC_TUNING (unless the user set those variables)."""
-    from common.manifest import MALLOC_TUNING, PROJECT_ROOT
+def worker_env(execution: Any = None) -> dict[str, str]:
+    """The environment of one worker: the parent's, the project root on PYTHONPATH (so the worker
+    modules import), and the process-level parts of ``execution`` (a common.execution.ExecutionConfig:
+    oneDNN switch, malloc tuning; None: the fallback's), which the framework reads when it loads."""
+    from common.execution import process_env
+    from common.manifest import PROJECT_ROOT
 
     env = dict(os.environ)
     parts = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    for name, value in MALLOC_TUNING.items():  # the same host allocator settings for every backend
-        env.setdefault(name, value)
-    return env
+    return dict(process_env(execution, env))
 
 
 def _pump(stream, lines: "queue.Queue[str | None]") -> None:

@@ -15,7 +15,7 @@ import pandas as pd
 from common.audit import compare_settings
 from common.errors import UserError
 from common.results import RunResult
-from compare import plots
+from compare import plots, tune_report
 from compare.document import Block, to_html, to_markdown
 from compare.options import command_for
 from compare.store import ResultsStore
@@ -57,9 +57,10 @@ def _settings_table(results: list[RunResult]) -> pd.DataFrame:
 def _environment(manifest: dict[str, Any], results: list[RunResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(machine table, per-backend table) from manifest.json or, failing that, the first run's manifest."""
     base = manifest or next((r.manifest for r in results if r.manifest), {})
-    keys = ("cpu_model", "cpu_count", "usable_cores", "os", "python", "hostname", "git_commit",
+    keys = ("cpu_model", "cpu_flags", "cpu_count", "usable_cores", "os", "python", "hostname", "git_commit",
             "data_spec", "data_fingerprint", "train_images", "test_images", "created_utc")
-    machine = [{"item": k, "value": str(base.get(k))} for k in keys if base.get(k) is not None]
+    machine = [{"item": k, "value": ", ".join(map(str, v)) if isinstance(v, list) else str(v)}
+               for k in keys if (v := base.get(k)) is not None]
     packages = base.get("packages") or {}
     machine += [{"item": f"package {k}", "value": v} for k, v in packages.items()]
     per_backend = []
@@ -160,12 +161,21 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                             link=str(path.relative_to(store.root))))
     blocks += [Block("h2", "Settings used"), Block("table", table=_settings_table(results))]
     blocks += _audit_blocks(audit)
+    blocks += tune_report.report_blocks(_read_json(store.root / "tuning.json"))
     blocks += [Block("h2", "Environment"), Block("table", table=machine), Block("table", table=per_backend)]
     blocks += [Block("h2", "Caveats"), Block("list", items=caveats(results, tables, audit))]
     command = manifest.get("command") or command_for([r.spec for r in results if r.spec], str(store.root))
     blocks += [Block("h2", "How to reproduce"), Block("code", text=command),
                Block("p", f"Re-render this report from the results alone: `dualbench report {store.root}`")]
     return blocks
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def machine_value(machine: pd.DataFrame, item: str) -> str:
@@ -214,6 +224,9 @@ def render_all(store: ResultsStore) -> list[Path]:
     written: list[Path] = []
     for name in ("summary", "head_to_head", "curves", "per_class"):
         written += store.write_table(name, tables[name])
+    resolutions = _read_json(store.root / "tuning.json").get("resolutions") or []
+    if resolutions:  # the search table, beside tuning.json (which keeps every record in full)
+        written += store.write_table("tuning", tune_report.search_frame(resolutions), parquet=False)
     failures_csv = store.root / "failures.csv"
     if not tables["failures"].empty:
         written += store.write_table("failures", tables["failures"], parquet=False)

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from common.audit import asymmetries, compare_settings
 from common.config import RunSpec
 from common.errors import UserError
+from common.execution import requested
 from common.registry import worker_command
 from common.results import STATUSES, RunResult, write_json_atomic
 from compare.process import ProcessOutcome, run_process, stderr_tail, worker_env
@@ -122,7 +123,6 @@ class Runner:
         self.force = force
         self.progress = progress
         self.launches = 0
-        self.env = worker_env()
 
     # -- resume -----------------------------------------------------------------
     def check_existing(self, specs: list[RunSpec]) -> None:
@@ -156,8 +156,9 @@ class Runner:
             argv = [sys.executable, *worker_command(spec.backend), task, str(spec_path), str(out_path)]
             log_path = self.store.log_path(("audit__" if audit_only else "") + spec.run_id())
             self.launches += 1
+            # the spec's execution configuration decides the process-level settings (oneDNN, malloc)
             outcome = run_process(argv, log_path=log_path, timeout_s=self.timeout_s, on_event=on_event,
-                                  env=self.env)
+                                  env=worker_env(requested(spec)))
             return outcome, _read_json(out_path), log_path
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -20,7 +20,14 @@ the batch size is >= N: an out-of-memory boundary for `dualbench bench`), ``slow
 (reports bn_epsilon 1e-3 in the audit) or ``audit_segfault`` (SIGSEGV while auditing). Faults in training steps never fire in
 ``audit`` workers, which build but do not train.
 
-``DUALBENCH_FAKE_LAUNCH_LOG``: each worker appends "audit|train RUN_ID PID" there.
+``DUALBENCH_FAKE_LAUNCH_LOG``: each worker appends "audit|train|tune RUN_ID PID" there.
+
+Execution configurations (compare.tune searches the fake's ``SEARCH_SPACE``): a
+training step sleeps ``FAKE_STEP_S`` divided by the speed-ups that
+``DUALBENCH_FAKE_TUNE`` = "FIELD=VALUE:xFACTOR[:wrong];..." gives the run's
+configuration (``mode=compile:x3`` makes compile three times as fast); ``wrong``
+shifts that configuration's logits and losses, so the correctness gate must
+exclude it. Without the variable a step does not sleep.
 """
 from __future__ import annotations
 
@@ -33,11 +40,38 @@ from typing import Any, Iterator
 import numpy as np
 
 from common.config import RunSpec
+from common.execution import ExecutionConfig, requested
 from common.sampler import EpochPlan, normalize_reference, plan_batch_reference
+from compare.tune import Dimension, SearchSpace
 
 FAULT_ENV = "DUALBENCH_FAKE_FAULT"
 LAUNCH_LOG_ENV = "DUALBENCH_FAKE_LAUNCH_LOG"
+TUNE_ENV = "DUALBENCH_FAKE_TUNE"
 POOL = 8  # pixels averaged per feature along each axis
+FAKE_STEP_S = 0.02  # a step's sleep at speed 1 when DUALBENCH_FAKE_TUNE is set
+WRONG_OFFSET = 0.5  # added to the logits and losses of a configuration marked wrong
+SEARCH_SPACE = SearchSpace(
+    reference=ExecutionConfig("eager", channels_last=False, malloc_tuning=False),
+    start=ExecutionConfig("eager", channels_last=False, malloc_tuning=False),
+    dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
+                Dimension("channels_last", (False, True)),
+                Dimension("mode", ("eager", "compile", "xla"))))
+
+
+def tune_effects(config: ExecutionConfig) -> tuple[float, bool]:
+    """(speed-up, wrong) of ``config`` under $DUALBENCH_FAKE_TUNE (speed-up 0: not set, no sleeping)."""
+    text = os.environ.get(TUNE_ENV)
+    if not text:
+        return 0.0, False
+    speed, wrong = 1.0, False
+    for item in filter(None, text.split(";")):
+        setting, _, effect = item.partition(":")
+        name, _, value = setting.partition("=")
+        if str(getattr(config, name.strip())) == value.strip():
+            factor, _, flag = effect.partition(":")
+            speed *= float(factor.strip().lstrip("x"))
+            wrong = wrong or flag.strip() == "wrong"
+    return speed, wrong
 
 
 def faults_for(spec: RunSpec) -> dict[str, int]:
@@ -74,11 +108,14 @@ class FakeTrainStep:
 
     def __init__(self, model: FakeModel, spec: RunSpec):
         self.model, self.spec, self.faults = model, spec, faults_for(spec)
+        self.speed, self.wrong = tune_effects(requested(spec))
         self.buffers = {"kernel": np.zeros_like(model.kernel), "bias": np.zeros_like(model.bias)}
         self.step = 0
 
     def _fault(self) -> None:
         f = self.faults
+        if self.speed:
+            time.sleep(FAKE_STEP_S / self.speed)
         if f.get("slow"):
             time.sleep(0.2)
         if f.get("segfault") == self.step:
@@ -109,6 +146,7 @@ class FakeTrainStep:
         loss = float(-(target * np.log(p + 1e-12)).sum(axis=1).mean())
         if self.faults.get("diverge") == self.step:
             loss = float("nan")
+        loss += WRONG_OFFSET if self.wrong else 0.0
         grad_z = (p - target) / len(labels)
         grads = {"kernel": x.T @ grad_z + r.weight_decay * m.kernel, "bias": grad_z.sum(axis=0) + r.weight_decay * m.bias}
         for name, grad in grads.items():
@@ -139,9 +177,11 @@ class FakeBackend:
         self.spec, self.name = spec, spec.backend
         log = os.environ.get(LAUNCH_LOG_ENV)
         if log:
+            task = next((t for t in ("audit", "tune") if t in sys.argv[2:3]), "train")
             with open(log, "a", encoding="utf-8") as handle:
-                handle.write(f"{'audit' if 'audit' in sys.argv[2:3] else 'train'} {spec.run_id()} {os.getpid()}\n")
-        return {"device": "cpu", "mode": spec.mode, "threads": spec.threads or 1}
+                handle.write(f"{task} {spec.run_id()} {os.getpid()}\n")
+        self.execution = requested(spec)
+        return {"device": "cpu", "mode": self.execution.mode, "threads": spec.threads or 1}
 
     def versions(self) -> dict[str, str]:
         return {"fake": "1.0", "numpy": np.__version__}
@@ -193,6 +233,8 @@ class FakeBackend:
         return FakeTrainStep(model, spec)
 
     def make_eval_step(self, model: FakeModel):
+        if tune_effects(self.execution)[1]:
+            return lambda images: model.logits(images) + WRONG_OFFSET
         return model.logits
 
     def to_numpy(self, value: Any) -> np.ndarray:
@@ -207,8 +249,10 @@ class FakeBackend:
             "optimizer_epsilon": r.adam_epsilon, "loss": "softmax_cross_entropy_from_logits",
             "label_smoothing": r.label_smoothing, "precision": spec.precision, "tf32": spec.allow_tf32,
             "deterministic": spec.deterministic, "intra_op_threads": spec.threads or 1, "device_type": "cpu",
-            "device": "cpu", "execution_mode": spec.mode, "data_format": "NHWC", "inter_op_threads": 1,
-            "loss_scaling": None,
+            "device": "cpu", "execution_mode": self.execution.mode, "loss_scaling": None,
+            "data_format": "NHWC channels_last" if self.execution.channels_last else "NHWC",
+            "inter_op_threads": self.execution.inter_op_threads or 0, "onednn": self.execution.onednn,
+            "data_threads": self.execution.data_threads,
         }
         faults = faults_for(spec)
         if "asym" in faults:

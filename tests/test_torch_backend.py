@@ -17,7 +17,8 @@ from tests.torch_helpers import cpu_spec, tiny_dataset
 from torch_impl import backend as backend_module
 from torch_impl.backend import Backend, resolve_device, resolve_mode
 
-COMMON_KEYS = {"init_scheme", "lr_schedule", "batch_size", "data_fingerprint", "sampler_seed", "host_allocator"}
+COMMON_KEYS = {"init_scheme", "lr_schedule", "batch_size", "data_fingerprint", "sampler_seed", "host_allocator",
+               "execution_config"}  # common.worker.common_settings
 
 
 def test_backend_implements_the_protocol():
@@ -47,10 +48,23 @@ def test_auto_and_cpu_devices():
 
 def test_mode_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
-    assert resolve_mode("best", None, cpu) == backend_module.BEST["cpu"]
-    assert resolve_mode("best", None, cuda) == ("compile", True)
-    assert resolve_mode("eager", True, cpu) == ("eager", True)
-    assert resolve_mode("compile", False, cuda) == ("compile", False)
+    assert resolve_mode("best", cpu) == backend_module.FALLBACK_MODE["cpu"] == "eager"
+    assert resolve_mode("auto", cuda) == "compile"  # no search resolved it: the fallback
+    assert resolve_mode("eager", cpu) == "eager" and resolve_mode("compile", cuda) == "compile"
+
+
+def test_setup_applies_the_execution_configuration_and_reads_it_back():
+    from common.execution import ExecutionConfig
+
+    backend = Backend()
+    try:
+        spec = cpu_spec(mode="auto", channels_last=None, execution=ExecutionConfig("eager", channels_last=True))
+        effective = backend.setup(spec)
+        assert effective["channels_last"] is True and effective["execution_mode"] == "eager"
+        assert effective["onednn"] == (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+        assert backend.setup(cpu_spec(mode="auto", channels_last=None))["channels_last"] is True  # the fallback
+    finally:
+        backend.setup(cpu_spec())
 
 
 def test_setup_applies_and_reads_back_settings():

@@ -23,32 +23,23 @@ import tensorflow as tf  # noqa: E402
 
 from common.config import Recipe, RunSpec  # noqa: E402
 from common.errors import UserError  # noqa: E402
+from common.execution import requested  # noqa: E402
 from common.manifest import usable_cores  # noqa: E402
-from common.sampler import EpochPlan  # noqa: E402
+from common.sampler import EpochPlan, epoch_plan  # noqa: E402
 from tf_impl import data as tf_data  # noqa: E402
 from tf_impl import weights as tf_weights  # noqa: E402
 from tf_impl.layers import BatchNorm  # noqa: E402
 from tf_impl.models import create_model  # noqa: E402
 from tf_impl.optim import EvalStep, TrainStep  # noqa: E402
 
-# "best" execution mode per device type, measured with benchmarks/mode_matrix.py (dualbench bench,
-# compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps, one process per
-# configuration, torch and TensorFlow configurations interleaved in ABBA order, median of 2 rounds) on
-# the quiet 2-core AMD EPYC VM, TF 2.21, 2 intra-op threads, glibc malloc tuned, 2026-11-23 19:40 UTC;
-# the first step (trace + compile) apart:
-#   fp32 resnet20: graph 658 (compile 1.3 s) | eager 368 (0.6 s) | xla 336 (3.7 s)
-#   fp32 seed_cnn: graph 709 (0.5 s) | eager 480 (0.4 s) | xla 464 (1.9 s)
-#   bf16 resnet20: graph 831 | eager 411 | xla 370;  bf16 seed_cnn: graph 1256 | eager 601 | xla 415
-# Graph won every configuration, by 1.5-3.0x. GPU: XLA (it fuses the BN/ReLU/add chains between
-# the cuDNN convs); not measured here, the dev machine has no GPU.
-BEST = {"cpu": "graph", "gpu": "xla"}
+# The fixed fallback mode per device type ("best": used where no per-machine search chose one,
+# see common.execution.FALLBACK): chosen with benchmarks/mode_matrix.py on the CPU; GPU: XLA, which
+# fuses the BN/ReLU/add chains between the cuDNN convs (Keras's own jit_compile="auto" choice on a
+# GPU), unmeasured until a GPU run of benchmarks/tune_check.py confirms it.
+FALLBACK_MODE = {"cpu": "graph", "gpu": "xla"}
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 _PRECISION_OF_POLICY = {v: k for k, v in _POLICIES.items()}
 _DATA_FORMAT_NAMES = {"channels_last": "NHWC", "channels_first": "NCHW"}
-# Inter-op 2 lets independent ops (a conv's input and weight gradients) overlap: resnet20 graph
-# step 0.202/0.210 s with 2 vs 0.245/0.224 s with 1 (two runs each, 2 cores).
-INTER_OP_THREADS = 2
-
 
 class Backend:
     """TensorFlow 2 / Keras 3 behind the shared interface."""
@@ -58,8 +49,9 @@ class Backend:
     def __init__(self) -> None:
         self.device = "/CPU:0"  # logical device every model, step and batch is placed on
         self.device_type = "cpu"
-        self.mode = BEST["cpu"]
+        self.mode = FALLBACK_MODE["cpu"]
         self.precision = "fp32"
+        self.data_threads: int | None = None  # tf.data private thread pool (ExecutionConfig.data_threads)
         self._gpu = None  # the physical GPU in use (tf.config.PhysicalDevice), if any
         self._train: tf_data.TrainPipeline | None = None
         self._eval: tf_data.EvalPipeline | None = None
@@ -68,9 +60,11 @@ class Backend:
     def setup(self, spec: RunSpec) -> dict[str, Any]:
         self.device_type, gpu_index = resolve_device(spec.device)
         self._select_device(gpu_index, spec.device)
-        threads = spec.threads or usable_cores()
-        # TF's defaults: a pool per core for intra-op and inter-op each; both explicit here.
-        _set_threads(threads, min(INTER_OP_THREADS, threads))
+        execution = requested(spec)
+        # TF's defaults: a pool per core for intra-op and inter-op each. Intra-op: set explicitly (the
+        # same count as torch); inter-op: the execution configuration's (0 = TF's default).
+        _set_threads(spec.threads or usable_cores(), execution.inter_op_threads or 0)
+        self.data_threads = execution.data_threads
         # TF enables TF32 by default on Ampere+ (torch does not): always set from the spec.
         tf.config.experimental.enable_tensor_float_32_execution(bool(spec.allow_tf32))
         _set_determinism(spec.deterministic)
@@ -78,7 +72,7 @@ class Backend:
         keras.config.set_image_data_format("channels_last")  # NHWC: Keras's default, made explicit
         self.precision = spec.precision
         keras.mixed_precision.set_global_policy(_POLICIES[spec.precision])
-        self.mode = resolve_mode(spec.mode, self.device_type)
+        self.mode = resolve_mode(execution.mode, self.device_type)
         return self._effective_settings()
 
     def _effective_settings(self) -> dict[str, Any]:
@@ -90,6 +84,7 @@ class Backend:
                 "channels_last": keras.config.image_data_format() == "channels_last",
                 "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
                 "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+                "onednn": _onednn_enabled(),
                 "tf32": bool(tf.config.experimental.tensor_float_32_execution_enabled()),
                 "deterministic": _determinism_enabled()}
 
@@ -163,10 +158,11 @@ class Backend:
     # -- training ------------------------------------------------------------
     def attach_data(self, dataset: Any, spec: RunSpec) -> None:
         recipe = spec.recipe
+        normalisation = {"mean": recipe.mean, "std": recipe.std, "data_threads": self.data_threads}
         self._train = tf_data.TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
-                                            crop_padding=recipe.crop_padding, mean=recipe.mean, std=recipe.std)
+                                            crop_padding=recipe.crop_padding, **normalisation)
         self._eval = tf_data.EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
-                                          batch_size=recipe.eval_batch_size, mean=recipe.mean, std=recipe.std)
+                                          batch_size=recipe.eval_batch_size, **normalisation)
 
     def train_batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[Any, Any]]:
         if self._train is None:
@@ -201,9 +197,17 @@ class Backend:
                 "loss": train_step.loss_name, "label_smoothing": train_step.label_smoothing,
                 "precision": settings["precision"], "tf32": settings["tf32"],
                 "deterministic": settings["deterministic"], "intra_op_threads": settings["intra_op_threads"],
-                "inter_op_threads": settings["inter_op_threads"], "device_type": self.device_type,
+                "inter_op_threads": settings["inter_op_threads"], "onednn": settings["onednn"],
+                "data_threads": self._data_threads(), "device_type": self.device_type,
                 "device": settings["device"], "execution_mode": train_step.mode,
                 "data_format": settings["data_format"], "loss_scaling": train_step.loss_scaling}
+
+    def _data_threads(self) -> int | None:
+        """The tf.data private thread pool read back from a built training dataset (0: tf.data's default)."""
+        if self._train is None:
+            return None
+        probe = self._train._dataset(epoch_plan(0, 0, self._train.num_examples, 1, crop_padding=self._train.pad))
+        return tf_data._private_threadpool_size(probe)
 
     # -- measurement ---------------------------------------------------------
     def synchronize(self) -> None:
@@ -231,8 +235,15 @@ class Backend:
 
 
 def resolve_mode(mode: str, device_type: str) -> str:
-    """Resolve "best" for this device type ("cpu" | "gpu")."""
-    return BEST[device_type] if mode == "best" else mode
+    """Resolve "best" (and "auto" when no search resolved it) to this device type's ("cpu" | "gpu") fallback mode."""
+    return FALLBACK_MODE[device_type] if mode in ("best", "auto") else mode
+
+
+def _onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN kernels in this process (TF_ENABLE_ONEDNN_OPTS, read at load time)."""
+    from tensorflow.python.util import _pywrap_util_port  # IsMklEnabled has no public API
+
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def resolve_device(device: str) -> tuple[str, int | None]:

@@ -12,7 +12,9 @@ i.e. exactly ``plan.batch_bounds()``); a ``map`` on whole batches gathers the
 crops with ONE ``gather_nd`` (row/column indices from the offsets, columns
 reversed with ``tf.where`` where flipped: no per-sample tf.image calls), casts
 and normalises ``(x/255 - mean)/std`` in that op order, in float32. Then
-``prefetch(tf.data.AUTOTUNE)``. On a GPU, batches are copied to the device inside
+``prefetch(tf.data.AUTOTUNE)``. ``data_threads`` (common.execution.ExecutionConfig)
+gives the pipelines a private thread pool of that size instead of tf.data's
+shared default pool (one thread per core, on top of TensorFlow's op pools). On a GPU, batches are copied to the device inside
 tf.data (``copy_to_device`` + ``prefetch``) so step i+1's batch is already
 there while step i runs (not exercised on a GPU yet: the development machine
 has none; a host-side fallback copies batches if that path is unavailable).
@@ -61,6 +63,20 @@ class _Placement:
             yield images, labels
 
 
+def _with_threads(dataset: tf.data.Dataset, data_threads: int | None) -> tf.data.Dataset:
+    """``dataset`` on a private tf.data thread pool of ``data_threads`` threads (None: tf.data's default)."""
+    if data_threads is None:
+        return dataset
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = int(data_threads)
+    return dataset.with_options(options)
+
+
+def _private_threadpool_size(dataset: tf.data.Dataset) -> int:
+    """The private thread pool size read back from a dataset's options (0: tf.data's shared default)."""
+    return int(dataset.options().threading.private_threadpool_size or 0)
+
+
 def _host_variable(array: np.ndarray, name: str) -> tf.Variable:
     with tf.device("/CPU:0"):  # tf.data runs on the host; the GPU gets finished batches
         return tf.Variable(array, trainable=False, name=name)
@@ -70,8 +86,9 @@ class TrainPipeline:
     """Training batches of an EpochPlan: gather + pad-and-crop + flip + normalise, batched."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, crop_padding: int,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], data_threads: int | None = None):
         self.io = _Placement(device, mean, std)
+        self.data_threads = data_threads
         self.pad = int(crop_padding)
         self.height, self.width = int(images.shape[1]), int(images.shape[2])
         self.num_examples = len(labels)
@@ -88,8 +105,9 @@ class TrainPipeline:
         plan_slices = (plan.order.astype(np.int64), plan.crop_offsets.astype(np.int32), plan.flips.astype(bool))
         dataset = tf.data.Dataset.from_tensor_slices(plan_slices)
         dataset = dataset.batch(plan.batch_size, drop_remainder=plan.drop_last)
-        return dataset.map(lambda index, offsets, flips: self._batch(index, offsets, flips, raw),
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        dataset = dataset.map(lambda index, offsets, flips: self._batch(index, offsets, flips, raw),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return _with_threads(dataset, self.data_threads)
 
     def batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         """``(images, labels)`` for every batch of ``plan``, in order (uint8 NHWC if ``raw``)."""
@@ -114,8 +132,9 @@ class EvalPipeline:
     """The test set in order, fixed-size batches (last partial one kept), no augmentation."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, batch_size: int,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], data_threads: int | None = None):
         self.io = _Placement(device, mean, std)
+        self.data_threads = data_threads
         self.batch_size = int(batch_size)
         self.num_examples = len(labels)
         self.images = _host_variable(np.asarray(images, np.uint8), "test_images")
@@ -123,8 +142,9 @@ class EvalPipeline:
 
     def _dataset(self, raw: bool = False) -> tf.data.Dataset:
         dataset = tf.data.Dataset.range(self.num_examples).batch(self.batch_size)
-        return dataset.map(lambda index: self._batch(index, raw), num_parallel_calls=tf.data.AUTOTUNE,
-                           deterministic=True)
+        dataset = dataset.map(lambda index: self._batch(index, raw), num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+        return _with_threads(dataset, self.data_threads)
 
     def batches(self, raw: bool = False) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         return self.io.deliver(self._dataset(raw))

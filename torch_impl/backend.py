@@ -18,6 +18,7 @@ from torch import nn
 
 from common.config import RunSpec
 from common.errors import UserError
+from common.execution import requested
 from common.manifest import usable_cores
 from common.sampler import EpochPlan
 from torch_impl import weights as weight_io
@@ -25,29 +26,11 @@ from torch_impl.data import EvalPipeline, TrainPipeline
 from torch_impl.models import create_model
 from torch_impl.optim import EvalStep, TrainStep
 
-# "best" per device type: (execution mode, channels_last), measured with benchmarks/mode_matrix.py
-# (dualbench bench, compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps,
-# one process per configuration, torch and TensorFlow configurations interleaved in ABBA order, median
-# of 2 rounds) on the quiet 2-core AMD EPYC VM, torch 2.14.1, 2 threads, glibc malloc tuned
-# (common.manifest.MALLOC_TUNING), 2026-11-23 19:40 UTC:
-#   fp32 resnet20: compile+cl 693, compile 691, eager+cl 669, eager 530
-#   fp32 seed_cnn: eager+cl 707, eager 622, compile+cl 495, compile 491
-#   bf16 resnet20: compile 1068, compile+cl 1024, eager+cl 999, eager 944
-#   bf16 seed_cnn: eager+cl 1301, eager 955, compile+cl 813, compile 790
-# One choice per device type: eager + channels_last (oneDNN convolutions in NHWC without reorders)
-# wins seed_cnn by 30-40% and trails compile on resnet20 by 4-7%, where inductor also costs ~2 s of
-# compilation per process with a warm cache (15-55 s cold) and needs a C++ toolchain; --mode compile
-# stays one flag away. The input pipeline costs 1-2% of a step (benchmarks/pipeline_cost.py).
-# CUDA: not measured here; compile + channels_last is the usual fastest for convnets (tensor-core
-# NHWC convs, fused BN/ReLU epilogues) - to be confirmed on a GPU machine.
-BEST = {"cpu": ("eager", True), "cuda": ("compile", True)}
-# Default channels_last when the mode is given explicitly and spec.channels_last is None
-# (CPU compile: channels_last within noise of NCHW in the numbers above; kept for one CPU layout).
-_BEST_CHANNELS_LAST = {("cpu", "eager"): True, ("cpu", "compile"): True,
-                      ("cuda", "eager"): True, ("cuda", "compile"): True}
-# torch's inter-op pool only runs torch.jit.fork / async ops, which this loop never issues; one
-# thread keeps it from competing with the intra-op pool (torch's default: one per core).
-INTER_OP_THREADS = 1
+# The fixed fallback mode per device type ("best": used where no per-machine search chose one,
+# see common.execution.FALLBACK): chosen with benchmarks/mode_matrix.py on the CPU; CUDA: the usual
+# fastest for convnets (NHWC tensor-core convs, fused BN/ReLU epilogues), unmeasured until a GPU run
+# of benchmarks/tune_check.py confirms it.
+FALLBACK_MODE = {"cpu": "eager", "cuda": "compile"}
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|(?:cuda|gpu)(?::(\d+))?)$")
 
 
@@ -71,16 +54,14 @@ def resolve_device(text: str) -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
-def resolve_mode(mode: str, channels_last: bool | None, device: torch.device) -> tuple[str, bool]:
-    """Resolve "best" and channels_last=None for this device type."""
-    if mode == "best":
-        mode, best_channels_last = BEST[device.type]
-    else:
-        best_channels_last = _BEST_CHANNELS_LAST[(device.type, mode)]
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """Resolve "best" (and "auto" when no search resolved it) to this device type's fallback mode."""
+    if mode in ("best", "auto"):
+        mode = FALLBACK_MODE[device.type]
     if mode == "compile" and device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
         raise UserError("--mode compile on the CPU needs a C++ compiler for TorchInductor (g++ not found): "
                         "install g++ or use --mode eager")
-    return mode, best_channels_last if channels_last is None else bool(channels_last)
+    return mode
 
 
 class Backend:
@@ -98,16 +79,19 @@ class Backend:
     # -- environment ---------------------------------------------------------
     def setup(self, spec: RunSpec) -> dict[str, Any]:
         self.device = resolve_device(spec.device)
-        self.mode, self.channels_last = resolve_mode(spec.mode, spec.channels_last, self.device)
+        execution = requested(spec)
+        self.mode = resolve_mode(execution.mode, self.device)
+        self.channels_last = bool(execution.channels_last)
         self.precision = spec.precision
         if spec.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError(f"--precision bf16: {torch.cuda.get_device_name(self.device)} has no bfloat16 "
                             "support: use --precision fp16 or fp32")
         torch.set_num_threads(spec.threads or usable_cores())
-        try:
-            torch.set_num_interop_threads(INTER_OP_THREADS)
-        except RuntimeError:  # only settable before the first inter-op work; the audit reads back the value
-            pass
+        if execution.inter_op_threads is not None:  # None: torch's default (one per core)
+            try:
+                torch.set_num_interop_threads(execution.inter_op_threads)
+            except RuntimeError:  # only settable before the first inter-op work; the audit reads back the value
+                pass
         # torch's defaults: TF32 off for matmuls but ON for cuDNN convs; both set explicitly.
         torch.backends.cuda.matmul.allow_tf32 = spec.allow_tf32
         torch.backends.cudnn.allow_tf32 = spec.allow_tf32
@@ -121,7 +105,8 @@ class Backend:
         return {"device": self._device_name(), "device_type": self._device_type(), "execution_mode": self.mode,
                 "channels_last": self.channels_last, "precision": self.precision,
                 "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
-                "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "onednn": _onednn_enabled(), "tf32": self._tf32(),
+                "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "cudnn_benchmark": torch.backends.cudnn.benchmark}
 
     def versions(self) -> dict[str, str]:
@@ -218,6 +203,7 @@ class Backend:
                 "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[train_step.autocast_dtype],
                 "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
+                "onednn": _onednn_enabled(), "data_threads": None,  # batches are built in the step's thread
                 "device_type": self._device_type(), "device": self._device_name(),
                 "execution_mode": train_step.mode,
                 "data_format": "NCHW channels_last" if weight_io._uses_channels_last(model) else "NCHW",
@@ -240,6 +226,11 @@ class Backend:
             return True
         message = str(error).lower()
         return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def _onednn_enabled() -> bool:
+    """Whether torch runs its oneDNN (mkldnn) CPU kernels: built in and switched on."""
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 def _single(values: set[Any]) -> Any:

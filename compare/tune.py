@@ -1,0 +1,293 @@
+"""The execution-configuration search: each framework at its own best on the machine that runs it.
+
+For one (backend, model, device, precision, batch size) the search measures
+candidate ``ExecutionConfig``s, each in its own worker process (the ``tune``
+task, common.tuning), and keeps the fastest one that computes the same
+numbers as the framework's reference configuration:
+
+1. the reference (eager, no compiler, framework defaults) runs first: its
+   logits and losses are what every other candidate is gated against;
+2. the framework's own defaults (``FRAMEWORK_DEFAULT``) are the starting
+   point (the report shows how far they are from the choice);
+3. a coordinate search: for each dimension of the backend's ``SearchSpace``,
+   in order of expected effect (for TensorFlow oneDNN before the mode: which
+   mode wins flips with oneDNN), every other value is tried against the
+   current best (the incumbent). A challenger replaces the incumbent when it
+   passes the gate and is at least ``MIN_GAIN`` faster; a win by less than
+   ``CONFIRM_BELOW`` is measured again in the reverse order (challenger,
+   then incumbent: ABBA over the two measurements) and decided on the mean
+   of both rounds. A challenger running below ``LOSER_FRACTION`` of the
+   incumbent stops after a few steps (a clear loser);
+4. dimensions whose effect comes from the machine rather than the model's
+   graph (allocator, oneDNN kernels, tf.data's pool: ``per_model=False``)
+   are searched for the first model of a backend and inherited by the next,
+   which starts from that model's choice;
+5. a search stops trying new candidates after ``budget_s`` seconds.
+
+benchmarks/tune_check.py checks the choice against an exhaustive measurement.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from common.config import RunSpec
+from common.execution import FRAMEWORK_DEFAULT, ExecutionConfig
+from common.manifest import usable_cores
+from common.registry import REAL_BACKENDS, worker_command
+from compare.process import run_process, stderr_tail, worker_env
+
+MIN_GAIN = 0.03  # a change must be this much faster to replace the incumbent (else: noise, keep the simpler)
+CONFIRM_BELOW = 0.15  # wins by less than this are measured again in reverse order before they count
+LOSER_FRACTION = 0.7  # a challenger below this fraction of the incumbent stops early
+# Gate tolerance: max|candidate - reference| <= GATE_RTOL * max|reference|, for the logits and the
+# losses. fp32: the forward-parity tolerance; bf16/fp16 round every op to 8/11 mantissa bits, so a
+# different kernel order moves outputs by a few of their ulps.
+GATE_RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+GATE_STEPS, WARMUP_STEPS, TIMED_STEPS = 3, 1, 8  # per candidate process (gate steps include the compile step)
+DEFAULT_BUDGET_S = 90.0  # per (backend, model) search
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One setting the search varies: an ExecutionConfig field and the values it can take."""
+
+    field: str
+    values: tuple[Any, ...]
+    per_model: bool = True  # False: machine-level, inherited by a backend's later models
+    cpu_only: bool = False  # skipped when the run is on a GPU
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Where a backend's search starts and what it varies."""
+
+    reference: ExecutionConfig  # the gate's reference: eager, no compiler (measured first)
+    start: ExecutionConfig  # the framework's own defaults
+    dimensions: tuple[Dimension, ...]
+
+
+SPACES = {
+    "torch": SearchSpace(
+        reference=FRAMEWORK_DEFAULT["torch"], start=FRAMEWORK_DEFAULT["torch"],
+        dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
+                    Dimension("channels_last", (False, True)),
+                    Dimension("mode", ("eager", "compile")),
+                    Dimension("inter_op_threads", (None, 1, 2)))),
+    "tensorflow": SearchSpace(
+        reference=FRAMEWORK_DEFAULT["tensorflow"].replace(mode="eager"), start=FRAMEWORK_DEFAULT["tensorflow"],
+        dimensions=(Dimension("onednn", (True, False), per_model=False, cpu_only=True),
+                    Dimension("mode", ("graph", "xla")),  # eager: the reference, measured anyway
+                    Dimension("malloc_tuning", (False, True), per_model=False),
+                    Dimension("inter_op_threads", (None, 1, 2)),
+                    Dimension("data_threads", (None, 1), per_model=False))),
+}
+
+
+def search_space(backend: str) -> SearchSpace:
+    """The backend's space; a test backend (registry extras) declares ``SEARCH_SPACE`` in its module."""
+    if backend in SPACES:
+        return SPACES[backend]
+    import importlib
+
+    from common.registry import worker_command as command
+
+    module = importlib.import_module(command(backend)[1])
+    space = getattr(module, "SEARCH_SPACE", None)
+    if space is None:
+        raise ValueError(f"backend {backend!r} declares no SEARCH_SPACE: pin its --mode")
+    return space
+
+
+@dataclass
+class Candidate:
+    """One configuration and what its measurements found."""
+
+    config: ExecutionConfig
+    role: str  # reference | framework default | inherited | <field>=<value>
+    rounds: list[float] = field(default_factory=list)  # median images/s of each measurement
+    pipeline_images_per_sec: float | None = None
+    compile_s: float | None = None
+    status: str = "pending"  # ok | excluded | failed | stopped early | skipped
+    reason: str = ""
+    read_back: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] | None = None
+
+    @property
+    def score(self) -> float:
+        return float(np.mean(self.rounds)) if self.rounds else 0.0
+
+    def row(self, chosen: ExecutionConfig | None, default_score: float) -> dict[str, Any]:
+        return {"candidate": self.config.label(), "role": self.role,
+                "images_per_sec": self.score or None,
+                "rounds": " ".join(f"{v:.1f}" for v in self.rounds),
+                "vs_default": (self.score / default_score) if self.score and default_score else None,
+                "pipeline_images_per_sec": self.pipeline_images_per_sec, "compile_s": self.compile_s,
+                "status": self.status, "chosen": self.config == chosen and self.status == "ok",
+                "why_excluded": self.reason, "onednn_read_back": self.read_back.get("onednn"),
+                "inter_op_read_back": self.read_back.get("inter_op_threads")}
+
+
+def gate_failures(candidate: dict[str, Any], reference: dict[str, Any], rtol: float) -> list[str]:
+    """Why a candidate's gate outputs differ from the reference's beyond ``rtol`` (empty: it passes)."""
+    problems = []
+    for name in ("eval_logits_before", "train_losses", "eval_logits_after"):
+        ours, theirs = np.asarray(candidate.get(name), np.float64), np.asarray(reference.get(name), np.float64)
+        if ours.shape != theirs.shape:
+            problems.append(f"{name}: shape {ours.shape} vs the reference's {theirs.shape}")
+            continue
+        scale = float(np.abs(theirs).max()) if theirs.size else 0.0
+        diff = float(np.abs(ours - theirs).max()) if theirs.size else 0.0
+        if not np.isfinite(diff) or diff > rtol * scale:
+            problems.append(f"{name} differ from the reference by {diff:.3g} (> {rtol:g} x {scale:.3g})")
+    return problems
+
+
+class Search:
+    """One (backend, model, ...) search; ``measure`` runs a candidate process (injectable for tests)."""
+
+    def __init__(self, base: RunSpec, *, budget_s: float = DEFAULT_BUDGET_S, inherited: ExecutionConfig | None = None,
+                 pins: dict[str, Any] | None = None, quick: bool = False,
+                 log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)):
+        self.base, self.budget_s, self.inherited, self.log = base, budget_s, inherited, log
+        self.space = search_space(base.backend)
+        self.pins = dict(pins or {})  # field -> value the user fixed (e.g. channels_last)
+        self.steps = (2, 0, 4) if quick else (GATE_STEPS, WARMUP_STEPS, TIMED_STEPS)
+        self.rtol = GATE_RTOL[base.precision]
+        self.candidates: list[Candidate] = []
+        self.started = 0.0
+        self.device_type: str | None = None
+
+    # -- measuring ------------------------------------------------------------------
+    def _pinned(self, config: ExecutionConfig) -> ExecutionConfig:
+        return config.replace(**self.pins) if self.pins else config
+
+    def measure(self, config: ExecutionConfig, stop_below: float | None) -> dict[str, Any]:
+        """Run the candidate's worker process and return its result JSON (status error if none)."""
+        spec = replace(self.base, execution=config)
+        gate, warmup, steps = self.steps
+        with tempfile.TemporaryDirectory(prefix="dualbench-tune-") as tmp:
+            request, out, log = Path(tmp) / "request.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
+            request.write_text(json.dumps({"spec": spec.to_dict(), "gate_steps": gate, "warmup": warmup,
+                                           "steps": steps, "stop_below": stop_below}))
+            argv = [sys.executable, *worker_command(self.base.backend), "tune", str(request), str(out)]
+            outcome = run_process(argv, log_path=log, timeout_s=600, env=worker_env(config))
+            if outcome.interrupted:
+                raise KeyboardInterrupt
+            tail = stderr_tail(log).strip().splitlines()
+            if out.exists():
+                result = json.loads(out.read_text())
+                if result.get("status") != "ok" and tail:
+                    result["error"] = f"{result.get('error')} (stderr: {tail[-1]})"
+                return result
+            reason = outcome.signal_name or f"exit {outcome.returncode}"
+            return {"status": "error", "error": f"worker ended ({reason}) without a result: "
+                                                f"{tail[-1] if tail else ''}"[:300]}
+
+    def _run(self, candidate: Candidate, stop_below: float | None = None) -> Candidate:
+        self.log(f"  tune {self.base.backend} {self.base.model}: {candidate.config.label()} ({candidate.role})")
+        result = self.measure(candidate.config, stop_below)
+        if result.get("status") != "ok" or not result.get("images_per_sec"):
+            candidate.status, candidate.reason = "failed", str(result.get("error") or "no measurement")[:300]
+            return candidate
+        candidate.rounds.append(float(result["images_per_sec"]))
+        candidate.pipeline_images_per_sec = result.get("pipeline_images_per_sec")
+        candidate.compile_s = result.get("compile_s")
+        candidate.read_back = result.get("settings") or {}
+        candidate.gate = result.get("gate")
+        self.device_type = self.device_type or candidate.read_back.get("device_type")
+        reference = self.candidates[0] if self.candidates else candidate
+        problems = [] if reference is candidate else gate_failures(candidate.gate or {}, reference.gate or {}, self.rtol)
+        candidate.status = "excluded" if problems else ("stopped early" if result.get("stopped_early") else "ok")
+        candidate.reason = "; ".join(problems)
+        return candidate
+
+    def _known(self, config: ExecutionConfig) -> Candidate | None:
+        return next((c for c in self.candidates if c.config == config), None)
+
+    # -- the search -------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Measure, decide, and return the search record (choice + table)."""
+        self.started = time.monotonic()
+        same = self.space.reference == self.space.start
+        reference = self._run(Candidate(self._pinned(self.space.reference),
+                                        "reference, framework default" if same else "reference"))
+        self.candidates.append(reference)
+        if reference.status != "ok":
+            return self._record(None, f"the reference configuration failed ({reference.reason}): no gate, no search")
+        incumbent = reference
+        starts = [(self.space.start, "framework default")]
+        if self.inherited is not None:
+            starts.append((self.inherited.replace(source=""), "inherited"))
+        for config, role in starts:
+            config = self._pinned(config)
+            if self._known(config) is None:
+                candidate = self._run(Candidate(config, role))
+                self.candidates.append(candidate)
+                if candidate.status == "ok" and candidate.score > incumbent.score:
+                    incumbent = candidate
+        for dimension in self.space.dimensions:
+            incumbent = self._try_dimension(dimension, incumbent)
+        return self._record(incumbent.config, "")
+
+    def _values(self, dimension: Dimension, incumbent: Candidate) -> list[Any]:
+        """The values to try: not pinned, not the incumbent's own (effective) value, within the cores."""
+        if dimension.field in self.pins or (dimension.cpu_only and self.device_type == "gpu"):
+            return []
+        if self.inherited is not None and not dimension.per_model:
+            return []
+        current = getattr(incumbent.config, dimension.field)
+        values = []
+        for value in dimension.values:
+            if dimension.field == "inter_op_threads" and value is not None and value >= usable_cores():
+                continue  # no more inter-op threads than cores; the default is one per core
+            if value == current or (current is None and value == incumbent.read_back.get(dimension.field)):
+                continue  # the framework's default is this value here (read back)
+            values.append(value)
+        return values
+
+    def _try_dimension(self, dimension: Dimension, incumbent: Candidate) -> Candidate:
+        for value in self._values(dimension, incumbent):
+            config = incumbent.config.replace(**{dimension.field: value})
+            challenger = self._known(config)
+            if challenger is None:
+                challenger = Candidate(config, f"{dimension.field}={value}")
+                self.candidates.append(challenger)
+                if time.monotonic() - self.started > self.budget_s:
+                    challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:g} s) spent"
+                    continue
+                self._run(challenger, stop_below=incumbent.score * LOSER_FRACTION)
+            if challenger.status != "ok" or challenger.score < incumbent.score * (1 + MIN_GAIN):
+                continue
+            if challenger.score < incumbent.score * (1 + CONFIRM_BELOW):  # close: BA after the AB above
+                self._run(challenger)
+                self._run(incumbent)
+                if challenger.status != "ok" or challenger.score < incumbent.score * (1 + MIN_GAIN):
+                    continue
+            incumbent = challenger
+        return incumbent
+
+    def _record(self, choice: ExecutionConfig | None, note: str) -> dict[str, Any]:
+        default = self._known(self._pinned(self.space.start)) or self.candidates[0]
+        chosen = next((c for c in self.candidates if c.config == choice), None)
+        return {"backend": self.base.backend, "model": self.base.model, "precision": self.base.precision,
+                "batch_size": self.base.recipe.batch_size, "device": self.base.device,
+                "choice": choice.to_dict() if choice else None,
+                "choice_label": choice.label() if choice else None,
+                "chosen_images_per_sec": chosen.score if chosen else None,
+                "default_images_per_sec": default.score or None,
+                "searched_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "elapsed_s": round(time.monotonic() - self.started, 1), "budget_s": self.budget_s,
+                "gate_rtol": self.rtol, "note": note,
+                "rows": [c.row(choice, default.score) for c in self.candidates]}
+
+
+def is_real(backend: str) -> bool:
+    return backend in REAL_BACKENDS

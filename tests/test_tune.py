@@ -1,0 +1,247 @@
+"""The execution-configuration search (`--mode auto`, `dualbench tune`) with the fake backend.
+
+Decision logic is tested with scripted measurements (no processes); the whole
+path (candidate worker processes, gate, cache, CLI, report) with the fake
+backend, whose step time and correctness per configuration come from
+DUALBENCH_FAKE_TUNE. The oneDNN switch is tested on the real TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.config import Recipe, RunSpec
+from common.data import load_dataset
+from common.execution import MALLOC_TUNING, ONEDNN_ENV, ExecutionConfig, process_env, requested
+from compare import tune
+from compare.tune_cache import TuningCache, fingerprint_id, machine_fingerprint
+from compare.tune_resolve import AUTO_SEARCH_MIN_STEPS, Resolver, planned_steps
+from tests.fake_backend import TUNE_ENV
+from tests.runner_helpers import SMALL, fake_env, fake_run, launches, rows, run_cli  # noqa: F401
+
+DATA = "synthetic:256,128"
+# compile 3x faster, xla 8x faster but wrong: the gate must exclude xla, the search must pick compile
+EFFECTS = "malloc_tuning=True:x1.6;mode=compile:x3;mode=xla:x8:wrong"
+
+
+def _spec(backend: str = "fakea", model: str = "seed_cnn", **overrides) -> RunSpec:
+    return RunSpec(model=model, backend=backend, data=DATA, **{"recipe": Recipe(batch_size=32), **overrides})
+
+
+def _resolver(tmp_path, **kwargs) -> Resolver:
+    cache = kwargs.pop("cache", None) or TuningCache(root=tmp_path / "tuning-cache")
+    return Resolver(load_dataset(DATA, progress=False), cache=cache, log=lambda text: None, **kwargs)
+
+
+def _search_rows(resolver: Resolver, backend: str = "fakea", model: str = "seed_cnn") -> list[dict]:
+    [record] = [r for r in resolver.summary() if (r["backend"], r["model"]) == (backend, model)]
+    return record["search"]["rows"]
+
+
+# -- decisions, with scripted measurements -------------------------------------------------------
+
+class ScriptedSearch(tune.Search):
+    """A Search whose candidates 'measure' as scripted: {label substring: images/s}, plus wrong ones."""
+
+    def __init__(self, base, speeds, wrong=(), **kwargs):
+        super().__init__(base, log=lambda text: None, **kwargs)
+        self.speeds, self.wrong, self.calls = speeds, wrong, []
+
+    def measure(self, config, stop_below):
+        label = config.label()
+        self.calls.append((label, stop_below))
+        speed = 100.0
+        for part, factor in self.speeds.items():
+            speed *= factor if part in label else 1.0
+        shift = 1.0 if any(part in label for part in self.wrong) else 0.0
+        gate = {"eval_logits_before": [[1.0 + shift, 2.0]], "train_losses": [2.3 + shift, 2.2],
+                "eval_logits_after": [[1.5, 2.5 + shift]]}
+        return {"status": "ok", "images_per_sec": speed, "settings": {"device_type": "cpu"}, "gate": gate}
+
+
+def test_a_close_win_is_measured_again_in_reverse_order_and_a_clear_one_is_not(fake_env):
+    close = ScriptedSearch(_spec(), {"compile": 1.08, "malloc=tuned": 1.5})
+    record = close.run()
+    assert record["choice_label"].startswith("compile") and "malloc=tuned" in record["choice_label"]
+    labels = [label for label, _ in close.calls]
+    first = next(i for i, label in enumerate(labels) if label.startswith("compile"))
+    incumbent = labels[first].replace("compile", "eager", 1)  # measured before the challenger: A ... B,
+    assert labels.index(incumbent) < first and labels.count(labels[first]) == 2
+    assert labels[first + 1:first + 3] == [labels[first], incumbent]  # then B A
+    assert labels[:first].count(incumbent) == 1  # malloc's clear win (x1.5) was not measured again
+
+
+def test_gains_below_the_threshold_keep_the_incumbent_and_losers_get_a_stop_threshold(fake_env):
+    search = ScriptedSearch(_spec(), {"compile": 1.02, "cl=on": 0.5})
+    record = search.run()
+    assert record["choice_label"].startswith("eager cl=off")  # 2% is noise: the default stays
+    stops = dict(search.calls)
+    assert stops[next(label for label in stops if "cl=on" in label)] == pytest.approx(100 * tune.LOSER_FRACTION)
+
+
+def test_the_gate_excludes_a_wrong_candidate_even_when_it_is_fastest(fake_env):
+    search = ScriptedSearch(_spec(), {"xla": 5.0, "compile": 2.0}, wrong=("xla",))
+    record = search.run()
+    assert record["choice_label"].startswith("compile")
+    [xla] = [row for row in record["rows"] if row["candidate"].startswith("xla")]
+    assert xla["status"] == "excluded" and "train_losses differ from the reference" in xla["why_excluded"]
+
+
+def test_the_budget_stops_new_candidates_and_pins_are_never_varied(fake_env):
+    search = ScriptedSearch(_spec(), {}, budget_s=1e-9, pins={"channels_last": True})
+    record = search.run()
+    statuses = {row["role"]: row["status"] for row in record["rows"]}
+    assert statuses["reference, framework default"] == "ok"
+    assert {s for role, s in statuses.items() if "=" in role} == {"skipped"}
+    assert all("cl=on" in row["candidate"] for row in record["rows"])  # the pin holds everywhere
+    assert not any(row["role"].startswith("channels_last") for row in record["rows"])
+
+
+def test_gate_failures_use_a_tolerance_relative_to_the_reference():
+    reference = {"eval_logits_before": [[10.0, -20.0]], "train_losses": [2.0], "eval_logits_after": [[1.0]]}
+    close = {"eval_logits_before": [[10.001, -20.0]], "train_losses": [2.0001], "eval_logits_after": [[1.00005]]}
+    assert tune.gate_failures(close, reference, 1e-4) == []
+    far = dict(close, eval_logits_before=[[10.01, -20.0]])
+    [problem] = tune.gate_failures(far, reference, 1e-4)
+    assert problem.startswith("eval_logits_before differ") and "0.01" in problem
+    assert "shape" in tune.gate_failures(dict(close, train_losses=[2.0, 1.0]), reference, 1e-4)[0]
+    assert tune.gate_failures(dict(close, train_losses=[float("nan")]), reference, 1e-4)
+
+
+# -- the whole path, fake backend processes --------------------------------------------------------
+
+def test_search_picks_the_fastest_correct_configuration_and_records_the_excluded(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    resolver = _resolver(tmp_path, search_if_missing=True)
+    [spec] = resolver.resolve([_spec()])
+    assert spec.execution.mode == "compile" and spec.execution.malloc_tuning, resolver.summary()[0]["search"]["note"]
+    assert spec.execution.source.startswith("auto: searched")
+    table = _search_rows(resolver)
+    assert table[0]["role"] == "reference, framework default" and table[0]["vs_default"] == 1.0
+    [xla] = [row for row in table if row["candidate"].startswith("xla")]
+    assert xla["status"] == "excluded" and "eval_logits_before differ" in xla["why_excluded"]
+    assert xla["images_per_sec"] > max(r["images_per_sec"] for r in table if r["chosen"])  # fastest, yet wrong
+    assert sum(row["chosen"] for row in table) == 1
+    assert len(launches(fake_env, "tune")) == len([r for r in table if r["status"] != "skipped"]) + sum(
+        r["rounds"].count(" ") for r in table)  # one process per measurement
+
+
+def test_cache_hit_then_invalidation_by_fingerprint_then_retune(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    fingerprint = machine_fingerprint()
+    first = _resolver(tmp_path, search_if_missing=True, cache=TuningCache(fingerprint, tmp_path / "c"))
+    [chosen] = first.resolve([_spec()])
+    searched = len(launches(fake_env, "tune"))
+    assert searched >= 4
+    again = _resolver(tmp_path, search_if_missing=True, cache=TuningCache(fingerprint, tmp_path / "c"))
+    [cached] = again.resolve([_spec()])
+    assert len(launches(fake_env, "tune")) == searched and again.searches == 0  # nothing measured
+    assert cached.execution == chosen.execution and cached.execution.source.startswith("auto: cached search")
+    other_cpu = dict(fingerprint, cpu_flags=[f for f in fingerprint["cpu_flags"] if f != "avx512f"] + ["x"])
+    moved = _resolver(tmp_path, search_if_missing=True, cache=TuningCache(other_cpu, tmp_path / "c"))
+    moved.resolve([_spec()])
+    assert moved.searches == 1 and len(launches(fake_env, "tune")) > searched
+    retuned = _resolver(tmp_path, retune=True, cache=TuningCache(fingerprint, tmp_path / "c"))
+    retuned.resolve([_spec()])
+    assert retuned.searches == 1
+
+
+def test_the_fingerprint_covers_what_changes_kernel_choice(monkeypatch):
+    base = fingerprint_id(machine_fingerprint())
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an AVX2-only CPU, emulated
+    emulated = fingerprint_id(machine_fingerprint())
+    monkeypatch.setenv(ONEDNN_ENV, "0")
+    assert len({base, emulated, fingerprint_id(machine_fingerprint())}) == 3
+
+
+def test_a_later_model_inherits_machine_level_settings(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    resolver = _resolver(tmp_path, search_if_missing=True)
+    resolver.resolve([_spec(model="seed_cnn"), _spec(model="resnet20")])
+    second = _search_rows(resolver, model="resnet20")
+    assert [r["role"] for r in second][:2] == ["reference, framework default", "inherited"]
+    assert not any(r["role"].startswith("malloc_tuning") for r in second)  # machine-level: not searched again
+    assert any(r["role"].startswith("mode=") for r in second)  # per model: searched
+
+
+def test_short_run_uses_the_fallback_without_a_search(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    out = tmp_path / "out"
+    assert fake_run(out) == 0
+    assert launches(fake_env, "tune") == []
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert tuning["planned_steps_per_backend_model"] < AUTO_SEARCH_MIN_STEPS
+    assert {r["how"] for r in tuning["resolutions"]} == {"fallback"}
+    audit = json.loads((out / "audit.json").read_text())["models"]["seed_cnn"]
+    row = next(r for r in audit["rows"] if r["setting"] == "execution_config")
+    assert "too short" in row["fakea"] and row["kind"] == "framework-native"
+
+
+def test_run_with_retune_searches_pinned_backends_excepted_and_reports_the_table(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    out = tmp_path / "out"
+    assert fake_run(out, "--retune", "--mode", "fakea=eager") == 0
+    tuned = launches(fake_env, "tune")
+    assert tuned and all("fakeb" in run_id for run_id in tuned)  # the pinned backend is not searched
+    specs = {run_id: row["spec"]["execution"] for run_id, row in rows(out).items()}
+    assert specs["seed_cnn__fakea__seed0"]["mode"] == "eager"
+    assert specs["seed_cnn__fakea__seed0"]["source"] == "pinned (--mode fakea=eager)"
+    assert specs["seed_cnn__fakeb__seed0"]["mode"] == "compile"
+    report = (out / "report.md").read_text()
+    assert "## Execution configuration" in report and "Search table" in report and "excluded" in report
+    assert "xla" in (out / "tuning.csv").read_text()
+
+
+def test_tune_command_prints_the_table_and_reuses_the_cache(fake_env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    argv = ["tune", "--models", "seed_cnn", "--backends", "fakea", "--data", DATA, "--batch-size", "32", "--quick"]
+    assert run_cli(*argv, "--out", str(tmp_path / "t.csv")) == 0
+    printed = capsys.readouterr().out
+    assert "Search table" in printed and "excluded" in printed and "auto: searched" in printed
+    measured = len(launches(fake_env, "tune"))
+    assert run_cli(*argv) == 0
+    assert "auto: cached search" in capsys.readouterr().out and len(launches(fake_env, "tune")) == measured
+    assert run_cli(*argv, "--tune-budget-s", "0") == 2
+
+
+def test_planned_steps_counts_epochs_capped_steps_and_seeds():
+    spec = _spec(max_steps_per_epoch=5, recipe=Recipe(batch_size=32, epochs=3))
+    assert planned_steps(spec, 1000, 3) == 3 * 5 * 3
+    assert planned_steps(_spec(recipe=Recipe(batch_size=128, epochs=3)), 10000, 3) == 3 * 78 * 3
+
+
+# -- process-level settings reach the worker ---------------------------------------------------------
+
+def test_process_env_sets_or_clears_onednn_and_malloc(monkeypatch):
+    env = process_env(ExecutionConfig("graph", onednn=False, malloc_tuning=False),
+                      {ONEDNN_ENV: "1", **MALLOC_TUNING, "OTHER": "x"})
+    assert env[ONEDNN_ENV] == "0" and not any(name in env for name in MALLOC_TUNING) and env["OTHER"] == "x"
+    env = process_env(ExecutionConfig("graph", onednn=True), {"MALLOC_TRIM_THRESHOLD_": "5"})
+    assert env[ONEDNN_ENV] == "1" and env["MALLOC_TRIM_THRESHOLD_"] == "5"  # the user's own value is kept
+    assert ONEDNN_ENV not in process_env(ExecutionConfig("graph", onednn=None), {})  # TF decides
+    spec = RunSpec(model="seed_cnn", backend="tensorflow", mode="xla")
+    assert (requested(spec).mode, requested(spec).onednn, requested(spec).source) == ("xla", True, "pinned")
+
+
+@pytest.mark.slow
+def test_onednn_switch_reaches_the_tensorflow_worker_and_is_read_back(tmp_path, monkeypatch):
+    """Through the runner's own launch path: the audit reads IsMklEnabled() in the TF worker."""
+    from compare.runner import Runner
+    from compare.store import ResultsStore
+
+    monkeypatch.setenv("DUALBENCH_CACHE", str(tmp_path / "cache"))
+    store = ResultsStore(tmp_path / "out")
+    store.ensure_writable()
+    runner = Runner(store)
+    seen = {}
+    for onednn in (False, True):
+        execution = ExecutionConfig("graph", onednn=onednn, malloc_tuning=False, source="test")
+        spec = RunSpec(model="seed_cnn", backend="tensorflow", data="synthetic:64,32", device="cpu",
+                       recipe=Recipe(batch_size=16, eval_batch_size=16), execution=execution)
+        outcome, raw, _ = runner.launch(spec, audit_only=True)
+        assert outcome.returncode == 0, raw
+        seen[onednn] = raw["settings"]
+    assert seen[False]["onednn"] is False and seen[True]["onednn"] is True
+    assert seen[False]["host_allocator"] == "libc defaults"
+    assert seen[True]["execution_config"] == "graph onednn=on malloc=libc inter=default data=default (test)"
