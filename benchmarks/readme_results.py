@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+import _common  # noqa: F401  (puts the project root on sys.path)
 from run_all import SCRIPTS  # the scripts' canonical order (benchmarks/ is on sys.path)
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -45,16 +46,36 @@ def run_section(results: Path) -> list[str]:
     packages = manifest.get("packages", {})
     versions = ", ".join(f"{k} {packages[k]}" for k in ("torch", "tensorflow", "keras", "numpy", "pandas")
                          if k in packages)
+    flags = manifest.get("cpu_flags")
+    features = f"CPU features {', '.join(flags)}" if flags else "CPU features not recorded"
     lines = [
         f"Measured {manifest.get('created_utc', '?')} on {manifest.get('cpu_model', '?')} "
-        f"({manifest.get('usable_cores', '?')} usable cores, no GPU), Python {manifest.get('python', '?')}, "
-        f"{versions}; git {manifest.get('git_commit', '?')}; data fingerprint `{manifest.get('data_fingerprint', '?')}`.",
+        f"({manifest.get('usable_cores', '?')} usable cores, no GPU; {features}), "
+        f"Python {manifest.get('python', '?')}, {versions}; git {manifest.get('git_commit', '?')}; "
+        f"data fingerprint `{manifest.get('data_fingerprint', '?')}`.",
         "", "```bash", manifest.get("command", "?"), "```", "",
         "**Summary** (mean over seeds; throughput medians over all steady-state steps of all seeds):", "",
         _table(pd.read_csv(results / "summary.csv"), SUMMARY_COLUMNS), "",
         "**Head to head**:", "", _table(pd.read_csv(results / "head_to_head.csv"), H2H_COLUMNS), "",
     ]
-    return lines
+    return lines + tuning_section(results)
+
+
+def tuning_section(results: Path) -> list[str]:
+    """The execution configuration each framework ran in (tuning.json), when the folder has one."""
+    try:
+        tuning = json.loads((results / "tuning.json").read_text())
+    except (OSError, ValueError):
+        return []
+    from compare.tune_report import choices_frame
+
+    frame = choices_frame(tuning.get("resolutions") or [])
+    if frame.empty:
+        return []
+    return ["**Execution configuration per framework** (`--mode auto`; best_over_default: the chosen "
+            "configuration's training images/s over the framework's own defaults, both measured by the search "
+            "on this machine; the full search table is in the results folder's tuning.csv):", "",
+            _table(frame), ""]
 
 
 CAPTIONS = {
@@ -63,7 +84,10 @@ CAPTIONS = {
     "memory": "host peak RSS of a dualbench run over the bare loop's (target <= 1.15)",
     "pipeline_cost": "pipeline-inclusive over compute-only training throughput (target >= 0.9)",
     "roofline": "achieved training GFLOP/s against the machine's fp32 matmul peak",
-    "mode_matrix": "execution modes per framework: the evidence behind `--mode best`",
+    "mode_matrix": "execution modes per framework: the evidence behind the fallback (`--mode best`)",
+    "threads": "thread pools per framework: inter-op 1 / 2 / default, tf.data's pool bounded / default",
+    "tune_check": "the search's choice against an exhaustive measurement in the same sitting (target >= 0.95)",
+    "best_bare_ratio": "tf/torch ratio of `dualbench run --mode auto` against the best bare loops' (target within 10%)",
     "tf_bn_kernels": "TensorFlow BatchNorm kernel per mode",
 }
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -97,7 +98,7 @@ def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: i
             stopped_early = True
             break
     wall = time.perf_counter() - started
-    return {
+    return {"os_threads": _os_threads(),
         "status": "ok", "images_per_sec": batch / statistics.median(timed) if timed else None,
         "pipeline_images_per_sec": batch * len(timed) / wall if timed and wall > 0 else None,
         "step_times_s": timed, "stopped_early": stopped_early, "compile_s": compile_s,
@@ -105,6 +106,14 @@ def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: i
         "gate": {"eval_logits_before": logits_before.tolist(), "train_losses": losses,
                  "eval_logits_after": logits_after.tolist()},
     }
+
+
+def _os_threads() -> int | None:
+    """Threads this process has started by now (thread pools of the framework, tf.data, Python)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # not Linux
+        return None
 
 
 def run_tune_request(backend_name: str, request_path: str, out_path: str) -> int:

@@ -24,7 +24,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="compute precision (default fp32)")
     p("--batch-size", type=int, default=None, help=f"images per training step (default {Recipe().batch_size})")
     p("--threads", type=int, default=None, help="intra-op threads for both frameworks (default: all cores)")
-    p("--channels-last", choices=tuple(options.CHANNELS_LAST), default="auto", help="torch memory format (on/off pins it)")
+    p("--channels-last", choices=tuple(options.CHANNELS_LAST), default="auto",
+      help="torch memory format (on/off pins it)")
     p("--mode", default="auto", help="as for `dualbench run`; a backend with a pinned mode is not searched")
     options.add_tune_options(parser)
     p("--quick", action="store_true", help="fewer steps per candidate (a smoke test of the search, not a measurement)")

@@ -150,6 +150,36 @@ def gate_failures(candidate: dict[str, Any], reference: dict[str, Any], rtol: fl
     return problems
 
 
+def run_candidate(base: RunSpec, config: ExecutionConfig, steps: tuple[int, int, int] = (GATE_STEPS, WARMUP_STEPS,
+                  TIMED_STEPS), stop_below: float | None = None, timeout_s: float = 600) -> dict[str, Any]:
+    """One candidate measured in its own worker process (the ``tune`` task, common.tuning).
+
+    ``base``: the spec to measure (compare.tune_resolve.candidate_spec); ``steps``:
+    (gate, warm-up, timed). The process gets ``config``'s environment (oneDNN,
+    malloc). Returns the worker's result, or status "error" with the last line
+    of its stderr when it wrote none. benchmarks/ reuse this.
+    """
+    spec = replace(base, execution=config)
+    gate, warmup, timed = steps
+    with tempfile.TemporaryDirectory(prefix="dualbench-tune-") as tmp:
+        request, out, log = Path(tmp) / "request.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
+        request.write_text(json.dumps({"spec": spec.to_dict(), "gate_steps": gate, "warmup": warmup,
+                                       "steps": timed, "stop_below": stop_below}))
+        argv = [sys.executable, *worker_command(base.backend), "tune", str(request), str(out)]
+        outcome = run_process(argv, log_path=log, timeout_s=timeout_s, env=worker_env(config))
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+        tail = stderr_tail(log).strip().splitlines()
+        if out.exists():
+            result = json.loads(out.read_text())
+            if result.get("status") != "ok" and tail:
+                result["error"] = f"{result.get('error')} (stderr: {tail[-1]})"
+            return result
+        reason = outcome.signal_name or ("timed out" if outcome.timed_out else f"exit {outcome.returncode}")
+        return {"status": "error", "error": f"worker ended ({reason}) without a result: "
+                                            f"{tail[-1] if tail else ''}"[:300]}
+
+
 class Search:
     """One (backend, model, ...) search; ``measure`` runs a candidate process (injectable for tests)."""
 
@@ -170,26 +200,8 @@ class Search:
         return config.replace(**self.pins) if self.pins else config
 
     def measure(self, config: ExecutionConfig, stop_below: float | None) -> dict[str, Any]:
-        """Run the candidate's worker process and return its result JSON (status error if none)."""
-        spec = replace(self.base, execution=config)
-        gate, warmup, steps = self.steps
-        with tempfile.TemporaryDirectory(prefix="dualbench-tune-") as tmp:
-            request, out, log = Path(tmp) / "request.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
-            request.write_text(json.dumps({"spec": spec.to_dict(), "gate_steps": gate, "warmup": warmup,
-                                           "steps": steps, "stop_below": stop_below}))
-            argv = [sys.executable, *worker_command(self.base.backend), "tune", str(request), str(out)]
-            outcome = run_process(argv, log_path=log, timeout_s=600, env=worker_env(config))
-            if outcome.interrupted:
-                raise KeyboardInterrupt
-            tail = stderr_tail(log).strip().splitlines()
-            if out.exists():
-                result = json.loads(out.read_text())
-                if result.get("status") != "ok" and tail:
-                    result["error"] = f"{result.get('error')} (stderr: {tail[-1]})"
-                return result
-            reason = outcome.signal_name or f"exit {outcome.returncode}"
-            return {"status": "error", "error": f"worker ended ({reason}) without a result: "
-                                                f"{tail[-1] if tail else ''}"[:300]}
+        """Run the candidate's worker process and return its result (status error if none)."""
+        return run_candidate(self.base, config, self.steps, stop_below)
 
     def _run(self, candidate: Candidate, stop_below: float | None = None) -> Candidate:
         self.log(f"  tune {self.base.backend} {self.base.model}: {candidate.config.label()} ({candidate.role})")
@@ -204,7 +216,8 @@ class Search:
         candidate.gate = result.get("gate")
         self.device_type = self.device_type or candidate.read_back.get("device_type")
         reference = self.candidates[0] if self.candidates else candidate
-        problems = [] if reference is candidate else gate_failures(candidate.gate or {}, reference.gate or {}, self.rtol)
+        problems = [] if reference is candidate else gate_failures(candidate.gate or {}, reference.gate or {},
+                                                                  self.rtol)
         candidate.status = "excluded" if problems else ("stopped early" if result.get("stopped_early") else "ok")
         candidate.reason = "; ".join(problems)
         return candidate
@@ -285,6 +298,7 @@ class Search:
                 "default_images_per_sec": default.score or None,
                 "searched_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "elapsed_s": round(time.monotonic() - self.started, 1), "budget_s": self.budget_s,
+                "complete": not any(c.status == "skipped" for c in self.candidates),
                 "gate_rtol": self.rtol, "note": note,
                 "rows": [c.row(choice, default.score) for c in self.candidates]}
 

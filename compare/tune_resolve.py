@@ -33,7 +33,8 @@ AUTO_SEARCH_MIN_STEPS = 500
 
 def planned_steps(spec: RunSpec, num_train: int, seeds: int) -> int:
     """Training steps one (backend, model) will run: epochs x steps per epoch x seeds."""
-    per_epoch = num_train // spec.recipe.batch_size if spec.recipe.drop_last else -(-num_train // spec.recipe.batch_size)
+    batch = spec.recipe.batch_size
+    per_epoch = num_train // batch if spec.recipe.drop_last else -(-num_train // batch)
     if spec.max_steps_per_epoch:
         per_epoch = min(per_epoch, spec.max_steps_per_epoch)
     return spec.recipe.epochs * per_epoch * seeds
@@ -58,15 +59,18 @@ def candidate_spec(spec: RunSpec, dataset: Any) -> RunSpec:
 
     Dropout off: eager and compiled code draw different dropout masks, which
     the gate would take for a wrong result (dropout costs one elementwise op).
+    The gate's evaluation batch is one training batch (the same compiled eval
+    code as the run's, at a quarter of the default 500 images' cost).
     """
     batch = spec.recipe.batch_size
     needed = max(batch * (GATE_STEPS + WARMUP_STEPS + TIMED_STEPS + 2), dataset.num_classes)
     n_train, n_test = len(dataset.train_labels), len(dataset.test_labels)
     train_subset = needed if needed < n_train else spec.train_subset
-    test_subset = spec.recipe.eval_batch_size if spec.recipe.eval_batch_size < n_test else spec.test_subset
+    eval_batch = min(batch, n_test)
+    test_subset = max(eval_batch, dataset.num_classes) if eval_batch < n_test else spec.test_subset
     return replace(spec, mode="auto", execution=None, checkpoint_dir=None, max_steps_per_epoch=None,
                    train_subset=train_subset, test_subset=test_subset,
-                   recipe=replace(spec.recipe, epochs=1, dropout=0.0))
+                   recipe=replace(spec.recipe, epochs=1, dropout=0.0, eval_batch_size=eval_batch))
 
 
 class Resolver:
@@ -103,7 +107,8 @@ class Resolver:
 
     def _decide(self, spec: RunSpec, key: str) -> dict[str, Any]:
         cached = None if self.retune else self.cache.get(key)
-        if cached and cached.get("choice"):
+        # a search the budget cut short is used, but redone where a search would run anyway
+        if cached and cached.get("choice") and (cached.get("complete", True) or not self.search_if_missing):
             config = _config(cached["choice"], f"auto: cached search of {cached.get('searched_utc', '?')}")
             return self._note(spec, "cache", config, cached)
         if not (self.retune or self.search_if_missing):
@@ -129,6 +134,11 @@ class Resolver:
         self.searches += 1
         record = search.run()
         record["key"] = key
+        if not record.get("complete", True):
+            skipped = sum(row["status"] == "skipped" for row in record["rows"])
+            self.log(f"tuning {spec.backend} / {spec.model}: the {self.budget_s:g} s budget ran out with {skipped} "
+                     "candidate(s) untried (a busy machine?); the choice is kept but searched again by the next "
+                     "run that searches (or raise --tune-budget-s)")
         return record
 
     def _inherited(self, spec: RunSpec, key: str) -> tuple[Any, str] | None:

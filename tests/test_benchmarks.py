@@ -11,9 +11,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _common  # noqa: E402
 import bare_vs_dualbench  # noqa: E402
+import best_bare_ratio  # noqa: E402
 import mode_matrix  # noqa: E402
 import pipeline_cost  # noqa: E402
 import roofline  # noqa: E402
+import threads  # noqa: E402
+import tune_check  # noqa: E402
 
 
 def test_abba_interleaves_sides_and_reverses_every_other_round():
@@ -46,9 +49,10 @@ def test_mode_matrix_interleaves_frameworks_and_marks_the_winner():
     rows = [{"backend": "tensorflow", "model": "m", "precision": "fp32", "config": c, "batch_size": 8,
              "status": "ok", "images_per_sec": v, "compile_s": 1.0} for c, v in [("graph", 300.0), ("xla", 200.0)]]
     summary = mode_matrix.summarise(rows, {"tensorflow": {"config": "xla"}})
-    assert [(r["config"], r["fastest"], r["backend_best"]) for r in summary] == [
-        ("graph", "fastest", ""), ("xla", "", "BEST")]
-    assert "differs from BEST (xla, BEST 33.3% slower)" in mode_matrix.verdicts(summary, {"tensorflow": {"config": "xla"}})[0]
+    assert [(r["config"], r["fastest"], r["fallback"]) for r in summary] == [
+        ("graph", "fastest", ""), ("xla", "", "FALLBACK")]
+    verdict = mode_matrix.verdicts(summary, {"tensorflow": {"config": "xla"}})[0]
+    assert "differs from the fallback (xla, the fallback 33.3% slower)" in verdict
 
 
 def test_roofline_uses_six_macs_per_trained_image():
@@ -121,3 +125,57 @@ def test_the_readme_has_the_results_markers():
 
     text = (ROOT / "README.md").read_text()
     assert text.count(readme_results.BEGIN) == 1 and text.count(readme_results.END) == 1
+
+
+def test_best_bare_ratio_compares_the_run_ratio_with_the_ratio_of_each_frameworks_best_bare_loop():
+    configs = best_bare_ratio.bare_configs("tensorflow", None)
+    assert len(configs) == 3 * 2 * 2 and len({c.label() for c in configs}) == 12
+    assert {c.mode for c in best_bare_ratio.bare_configs("torch", ["mode"])} == {"eager", "compile"}
+    rows = [{"round": 1, "side": "run", "model": "m", "ratio": 0.9, "tensorflow_onednn": True}]
+    for backend, config, speed in [("torch", "a", 100.0), ("torch", "b", 200.0), ("tensorflow", "c", 150.0),
+                                   ("tensorflow", "d", 190.0)]:
+        rows.append({"round": 1, "side": "bare", "model": "m", "backend": backend, "config": config,
+                     "images_per_sec": speed})
+    [row] = best_bare_ratio.summarise(rows)
+    assert row["bare_best_ratio"] == pytest.approx(190 / 200)  # best vs best, not the first configs
+    assert (row["best_bare_torch"], row["best_bare_tensorflow"]) == ("b", "d")
+    assert row["agreement"] == pytest.approx(0.9 / 0.95) and row["meets"] == "yes"
+    rows[0]["ratio"] = 0.8
+    assert best_bare_ratio.summarise(rows)[0]["meets"] == "no"  # 0.8 / 0.95 is 16% off
+
+
+def test_threads_varies_one_pool_at_a_time_and_interleaves_the_frameworks():
+    configs = threads.configurations(["torch", "tensorflow"])
+    assert [c[0] for c in configs[:6]] == ["torch", "tensorflow"] * 3
+    tf = [c for c in configs if c[0] == "tensorflow"]
+    assert [c[2].inter_op_threads for c in tf[:3]] == [1, 2, None]
+    assert [c[2].data_threads for c in tf[3:]] == [None, 1]
+    rows = [{"backend": "torch", "model": "m", "config": label, "images_per_sec": v, "os_threads": 9}
+            for label, v in [("inter-op default", 100.0), ("inter-op 1", 110.0)]]
+    summary = threads.summarise(rows)
+    assert [r["vs_default_inter_op"] for r in summary] == [1.0, pytest.approx(1.1)]
+
+
+def _fake_env():
+    import os
+
+    from tests.runner_helpers import FAKES
+
+    return {**os.environ, "DUALBENCH_EXTRA_BACKENDS": FAKES, "PYTHONPATH": str(ROOT),
+            "DUALBENCH_FAKE_TUNE": "mode=compile:x3;mode=xla:x6:wrong"}
+
+
+@pytest.mark.parametrize("script, extra", [("tune_check", ["--dims", "mode"]), ("threads", [])])
+def test_search_benchmarks_quick_run_on_the_fake_backend(tmp_path, script, extra):
+    out = tmp_path / f"{script}.csv"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--backends",
+                           "fakea", "--models", "seed_cnn", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=600, env=_fake_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out) as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(r["backend"] == "fakea" for r in rows)
+    if script == "tune_check":
+        [row] = rows
+        assert row["search_choice"].startswith("compile") and row["exhaustive_best"].startswith("compile")
+        assert int(row["excluded"]) >= 1 and row["meets"] == "yes"  # xla: faster, but wrong

@@ -45,7 +45,8 @@ class ScriptedSearch(tune.Search):
     """A Search whose candidates 'measure' as scripted: {label substring: images/s}, plus wrong ones."""
 
     def __init__(self, base, speeds, wrong=(), **kwargs):
-        super().__init__(base, log=lambda text: None, **kwargs)
+        kwargs.setdefault("log", lambda text: None)
+        super().__init__(base, **kwargs)
         self.speeds, self.wrong, self.calls = speeds, wrong, []
 
     def measure(self, config, stop_below):
@@ -96,6 +97,22 @@ def test_the_budget_stops_new_candidates_and_pins_are_never_varied(fake_env):
     assert {s for role, s in statuses.items() if "=" in role} == {"skipped"}
     assert all("cl=on" in row["candidate"] for row in record["rows"])  # the pin holds everywhere
     assert not any(row["role"].startswith("channels_last") for row in record["rows"])
+
+
+def test_a_search_cut_short_by_its_budget_is_used_but_redone_where_a_search_would_run(fake_env, tmp_path):
+    def factory(base, **kwargs):
+        return ScriptedSearch(base, {"compile": 2.0}, **{**kwargs, "budget_s": 1e-9})
+
+    cache = TuningCache(root=tmp_path / "c")
+    first = _resolver(tmp_path, search_if_missing=True, cache=cache, search_factory=factory)
+    first.resolve([_spec()])
+    assert first.summary()[0]["search"]["complete"] is False
+    short_run = _resolver(tmp_path, cache=cache, search_factory=factory)
+    [spec] = short_run.resolve([_spec()])
+    assert short_run.searches == 0 and spec.execution.source.startswith("auto: cached search")
+    long_run = _resolver(tmp_path, search_if_missing=True, cache=cache, search_factory=factory)
+    long_run.resolve([_spec()])
+    assert long_run.searches == 1
 
 
 def test_gate_failures_use_a_tolerance_relative_to_the_reference():

@@ -14,7 +14,8 @@ reversed with ``tf.where`` where flipped: no per-sample tf.image calls), casts
 and normalises ``(x/255 - mean)/std`` in that op order, in float32. Then
 ``prefetch(tf.data.AUTOTUNE)``. ``data_threads`` (common.execution.ExecutionConfig)
 gives the pipelines a private thread pool of that size instead of tf.data's
-shared default pool (one thread per core, on top of TensorFlow's op pools). On a GPU, batches are copied to the device inside
+shared default pool (one thread per core, on top of TensorFlow's op pools).
+On a GPU, batches are copied to the device inside
 tf.data (``copy_to_device`` + ``prefetch``) so step i+1's batch is already
 there while step i runs (not exercised on a GPU yet: the development machine
 has none; a host-side fallback copies batches if that path is unavailable).
