@@ -24,7 +24,7 @@ from common.config import Recipe, RunSpec
 from common.data import load_dataset
 from common.execution import ExecutionConfig
 from common.manifest import usable_cores
-from compare.tune import GATE_RTOL, Search, gate_failures, run_candidate, search_space
+from compare.tune import Search, gate_differences, gate_failures, run_candidate, search_space
 from compare.tune_resolve import candidate_spec
 
 TARGET = 0.95  # the search's choice / the exhaustive best, images/s
@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:  # the gate, as the search applies it, against the reference of the same sitting
         reference = references.get((row["backend"], row["model"]))
         if row["status"] == "ok" and reference is not None:
-            problems = gate_failures(row["gate"], reference, GATE_RTOL["fp32"])
+            problems = gate_failures(row["gate"], reference)
             row["status"], row["error"] = ("excluded", "; ".join(problems)) if problems else ("ok", None)
+            for name, (diff, scale) in gate_differences(row["gate"], reference).items():  # the evidence for
+                row[f"gate {name}"] = diff / scale if scale else diff  # the gate's tolerances
         row.pop("gate")
     summary = summarise(rows, searches)
     print(machine_header(args.threads))

@@ -9,8 +9,10 @@ the seed's initial weights, the train step) and then, in this order:
    of the first evaluation batch (the candidate's own eval step), the losses
    of the first ``gate_steps`` training steps on the sampler's first batches
    (training-mode forward + backward + update, compiled as the candidate
-   compiles them), and the eval-mode logits again after those steps (BN
-   running statistics and the updated weights);
+   compiles them; the first loss is the training-mode forward of the initial
+   weights), and the first update itself (every canonical weight tensor,
+   BN statistics included, sampled at ``SAMPLES_PER_TENSOR`` evenly spaced
+   positions, after minus before);
 2. throughput: ``warmup`` untimed steps, then up to ``steps`` timed steps with
    the same clock rules as common.loop (the batch comes from the real
    pipeline, which keeps running as in training; ``synchronize()`` before
@@ -44,6 +46,18 @@ from common.sampler import epoch_plan
 MIN_TIMED_STEPS = 3  # timed steps before a candidate may stop early
 
 
+SAMPLES_PER_TENSOR = 256  # values of each weight tensor compared by the gate (evenly spaced)
+
+
+def weight_sample(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Evenly spaced values of every canonical weight tensor (BN statistics included)."""
+    sample = {}
+    for name, value in weights.items():
+        flat = np.asarray(value, np.float64).ravel()
+        sample[name] = flat[np.linspace(0, flat.size - 1, min(flat.size, SAMPLES_PER_TENSOR)).astype(np.int64)]
+    return sample
+
+
 def _first_eval_batch(backend: Any) -> Any:
     for images, _labels in backend.eval_batches():
         return images
@@ -73,7 +87,8 @@ def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: i
     logits_before = backend.to_numpy(eval_step(eval_images)).astype(np.float32)
     eval_compile_s = time.perf_counter() - t0
     batches = _training_batches(backend, spec, len(dataset.train_labels))
-    losses, compile_s = [], None
+    losses, compile_s, first_update = [], None, {}
+    initial = weight_sample(backend.get_weights(model))
     for index in range(max(1, gate_steps)):
         images, labels = next(batches)
         backend.synchronize()
@@ -82,7 +97,9 @@ def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: i
         losses.append(float(backend.to_numpy(loss)))  # a host read: waits for the step
         if index == 0:
             compile_s = time.perf_counter() - t0
-    logits_after = backend.to_numpy(eval_step(eval_images)).astype(np.float32)
+        if index == 0:  # the first update: gradients, optimizer and BN statistics from the initial state
+            after = weight_sample(backend.get_weights(model))
+            first_update = {name: (after[name] - initial[name]).tolist() for name in sorted(initial)}
     for _ in range(warmup):
         train_step(*next(batches), lr)
     timed, stopped_early, started = [], False, time.perf_counter()
@@ -103,8 +120,7 @@ def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: i
         "pipeline_images_per_sec": batch * len(timed) / wall if timed and wall > 0 else None,
         "step_times_s": timed, "stopped_early": stopped_early, "compile_s": compile_s,
         "eval_compile_s": eval_compile_s, "settings": built["settings"], "effective": built["effective"],
-        "gate": {"eval_logits_before": logits_before.tolist(), "train_losses": losses,
-                 "eval_logits_after": logits_after.tolist()},
+        "gate": {"eval_logits": logits_before.tolist(), "train_losses": losses, "first_update": first_update},
     }
 
 

@@ -6,6 +6,7 @@ search that chose it (None when it came from a pin or the fallback).
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pandas as pd
@@ -59,12 +60,18 @@ def report_blocks(tuning: dict[str, Any]) -> list[Any]:
         blocks += [Block("h3", "Search table"),
                    Block("p", "Every candidate, each measured in its own process (median images/s of its timed "
                               "steps; rounds: one value per measurement, a close win is measured again in "
-                              "reverse order). Excluded: its logits or losses left the gate's tolerance "
-                              f"(relative {_tolerances(resolutions)}) of the reference's."),
+                              "reverse order). Excluded: what it computed from the seed's initial weights left "
+                              "the gate's tolerance around the reference's (max difference over max reference "
+                              f"value; {_tolerances(resolutions)})."),
                    Block("table", table=searched, highlight=[s == "excluded" for s in searched["status"]])]
     return blocks
 
 
 def _tolerances(resolutions: list[dict[str, Any]]) -> str:
-    values = sorted({(r.get("search") or {}).get("gate_rtol") for r in resolutions} - {None})
-    return ", ".join(f"{v:g}" for v in values) or "n/a"
+    """'eval logits and first loss 0.0001, first update and later losses 0.01' per distinct precision."""
+    found = {json.dumps((r.get("search") or {}).get("gate_rtol"), sort_keys=True) for r in resolutions}
+    texts = []
+    for raw in sorted(found - {"null"}):
+        rtol = json.loads(raw)
+        texts.append(f"eval logits and first loss {rtol['forward']:g}, first update and later losses {rtol['update']:g}")
+    return "; ".join(texts) or "n/a"

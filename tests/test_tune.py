@@ -56,8 +56,7 @@ class ScriptedSearch(tune.Search):
         for part, factor in self.speeds.items():
             speed *= factor if part in label else 1.0
         shift = 1.0 if any(part in label for part in self.wrong) else 0.0
-        gate = {"eval_logits_before": [[1.0 + shift, 2.0]], "train_losses": [2.3 + shift, 2.2],
-                "eval_logits_after": [[1.5, 2.5 + shift]]}
+        gate = {"eval_logits": [[1.0, 2.0]], "train_losses": [2.3, 2.2 + shift], "first_update": {"w": [0.1, -0.2]}}
         return {"status": "ok", "images_per_sec": speed, "settings": {"device_type": "cpu"}, "gate": gate}
 
 
@@ -86,7 +85,7 @@ def test_the_gate_excludes_a_wrong_candidate_even_when_it_is_fastest(fake_env):
     record = search.run()
     assert record["choice_label"].startswith("compile")
     [xla] = [row for row in record["rows"] if row["candidate"].startswith("xla")]
-    assert xla["status"] == "excluded" and "train_losses differ from the reference" in xla["why_excluded"]
+    assert xla["status"] == "excluded" and xla["why_excluded"].startswith("later losses differ from the reference's")
 
 
 def test_the_budget_stops_new_candidates_and_pins_are_never_varied(fake_env):
@@ -115,15 +114,24 @@ def test_a_search_cut_short_by_its_budget_is_used_but_redone_where_a_search_woul
     assert long_run.searches == 1
 
 
-def test_gate_failures_use_a_tolerance_relative_to_the_reference():
-    reference = {"eval_logits_before": [[10.0, -20.0]], "train_losses": [2.0], "eval_logits_after": [[1.0]]}
-    close = {"eval_logits_before": [[10.001, -20.0]], "train_losses": [2.0001], "eval_logits_after": [[1.00005]]}
-    assert tune.gate_failures(close, reference, 1e-4) == []
-    far = dict(close, eval_logits_before=[[10.01, -20.0]])
-    [problem] = tune.gate_failures(far, reference, 1e-4)
-    assert problem.startswith("eval_logits_before differ") and "0.01" in problem
-    assert "shape" in tune.gate_failures(dict(close, train_losses=[2.0, 1.0]), reference, 1e-4)[0]
-    assert tune.gate_failures(dict(close, train_losses=[float("nan")]), reference, 1e-4)
+def test_gate_failures_use_tolerances_relative_to_the_reference():
+    """Forward outputs of the initial weights at 1e-4 (fp32), the first update and later losses at 1e-2."""
+    reference = {"eval_logits": [[10.0, -20.0]], "train_losses": [2.0, 1.9, 1.8],
+                 "first_update": {"a": [0.5, -1.0], "b": [0.01]}}
+    close = {"eval_logits": [[10.001, -20.0]], "train_losses": [2.0001, 1.91, 1.79],
+             "first_update": {"a": [0.505, -1.0], "b": [0.005]}}  # b's 50% is 0.5% of the largest update
+    assert tune.gate_failures(close, reference) == []
+    [problem] = tune.gate_failures(dict(close, eval_logits=[[10.01, -20.0]]), reference)
+    assert problem.startswith("eval logits differ") and "0.01" in problem
+    [problem] = tune.gate_failures(dict(close, train_losses=[2.001, 1.9, 1.8]), reference)
+    assert problem.startswith("first loss differ")
+    [problem] = tune.gate_failures(dict(close, first_update={"a": [0.5, -0.97], "b": [0.01]}), reference)
+    assert problem.startswith("first update differ")
+    [problem] = tune.gate_failures(dict(close, train_losses=[2.0, 1.9, 1.85]), reference)
+    assert problem.startswith("later losses differ")
+    assert tune.gate_failures(dict(close, train_losses=[2.0, 1.9]), reference)  # a missing step
+    assert tune.gate_failures(dict(close, train_losses=[float("nan"), 1.9, 1.8]), reference)
+    assert tune.gate_failures(dict(close, eval_logits=[[10.01, -20.0]]), reference, "bf16") == []  # 3e-2
 
 
 # -- the whole path, fake backend processes --------------------------------------------------------
@@ -137,7 +145,7 @@ def test_search_picks_the_fastest_correct_configuration_and_records_the_excluded
     table = _search_rows(resolver)
     assert table[0]["role"] == "reference, framework default" and table[0]["vs_default"] == 1.0
     [xla] = [row for row in table if row["candidate"].startswith("xla")]
-    assert xla["status"] == "excluded" and "eval_logits_before differ" in xla["why_excluded"]
+    assert xla["status"] == "excluded" and "eval logits differ" in xla["why_excluded"]
     assert xla["images_per_sec"] > max(r["images_per_sec"] for r in table if r["chosen"])  # fastest, yet wrong
     assert sum(row["chosen"] for row in table) == 1
     assert len(launches(fake_env, "tune")) == len([r for r in table if r["status"] != "skipped"]) + sum(
