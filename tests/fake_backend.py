@@ -48,7 +48,7 @@ FAULT_ENV = "DUALBENCH_FAKE_FAULT"
 LAUNCH_LOG_ENV = "DUALBENCH_FAKE_LAUNCH_LOG"
 TUNE_ENV = "DUALBENCH_FAKE_TUNE"
 POOL = 8  # pixels averaged per feature along each axis
-FAKE_STEP_S = 0.02  # a step's sleep at speed 1 when DUALBENCH_FAKE_TUNE is set
+FAKE_STEP_S = 0.03  # a step's sleep at speed 1 when DUALBENCH_FAKE_TUNE is set
 WRONG_OFFSET = 0.5  # added to the logits and losses of a configuration marked wrong
 SEARCH_SPACE = SearchSpace(
     reference=ExecutionConfig("eager", channels_last=False, malloc_tuning=False),
