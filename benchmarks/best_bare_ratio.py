@@ -57,7 +57,8 @@ def run_side(args, out_root: Path, round_index: int) -> list[dict]:
     out = out_root / f"round{round_index}"
     done = dualbench_cli(["run", "--models", args.models, "--backends", "torch,tensorflow", "--seeds", "0",
                           "--epochs", "1", "--batch-size", str(args.batch_size), "--data", args.data,
-                          "--max-steps-per-epoch", str(args.steps), "--out", str(out)], "dualbench run")
+                          "--warmup-steps", str(args.warmup), "--max-steps-per-epoch", str(1 + args.warmup + args.steps),
+                          "--out", str(out)], "dualbench run")
     if done is None or not (out / "head_to_head.csv").exists():
         tail = (done.stderr if done else "").strip().splitlines()
         print(f"  dualbench run: no result: {tail[-1] if tail else ''}", file=sys.stderr)
@@ -118,8 +119,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__, "best_bare_ratio.csv")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=30, help="training steps per run / timed bare steps")
-    parser.add_argument("--warmup", type=int, default=5, help="bare loops: untimed steps after the compile step")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps per run and per bare loop")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the compile step (both sides)")
     parser.add_argument("--rounds", type=int, default=2, help="run/bare rounds, even for a balanced order")
     parser.add_argument("--bare-dims", default="all", help="comma list of bare-loop dimensions to sweep, or all")
     parser.add_argument("--retune", action="store_true", help="search again before the first round")

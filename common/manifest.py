@@ -60,7 +60,8 @@ def git_commit() -> str | None:
         return None
 
 
-def _package_versions(names: tuple[str, ...]) -> dict[str, str]:
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed version of each named distribution (importlib.metadata: nothing is imported); absent ones left out."""
     from importlib import metadata
 
     versions = {}
@@ -85,7 +86,7 @@ def collect_manifest(**extra: Any) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
         "git_commit": git_commit(),
-        "packages": _package_versions(("dualbench", "numpy", "pandas", "torch", "torchvision",
+        "packages": package_versions(("dualbench", "numpy", "pandas", "torch", "torchvision",
                                        "tensorflow", "keras", "tensorflow-datasets")),
     }
     manifest.update(extra)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from common.execution import ISA_LIMIT_ENV, MALLOC_TUNING, ONEDNN_ENV
-from common.manifest import cpu_flags, cpu_model, usable_cores
+from common.manifest import cpu_flags, cpu_model, package_versions, usable_cores
 from common.results import write_json_atomic
 
 SEARCH_VERSION = 1  # bump when the search procedure, its space or its measurement changes
@@ -53,24 +53,12 @@ def _gpus() -> list[str]:
     return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
 
 
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    found = {}
-    for name in _PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
 def machine_fingerprint() -> dict[str, Any]:
     """What makes a tuning result valid on this machine (see the module docstring)."""
     environment = {name: os.environ.get(name) for name in (*ISA_LIMIT_ENV, ONEDNN_ENV, *MALLOC_TUNING,
                                                            "CUDA_VISIBLE_DEVICES")}
     return {"search_version": SEARCH_VERSION, "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
-            "usable_cores": usable_cores(), "gpus": _gpus(), "packages": _versions(),
+            "usable_cores": usable_cores(), "gpus": _gpus(), "packages": package_versions(_PACKAGES),
             "environment": {k: v for k, v in environment.items() if v is not None}}
 
 
