@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.execution import ISA_LIMIT_ENV
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # CPU features that decide which kernels the math libraries run (oneDNN, MKL, XNNPACK, inductor):
@@ -83,6 +85,8 @@ def collect_manifest(**extra: Any) -> dict[str, Any]:
         "hostname": platform.node(),
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
+        # variables that limit the instruction set the math libraries use (an emulated older CPU)
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMIT_ENV if name in os.environ},
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
         "git_commit": git_commit(),

@@ -57,10 +57,10 @@ def _settings_table(results: list[RunResult]) -> pd.DataFrame:
 def _environment(manifest: dict[str, Any], results: list[RunResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(machine table, per-backend table) from manifest.json or, failing that, the first run's manifest."""
     base = manifest or next((r.manifest for r in results if r.manifest), {})
-    keys = ("cpu_model", "cpu_flags", "cpu_count", "usable_cores", "os", "python", "hostname", "git_commit",
+    keys = ("cpu_model", "cpu_flags", "isa_limits", "cpu_count", "usable_cores", "os", "python", "hostname", "git_commit",
             "data_spec", "data_fingerprint", "train_images", "test_images", "created_utc")
     machine = [{"item": k, "value": ", ".join(map(str, v)) if isinstance(v, list) else str(v)}
-               for k in keys if (v := base.get(k)) is not None]
+               for k in keys if (v := base.get(k)) is not None and v not in ([], {})]
     packages = base.get("packages") or {}
     machine += [{"item": f"package {k}", "value": v} for k, v in packages.items()]
     per_backend = []
