@@ -21,15 +21,20 @@ from run_all import SCRIPTS  # the scripts' canonical order (benchmarks/ is on s
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SUMMARY_COLUMNS = {
     "model": "model", "backend": "backend", "runs_ok": "runs ok", "test_acc_mean_pct": "test acc %",
-    "test_acc_std_pct": "± std", "train_img_s": "train img/s (median)", "train_img_s_ci_lo": "95% CI lo",
-    "train_img_s_ci_hi": "95% CI hi", "pipeline_img_s": "pipeline img/s", "step_ms_p50": "step ms p50",
-    "compile_s": "compile s", "epoch_wall_s": "epoch wall s", "host_peak_rss_mib": "host RSS MiB",
+    "test_acc_std_pct": "± std", "train_img_s": "train img/s (median)",
+    "train_img_s_seeds_ci_lo": "95% CI lo (seeds)", "train_img_s_seeds_ci_hi": "95% CI hi (seeds)",
+    "train_img_s_steps_ci_lo": "step-level CI lo", "train_img_s_steps_ci_hi": "step-level CI hi",
+    "pipeline_img_s": "pipeline img/s", "step_ms_p50": "step ms p50", "compile_s": "compile s",
+    "epoch_wall_s": "epoch wall s", "train_data_on": "data on", "host_peak_rss_mib": "host RSS MiB",
+    "host_data_mib": "host data MiB", "device_peak_mib": "device peak MiB", "device_data_mib": "device data MiB",
 }
 H2H_COLUMNS = {
-    "model": "model", "train_img_s_ratio": "tf/torch train img/s", "train_img_s_ratio_seed_min": "per-seed min",
-    "train_img_s_ratio_seed_max": "per-seed max", "pipeline_img_s_ratio": "tf/torch pipeline",
-    "host_rss_ratio": "tf/torch host RSS", "acc_diff_pts": "acc diff (tf-torch, pts)",
-    "acc_diff_ci_lo_pts": "95% CI lo", "acc_diff_ci_hi_pts": "95% CI hi", "verdict": "verdict",
+    "model": "model", "train_img_s_ratio": "tf/torch train img/s (median of seeds)",
+    "train_img_s_ratio_ci_lo": "95% CI lo (seeds)", "train_img_s_ratio_ci_hi": "95% CI hi (seeds)",
+    "pipeline_img_s_ratio": "tf/torch pipeline", "host_rss_ratio": "tf/torch host RSS",
+    "host_rss_less_data_ratio": "host RSS less data", "device_peak_less_data_ratio": "device peak less data",
+    "acc_diff_pts": "acc diff (tf-torch, pts)", "acc_diff_ci_lo_pts": "95% CI lo", "acc_diff_ci_hi_pts": "95% CI hi",
+    "acc_test": "test", "verdict": "verdict",
 }
 
 
@@ -54,11 +59,12 @@ def run_section(results: Path) -> list[str]:
         f"Python {manifest.get('python', '?')}, {versions}; git {manifest.get('git_commit', '?')}; "
         f"data fingerprint `{manifest.get('data_fingerprint', '?')}`.",
         "", "```bash", manifest.get("command", "?"), "```", "",
-        "**Summary** (mean over seeds; throughput medians over all steady-state steps of all seeds):", "",
+        "**Summary** (mean over seeds; throughput medians over all steady-state steps of all seeds, 95% "
+        "interval across seeds; the step-level interval is secondary):", "",
         _table(pd.read_csv(results / "summary.csv"), SUMMARY_COLUMNS), "",
         "**Head to head**:", "", _table(pd.read_csv(results / "head_to_head.csv"), H2H_COLUMNS), "",
     ]
-    return lines + tuning_section(results)
+    return lines + tuning_section(results) + deployment_section(results / "export")
 
 
 def tuning_section(results: Path) -> list[str]:
@@ -78,6 +84,32 @@ def tuning_section(results: Path) -> list[str]:
             _table(frame), ""]
 
 
+VERIFY_COLUMNS = ["model", "backend", "format", "runtime", "status", "images", "max_abs_diff", "max_rel_diff",
+                  "rtol", "top1_agreement", "size_mib"]
+SERVE_COLUMNS = ["model", "backend", "format", "runtime", "threads", "load_s", "latency_p50_ms", "latency_p90_ms",
+                 "latency_p99_ms", "batch64_img_s", "peak_rss_mib"]
+
+
+def deployment_section(export: Path) -> list[str]:
+    """The tables `dualbench export` wrote under ``export`` ([] when it did not run there)."""
+    try:
+        deployment = json.loads((export / "deployment.json").read_text())
+    except (OSError, ValueError):
+        return []
+    frame = pd.read_csv(export / "deployment.csv", na_values=["n/a"])
+    serving = frame[frame["latency_p50_ms"].notna()] if "latency_p50_ms" in frame else frame.iloc[:0]
+    lines = [f"**Deployment: every artifact verified against its framework's eval logits** "
+             f"(`{deployment.get('command', 'dualbench export')}`, {deployment.get('created_utc', '?')}):", "",
+             _table(frame, {c: c for c in VERIFY_COLUMNS}), ""]
+    if (export / "cross_framework.csv").exists():
+        lines += ["**torch's ONNX vs TensorFlow's ONNX from the same weights, in ONNX Runtime**:", "",
+                  _table(pd.read_csv(export / "cross_framework.csv", na_values=["n/a"])), ""]
+    if not serving.empty:
+        lines += ["**Serving on the CPU** (each measurement its own process, ABBA order):", "",
+                  _table(serving, {c: c for c in SERVE_COLUMNS}), ""]
+    return lines
+
+
 CAPTIONS = {
     "bench_table": "`dualbench bench`: throughput and memory per batch size, phase and measure",
     "bare_vs_dualbench": "dualbench's loop over a bare hand-written loop (target >= 0.95)",
@@ -89,6 +121,8 @@ CAPTIONS = {
     "tune_check": "the search's choice against an exhaustive measurement in the same sitting (target >= 0.95)",
     "best_bare_ratio": "tf/torch ratio of `dualbench run --mode auto` against the best bare loops' (target within 10%)",
     "tf_bn_kernels": "TensorFlow BatchNorm kernel per mode",
+    "parity_margins": "worst measured parity values against their criteria, per CPU kernel family",
+    "gpu_check": "torch CUDA paths on one GPU (benchmarks/gpu_check.py)",
 }
 
 

@@ -31,6 +31,7 @@ class LayerSpec:
     params: dict[str, tuple[int, ...]]  # canonical param name suffix -> shape
     macs: int = 0  # multiply-accumulates per image
     after_flatten: tuple[int, int, int] | None = None  # dense after flatten: (H, W, C) of its input
+    spatial: tuple[int, int] | None = None  # bn: (H, W) of its input, so a batch of B gives B*H*W values per channel
 
 
 @dataclass
@@ -106,7 +107,7 @@ class _Walker:
     def bn(self, name):
         c = self.c
         params = {"gamma": (c,), "beta": (c,), "moving_mean": (c,), "moving_variance": (c,)}
-        self.spec.layers.append(LayerSpec(name, "bn", params))
+        self.spec.layers.append(LayerSpec(name, "bn", params, spatial=(self.h, self.w)))
 
     def pool(self, k=2):
         self.h //= k

@@ -53,6 +53,14 @@ class Backend(Protocol):
     def versions(self) -> dict[str, str]:
         """Library versions that matter for this backend (framework, CUDA, cuDNN...)."""
 
+    def fallback_notes(self) -> list[str]:
+        """One line per thing this process could not apply as asked (a thread pool that had
+        already started, a data path that is unavailable), with what ran instead.
+
+        Nothing falls back silently: these lines go into the audit (``fallbacks``)
+        and the run's manifest; an empty list means everything applied as asked.
+        """
+
     # -- model ---------------------------------------------------------------
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
                     bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> Any:
@@ -101,7 +109,11 @@ class Backend(Protocol):
     def to_numpy(self, value: Any) -> np.ndarray: ...
 
     def audit(self, model: Any, train_step: TrainStep) -> dict[str, Any]:
-        """Effective settings read back from the built objects (keys: common.audit.AUDIT_KEYS)."""
+        """Effective settings read back from the built objects, never from the recipe.
+
+        Keys: common.audit.AUDIT_KEYS (minus the spec-level ones common.worker adds)
+        plus common.audit.DETAIL_KEYS; call after ``attach_data`` (the pipelines are audited too).
+        """
 
     # -- measurement ---------------------------------------------------------
     def synchronize(self) -> None:
@@ -112,4 +124,30 @@ class Backend(Protocol):
     def peak_device_memory_bytes(self) -> int | None:
         """Device allocator peak since the last reset; None on CPU (never 0 for 'not measured')."""
 
+    def data_residency(self) -> dict[str, Any]:
+        """Where the attached pipelines keep the dataset, and the bytes they hold for it.
+
+        ``residency_summary`` of ``{array: (where, bytes)}`` over the train and eval
+        pipelines' arrays, where is "host" or "device". Bytes are those of the copies the
+        backend made (tensors, variables): an array that is a view of common.data's own
+        numpy arrays (which every backend process keeps alike) counts 0. So
+        ``host_peak_rss - host_bytes`` and ``device_peak - device_bytes`` compare the
+        training's own memory, whatever each framework's data placement.
+        """
+
     def is_out_of_memory(self, error: BaseException) -> bool: ...
+
+
+def residency_summary(arrays: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    """``Backend.data_residency()``'s dict from ``{array name: (where, bytes)}`` (where: "host" | "device").
+
+    Keys: ``train_data`` (where the training images live), ``host_bytes``,
+    ``device_bytes`` (totals per place) and ``arrays`` (``{name: [where, bytes]}``).
+    """
+    places = {where for where, _ in arrays.values()}
+    if not places <= {"host", "device"}:
+        raise ValueError(f"data lives 'host' or 'device', got {sorted(places)}")
+    return {"train_data": arrays["train_images"][0],
+            "host_bytes": sum(int(n) for where, n in arrays.values() if where == "host"),
+            "device_bytes": sum(int(n) for where, n in arrays.values() if where == "device"),
+            "arrays": {name: [where, int(n)] for name, (where, n) in arrays.items()}}

@@ -7,7 +7,11 @@ first call timed apart as compile time, warm-up steps excluded):
 * train/compute: the same device-resident batch stepped repeatedly;
 * train/pipeline: batches drawn from the real pipeline, one per step;
 * infer/compute: the eval step on a device-resident batch;
-* infer/pipeline: the eval step over the eval pipeline.
+* infer/pipeline: the eval step over the eval pipeline, batches produced inside the window.
+
+A pipeline measure synchronizes after every step, as common.loop does, so its
+step_time_p50_s is the median of per-step windows that each include producing
+the step's batch.
 
 The worker task ``python -m torch_impl.worker bench REQUEST.json OUT.json`` writes one
 JSON object with a list of measurements; an out-of-memory error is recorded
@@ -20,10 +24,11 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from common.audit import fallbacks_text
 from common.config import Recipe, RunSpec
 from common.metrics import median_ci, percentile
 from common.results import write_json_atomic
@@ -52,33 +57,50 @@ def _timed(backend: Any, call: Callable[[], Any], steps: int, warmup: int, batch
             "steps": steps}
 
 
-def _pipeline_timed(backend: Any, step: Callable[[Any, Any], Any], batches, steps: int, warmup: int,
+def _pipeline_timed(backend: Any, step: Callable[[Any, Any], Any], batches: Iterator, steps: int, warmup: int,
                     batch: int) -> dict[str, Any]:
-    """Wall time per step including fetching each batch from the pipeline (after warm-up)."""
+    """Wall time per step including producing its batch from the pipeline (after warm-up).
+
+    ``batches`` is consumed lazily, so each step's window (from the previous clock read to
+    after this step's synchronize) holds the production of its batch as well as the step.
+    """
     iterator = iter(batches)
     for _ in range(warmup):
         step(*next(iterator))
     backend.synchronize()
-    images = 0
-    t0 = time.perf_counter()
+    images, times = 0, []
+    last = time.perf_counter()
     for _ in range(steps):
         x, y = next(iterator)
         step(x, y)
+        backend.synchronize()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
         images += int(y.shape[0])  # the images this step really saw (a short batch counts as short)
-    backend.synchronize()
-    elapsed = time.perf_counter() - t0
-    return {"images_per_sec": images / elapsed, "images_per_sec_ci": None, "compile_s": None,
-            "step_time_p50_s": elapsed / steps, "step_time_p90_s": None, "steps": steps}
+    return {"images_per_sec": images / sum(times), "images_per_sec_ci": None, "compile_s": None,
+            "step_time_p50_s": percentile(times, 50), "step_time_p90_s": percentile(times, 90), "steps": steps}
 
 
-def full_batches(batches: list, batch: int) -> list:
-    """The eval batches of exactly ``batch`` images (all of them if none is that full).
+def eval_stream(backend: Any, batch: int) -> Iterator[tuple[Any, Any]]:
+    """Eval batches produced on demand from the eval pipeline, pass after pass, for the infer/pipeline measure.
 
-    The last batch of an eval pass is usually short: cycling over it would put a second
-    trace (a new input shape) and a short step inside the timed window.
+    Only batches of exactly ``batch`` images are handed out (a pass's last batch is usually
+    short: stepping it would put a second trace, a new input shape, and a short step inside
+    the timed window); a pass with no full batch (a test set smaller than ``batch``) hands
+    out what it has. A short batch that is skipped is still produced, inside the window.
     """
-    full = [b for b in batches if int(b[1].shape[0]) == batch]
-    return full or batches
+    while True:
+        full_seen = produced = False
+        for images, labels in backend.eval_batches():
+            produced = True
+            if int(labels.shape[0]) == batch:
+                full_seen = True
+                yield images, labels
+            elif not full_seen:
+                yield images, labels
+        if not produced:
+            raise ValueError("the eval pipeline produced no batch")
 
 
 def measure(backend: Any, spec: RunSpec, steps: int, phases: tuple[str, ...] = ("train", "infer")) -> list[dict]:
@@ -104,15 +126,18 @@ def measure(backend: Any, spec: RunSpec, steps: int, phases: tuple[str, ...] = (
         eval_step = backend.make_eval_step(model)
         compute = _timed(backend, lambda: eval_step(first_images), steps, warmup, batch)
         rows.append({"phase": "infer", "measure": "compute", **compute})
-        eval_pipeline = itertools.cycle(full_batches(list(backend.eval_batches()), batch))
-        piped = _pipeline_timed(backend, lambda x, y: eval_step(x), eval_pipeline, steps, warmup, batch)
+        piped = _pipeline_timed(backend, lambda x, y: eval_step(x), eval_stream(backend, batch), steps, warmup,
+                                batch)
         rows.append({"phase": "infer", "measure": "pipeline", **piped})
     device_peak = backend.peak_device_memory_bytes()
-    common = {"model": spec.model, "backend": spec.backend, "batch_size": batch, "mode": spec.mode,
+    residency = backend.data_residency()  # the dataset's own bytes inside those peaks, shown apart
+    common = {"train_data_on": residency["train_data"], "host_data_bytes": residency["host_bytes"],
+              "device_data_bytes": residency["device_bytes"],
+              "model": spec.model, "backend": spec.backend, "batch_size": batch, "mode": spec.mode,
               "resolved_mode": built["settings"].get("execution_mode"), "precision": spec.precision,
               "data_format": built["settings"].get("data_format"), "device": built["settings"].get("device"),
               "threads": built["settings"].get("intra_op_threads"), "device_peak_bytes": device_peak,
-              "status": "ok"}
+              "fallbacks": fallbacks_text(backend.fallback_notes()), "status": "ok"}
     return [{**common, **row} for row in rows]
 
 

@@ -3,14 +3,26 @@
 What is timed, and where the clock is read:
 
 * ``backend.synchronize()`` runs before every ``perf_counter()`` read, so a
-  step's time covers its device work, not just its launch.
+  timed interval covers its device work, not just its launch.
 * Step time (compute-only) = from just before the step call to after its
-  synchronize. The batch was already produced by the pipeline iterator.
-* Epoch train time (pipeline-inclusive) = from the epoch's first fetch to the
-  last step's synchronize; evaluation is timed separately and excluded.
-* The run's first step is the compile step (tracing, XLA / inductor
-  compilation, cuDNN autotune): reported as ``compile_s``, excluded from
-  throughput along with the next ``spec.warmup_steps`` steps.
+  synchronize. The batch is fetched from the pipeline and then synchronized
+  BEFORE ``t0``: torch builds batches lazily on the device (gather, flip,
+  normalise are queued kernels) while tf.data hands over finished, prefetched
+  batches, so without that synchronize torch's batch production would be
+  charged to its compute step and TensorFlow's would not.
+* Epoch train time (pipeline-inclusive) = from just before the epoch's pipeline
+  is built to after it is torn down (``_close``): build AND teardown are counted
+  on both sides (tf.data's teardown cancels prefetch threads; torch's closes a
+  generator), because a user of either framework's own epoch loop pays both
+  every epoch. Evaluation is timed separately and excluded.
+* The run's first step in this process is the compile step (tracing, XLA /
+  inductor compilation, cuDNN autotune): reported as ``compile_s``, excluded
+  from throughput along with the next ``spec.warmup_steps`` steps. A resumed
+  run compiles again, so the count restarts with every process.
+* Pipeline-inclusive images/s = steady-state images / steady-state wall time.
+  An epoch entirely in steady state counts its build and teardown; the epoch in
+  which warm-up ends counts neither (from the end of the last warm-up step to
+  the end of its last step), so every epoch's share holds both or none.
 * The loss is read to the host after the clock stops (a NaN/inf loss ends the
   run with status ``diverged``); no other host round trip in the hot loop.
 """
@@ -54,12 +66,14 @@ class LoopResult:
     eval_images: int = 0
     eval_time_s: float = 0.0
     final_logits: np.ndarray | None = None
+    process_steps: int = 0  # training steps run by this process (its first is the compile step)
 
-    def record_step(self, step_in_process: int, skip: int, elapsed_s: float, batch_size: int) -> None:
-        """The process's first step is the compile step; steps after the first ``skip`` are steady state."""
-        if step_in_process == 1:
+    def record_step(self, skip: int, elapsed_s: float, batch_size: int) -> None:
+        """Count one step of this process: the first is the compile step; after the first ``skip``, steady state."""
+        self.process_steps += 1
+        if self.process_steps == 1:
             self.compile_s = elapsed_s
-        elif step_in_process > skip:
+        elif self.process_steps > skip:
             self.step_times_s.append(elapsed_s)
             self.step_batch_sizes.append(batch_size)
             self.steady_images += batch_size
@@ -88,6 +102,7 @@ def evaluate(backend: Any, eval_step: Callable, result: LoopResult) -> np.ndarra
     outputs = []
     backend.synchronize()
     for index, (images, _labels) in enumerate(backend.eval_batches()):
+        backend.synchronize()  # the batch's own device work is not the eval step's
         t0 = time.perf_counter()
         logits = eval_step(images)
         backend.synchronize()
@@ -112,54 +127,64 @@ def train(backend: Any, train_step: Callable, eval_step: Callable, spec: RunSpec
     first_plan = _plan(spec, 0, num_train)
     steps_per_epoch = min(first_plan.num_batches, spec.max_steps_per_epoch or first_plan.num_batches)
     skip = 1 + spec.warmup_steps  # compile step + warm-up steps, counted from this process's start
-    steps_this_process = 0
     while result.state.epoch < recipe.epochs:
         plan = first_plan if result.state.epoch == 0 else _plan(spec, result.state.epoch, num_train)
-        losses, correct, seen = [], 0.0, 0
-        backend.synchronize()
-        epoch_start = time.perf_counter()
-        steady_start = epoch_start if steps_this_process >= skip else None
-        batches = backend.train_batches(plan)  # building the epoch's pipeline is training time
-        # islice: a capped epoch never fetches a batch past its last step
-        steps = itertools.islice(zip(batches, plan.batch_sizes()), steps_per_epoch)
-        for index, ((images, labels), size) in enumerate(steps):
-            lr = lr_at(recipe, result.state.global_step, steps_per_epoch)
-            t0 = time.perf_counter()
-            loss, n_correct = train_step(images, labels, lr)
-            backend.synchronize()
-            t1 = time.perf_counter()
-            loss_value = float(backend.to_numpy(loss))
-            result.state.global_step += 1
-            steps_this_process += 1
-            result.record_step(steps_this_process, skip, t1 - t0, size)
-            if steps_this_process == skip:
-                steady_start = t1  # pipeline-inclusive clock starts after warm-up
-            if not math.isfinite(loss_value):
-                result.status, result.diverged_step = "diverged", result.state.global_step
-                return result
-            losses.append(loss_value * size)
-            correct += float(backend.to_numpy(n_correct))
-            seen += size
-            if on_step is not None:
-                on_step(result.state.epoch, index, loss_value)
-        backend.synchronize()
-        epoch_end = time.perf_counter()
-        # Closed after the clock stops: tearing down a pipeline (tf.data cancels its prefetch
-        # threads, 0-0.8 s on 2 CPU cores) is not a training step (see the module docstring).
-        _close(batches)
-        if steady_start is not None:
-            result.steady_wall_s += epoch_end - steady_start
-        train_time = epoch_end - epoch_start
+        epoch = _train_epoch(backend, train_step, recipe, plan, steps_per_epoch, skip, result, on_step)
+        if epoch is None:
+            return result  # diverged
+        train_time, loss_sum, correct, seen = epoch
         result.state.train_time_s += train_time
         logits = evaluate(backend, eval_step, result)
         result.final_logits = logits
         result.state.epoch += 1
         lr_last = lr_at(recipe, max(result.state.global_step - 1, 0), steps_per_epoch)
-        result.state.epochs.append(_epoch_row(result.state, logits, test_labels, sum(losses), correct, seen,
+        result.state.epochs.append(_epoch_row(result.state, logits, test_labels, loss_sum, correct, seen,
                                               train_time, lr_last))
         if on_epoch_end is not None:
             on_epoch_end(result.state)
     return result
+
+
+def _train_epoch(backend: Any, train_step: Callable, recipe: Any, plan: Any, steps_per_epoch: int, skip: int,
+                 result: LoopResult, on_step: Callable[[int, int, float], None] | None
+                 ) -> tuple[float, float, float, int] | None:
+    """One epoch of training steps: (train_time_s, loss_sum, correct, seen), None if the loss diverged."""
+    loss_sum, correct, seen = 0.0, 0.0, 0
+    whole_epoch_steady = result.process_steps >= skip
+    backend.synchronize()
+    epoch_start = time.perf_counter()
+    steady_start = epoch_start if whole_epoch_steady else None
+    last_step_end = epoch_start
+    batches = backend.train_batches(plan)  # building the epoch's pipeline is training time
+    # islice: a capped epoch never fetches a batch past its last step
+    steps = itertools.islice(zip(batches, plan.batch_sizes()), steps_per_epoch)
+    for index, ((images, labels), size) in enumerate(steps):
+        lr = lr_at(recipe, result.state.global_step, steps_per_epoch)
+        backend.synchronize()  # the batch's own device work ends here, outside the step's window
+        t0 = time.perf_counter()
+        loss, n_correct = train_step(images, labels, lr)
+        backend.synchronize()
+        last_step_end = time.perf_counter()
+        loss_value = float(backend.to_numpy(loss))
+        result.state.global_step += 1
+        result.record_step(skip, last_step_end - t0, size)
+        if result.process_steps == skip:
+            steady_start = last_step_end  # pipeline-inclusive clock starts after warm-up
+        if not math.isfinite(loss_value):
+            result.status, result.diverged_step = "diverged", result.state.global_step
+            _close(batches)
+            return None
+        loss_sum += loss_value * size
+        correct += float(backend.to_numpy(n_correct))
+        seen += size
+        if on_step is not None:
+            on_step(result.state.epoch, index, loss_value)
+    _close(batches)  # teardown is training time, like the build (see the module docstring)
+    backend.synchronize()
+    epoch_end = time.perf_counter()
+    if steady_start is not None:
+        result.steady_wall_s += (epoch_end if whole_epoch_steady else last_step_end) - steady_start
+    return epoch_end - epoch_start, loss_sum, correct, seen
 
 
 def _epoch_row(state: LoopState, logits: np.ndarray, test_labels: np.ndarray, loss_sum: float, correct: float,

@@ -27,6 +27,7 @@ from common.loop import LoopState, final_report, train
 from common.execution import allocator_setting, requested
 from common.manifest import collect_manifest
 from common.results import RunResult, write_json_atomic
+from common.weights import save_weights
 
 EVENT_PREFIX = "DUALBENCH_EVENT "
 _PROCESS_START = time.perf_counter()
@@ -79,6 +80,9 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
     result.trainable_params = backend.trainable_param_count(model)
     result.buffers = backend.buffer_count(model)
     result.macs_per_image = arch.macs()
+    residency = backend.data_residency()
+    result.train_data_on, result.data_arrays = residency["train_data"], residency["arrays"]
+    result.host_data_bytes, result.device_data_bytes = residency["host_bytes"], residency["device_bytes"]
     result.class_names = list(dataset.class_names)
     result.manifest = collect_manifest(versions=backend.versions(), effective=effective,
                                        data_fingerprint=dataset.fingerprint, data_spec=spec.data,
@@ -97,6 +101,7 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
     loop = train(backend, train_step, eval_step, spec, len(dataset.train_labels), dataset.test_labels,
                  state=state, on_epoch_end=on_epoch_end)
     result.device_peak_bytes = backend.peak_device_memory_bytes()
+    result.manifest["fallbacks"] = backend.fallback_notes()  # setup, data and any during training
     result.status, result.diverged_step = loop.status, loop.diverged_step
     result.epochs = loop.state.epochs
     result.step_times_s, result.step_batch_sizes = loop.step_times_s, loop.step_batch_sizes
@@ -108,6 +113,9 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
         result.confusion_matrix, result.per_class = report["confusion_matrix"], report["per_class"]
     if loop.status == "diverged":
         result.error = f"loss became NaN/inf at step {loop.diverged_step}"
+    if loop.status == "ok" and spec.final_weights_path:  # what `dualbench export` exports, never retraining
+        result.final_weights_sha256 = save_weights(spec.final_weights_path, backend.get_weights(model))
+        result.final_weights_file = spec.final_weights_path
     return result
 
 
@@ -184,6 +192,22 @@ def _parity_task(backend_name: str, args: argparse.Namespace) -> int:
     return run_parity_request(backend_name, args.request, args.out)
 
 
+def _step_parity_task(backend_name: str, args: argparse.Namespace) -> int:
+    from common.step_parity import run_step_parity_request
+
+    return run_step_parity_request(backend_name, args.request, args.out)
+
+
+def _deploy_task(task: str) -> Callable[[str, argparse.Namespace], int]:
+    def handler(backend_name: str, args: argparse.Namespace) -> int:
+        from common.deploy_worker import TASK_HANDLERS, run_task
+
+        return run_task(TASK_HANDLERS[task], backend_name, args.request, args.out)
+    return handler
+
+
+_DEPLOY_ARGUMENTS = [("request", "JSON request written by compare.export"), ("out", "where to write the result JSON")]
+
 # task -> (handler(backend_name, args), help, [(argument, help), ...])
 Task = tuple[Callable[[str, argparse.Namespace], int], str, list[tuple[str, str]]]
 TASKS: dict[str, Task] = {
@@ -201,6 +225,17 @@ TASKS: dict[str, Task] = {
     "parity": (_parity_task, "forward outputs for given weights (common.parity)",
                [("request", "folder with request.json, images.npy, <model>.weights.npz"),
                 ("out", "folder for <model>.npz / <model>.json")]),
+    "step-parity": (_step_parity_task, "K training steps, free and replayed from another side's states",
+                    [("request", "folder with request.json (cases) and the other side's <case>.free.npz"),
+                     ("out", "folder for <case>.free.npz / <case>.replay.npz")]),
+    # dualbench export (common.deploy_worker): one converter, verifier or server per process
+    "export-reference": (_deploy_task("export-reference"), "the framework's eval logits of given weights",
+                         _DEPLOY_ARGUMENTS),
+    "export": (_deploy_task("export"), "write one artifact in one format", _DEPLOY_ARGUMENTS),
+    "export-verify": (_deploy_task("export-verify"), "one artifact's logits in its own runtime",
+                      _DEPLOY_ARGUMENTS),
+    "export-serve": (_deploy_task("export-serve"), "one serving latency/throughput measurement",
+                     _DEPLOY_ARGUMENTS),
 }
 
 

@@ -19,18 +19,23 @@ from compare import options
 def register(parser: argparse.ArgumentParser) -> None:
     options.add_selection_options(parser)
     p = parser.add_argument
-    p("--data", default=None, help="dataset SPEC whose shapes the search uses (default synthetic, CIFAR-shaped)")
-    p("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    p("--data", default=None, metavar="SPEC",
+      help="dataset SPEC whose shapes the search uses (default synthetic, CIFAR-shaped)")
+    p("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto: the first GPU, else the CPU)")
     p("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="compute precision (default fp32)")
-    p("--batch-size", type=int, default=None, help=f"images per training step (default {Recipe().batch_size})")
-    p("--threads", type=int, default=None, help="intra-op threads for both frameworks (default: all cores)")
+    p("--batch-size", type=int, default=None, metavar="IMAGES",
+      help=f"images per training step (default {Recipe().batch_size})")
+    p("--threads", type=int, default=None,
+      help="intra-op threads for both frameworks (default: every core this process may use)")
     p("--channels-last", choices=tuple(options.CHANNELS_LAST), default="auto",
-      help="torch memory format (on/off pins it)")
-    p("--mode", default="auto", help="as for `dualbench run`; a backend with a pinned mode is not searched")
+      help="torch memory format (default auto: searched; on/off pins it)")
+    p("--mode", default="auto",
+      help="as for `dualbench run` (default auto); a backend with a pinned mode is not searched")
     options.add_tune_options(parser)
-    p("--quick", action="store_true", help="fewer steps per candidate (a smoke test of the search, not a measurement)")
-    p("--json", action="store_true", help="print the resolution records as JSON")
-    p("--out", default=None, help="also write the search table as CSV here")
+    p("--quick", action="store_true",
+      help="fewer steps per candidate, a smoke test of the search, not a measurement (default off)")
+    p("--json", action="store_true", help="print the resolution records as JSON (default: tables)")
+    p("--out", default=None, metavar="CSV", help="also write the search table as CSV here (default: not written)")
 
 
 def build_specs(args: argparse.Namespace):

@@ -9,6 +9,13 @@ The ladder, per model (mlcommons/algorithmic-efficiency style):
    and Keras's exported weights into torch;
 4. per-layer activations, naming the first layer that diverges.
 
+Inputs are not friendly: images from N(0, 1) and every BN layer's gamma, beta,
+moving mean and moving variance drawn at random (``unfriendly_weights``), so
+eval-mode statistics do not match the activations and errors are not hidden
+by unit-variance layers. The criterion is relative to the logit scale:
+max |logit difference| <= ``DEFAULT_RTOL`` x max |logit| (fp32 results differ
+in the last bits between CPU families, which an absolute bound ignores).
+
 Each framework runs in its own subprocess (two phases: own export, then the
 other side's weights).
 """
@@ -23,19 +30,48 @@ from typing import Any
 
 import numpy as np
 
-from common.architectures import PUBLISHED_PARAM_COUNTS, arch_spec
+from common.architectures import PUBLISHED_PARAM_COUNTS, ArchSpec, arch_spec
 from common.init import initial_weights
 from common.parity import MODES, load_outputs
 from common.registry import worker_command
 
 BACKENDS = ("torch", "tensorflow")
-DEFAULT_ATOL = 1e-5  # max abs logit difference allowed at fp32
-LAYER_RTOL = 1e-4  # a layer diverges when max|diff| > atol + rtol * max|reference|
+# max |logit difference| / max |logit| allowed at fp32. The worst seen over all models, both BN modes and
+# both directions is measured by tests/test_parity.py's inputs; the README quotes it per CPU family.
+DEFAULT_RTOL = 1e-4
+# A layer diverges when max|diff| > LAYER_RTOL * max|layer output| (both sides). Diagnostic only (names
+# where a failing model first departs), and looser than the logit criterion: a training-mode BN over few
+# values per channel (mobilenet_v2's 4x4 blocks) amplifies fp32 rounding that later layers shrink again.
+LAYER_RTOL = 1e-3
 
 
 def parity_images(in_shape: tuple[int, int, int], batch: int, seed: int) -> np.ndarray:
     """Normalised-image-like float32 NHWC inputs (standard normal)."""
     return np.random.default_rng([seed, 99]).standard_normal((batch, *in_shape)).astype(np.float32)
+
+
+def unfriendly_weights(spec: ArchSpec, weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """``weights`` with every BN parameter and statistic drawn at random (other weights unchanged).
+
+    gamma ~ U(0.5, 1.5), beta ~ N(0, 0.5), moving mean ~ N(0, 0.5), moving variance ~ U(0.5, 2):
+    eval mode then neither centres nor whitens, and BN epsilon and padding mistakes show.
+    """
+    rng = np.random.default_rng([seed, 7])
+    draw = {"gamma": lambda n: rng.uniform(0.5, 1.5, n), "beta": lambda n: rng.normal(0.0, 0.5, n),
+            "moving_mean": lambda n: rng.normal(0.0, 0.5, n), "moving_variance": lambda n: rng.uniform(0.5, 2.0, n)}
+    out = dict(weights)
+    for layer in spec.layers:
+        if layer.kind == "bn":
+            for param, shape in layer.params.items():
+                out[f"{layer.name}.{param}"] = draw[param](shape).astype(np.float32)
+    return out
+
+
+def relative_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max(|a|, |b|): the parity measure, relative to the output's scale."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(float(np.abs(a).max()), float(np.abs(b).max()), 1e-30)
+    return float(np.abs(a - b).max()) / scale
 
 
 def _run_phase(backend: str, request_dir: Path, out_dir: Path, timeout: float) -> None:
@@ -57,11 +93,12 @@ def _write_request(folder: Path, models: list[str], weights: dict[str, dict[str,
 
 
 def run_parity(models: list[str], *, num_classes: int = 10, in_shape=(32, 32, 3), batch: int = 8,
-               seed: int = 0, init_scheme: str = "torch_default", atol: float = DEFAULT_ATOL,
+               seed: int = 0, init_scheme: str = "torch_default", rtol: float = DEFAULT_RTOL,
                threads: int | None = None, timeout: float = 900) -> list[dict[str, Any]]:
     """Run both phases in subprocesses and return one report dict per model."""
     images = parity_images(tuple(in_shape), batch, seed)
-    initial = {m: initial_weights(arch_spec(m, num_classes, in_shape), init_scheme, seed) for m in models}
+    specs = {m: arch_spec(m, num_classes, in_shape) for m in models}
+    initial = {m: unfriendly_weights(specs[m], initial_weights(specs[m], init_scheme, seed), seed) for m in models}
     with tempfile.TemporaryDirectory(prefix="dualbench-parity-") as tmp:
         root = Path(tmp)
         _write_request(root / "request", models, initial, images, num_classes, in_shape, threads)
@@ -74,7 +111,7 @@ def run_parity(models: list[str], *, num_classes: int = 10, in_shape=(32, 32, 3)
             _run_phase(backend, root / f"cross_{backend}", root / f"crossed_{backend}", timeout)
         crossed = {b: {m: load_outputs(root / f"crossed_{b}", m) for m in models} for b in BACKENDS}
     return [compare_model(m, initial[m], own["torch"][m], own["tensorflow"][m], crossed["torch"][m],
-                          crossed["tensorflow"][m], num_classes, in_shape, atol) for m in models]
+                          crossed["tensorflow"][m], num_classes, in_shape, rtol) for m in models]
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -86,8 +123,8 @@ def _weights_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return set(a) == set(b) and all(a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a)
 
 
-def layer_table(model: str, layer_names: list[str], torch_layers: dict, tf_layers: dict, mode: str,
-                atol: float) -> list[dict[str, Any]]:
+def layer_table(model: str, layer_names: list[str], torch_layers: dict, tf_layers: dict,
+                mode: str) -> list[dict[str, Any]]:
     """Per-layer max/mean abs difference in forward order (the spec's), with a 'diverged' flag."""
     rows = []
     for layer in layer_names:
@@ -98,10 +135,10 @@ def layer_table(model: str, layer_names: list[str], torch_layers: dict, tf_layer
                          "note": f"shape torch {np.shape(t)} vs tensorflow {np.shape(k)}"})
             continue
         max_diff, mean_diff = _diff(t, k)
-        scale = float(np.abs(t).max())
+        rel = relative_diff(t, k)
         rows.append({"model": model, "mode": mode, "layer": layer, "max_abs_diff": max_diff,
-                     "mean_abs_diff": mean_diff, "max_abs_value": scale,
-                     "diverged": max_diff > atol + LAYER_RTOL * scale, "note": ""})
+                     "mean_abs_diff": mean_diff, "max_abs_value": float(np.abs(t).max()), "max_rel_diff": rel,
+                     "diverged": rel > LAYER_RTOL, "note": ""})
     return rows
 
 
@@ -113,7 +150,7 @@ def first_divergence(rows: list[dict[str, Any]]) -> str | None:
 
 
 def compare_model(model: str, initial: dict, own_torch: dict, own_tf: dict, crossed_torch: dict,
-                  crossed_tf: dict, num_classes: int, in_shape, atol: float = DEFAULT_ATOL) -> dict[str, Any]:
+                  crossed_tf: dict, num_classes: int, in_shape, rtol: float = DEFAULT_RTOL) -> dict[str, Any]:
     """The parity report of one model from the four backend outputs."""
     spec = arch_spec(model, num_classes, in_shape)
     expected = spec.trainable_param_count()
@@ -131,23 +168,25 @@ def compare_model(model: str, initial: dict, own_torch: dict, own_tf: dict, cros
                                   and _weights_equal(crossed_tf["weights"], own_torch["weights"])
                                   and _weights_equal(crossed_torch["weights"], own_tf["weights"]))
     report["forward_unchanged_weights"] = all(o["weights_unchanged"] for o in (own_torch, own_tf))
-    worst = 0.0
+    worst, worst_rel = 0.0, 0.0
     for mode in MODES:
         pairs = {"same_weights": (own_torch, own_tf),
                  "torch_into_tf": (own_torch, crossed_tf),  # Keras loaded torch's exported weights
                  "tf_into_torch": (crossed_torch, own_tf)}  # torch loaded Keras's exported weights
         for direction, (t, k) in pairs.items():
             max_diff, mean_diff = _diff(t[f"logits_{mode}"], k[f"logits_{mode}"])
+            rel = relative_diff(t[f"logits_{mode}"], k[f"logits_{mode}"])
             report[f"{mode}_{direction}_max_abs_diff"] = max_diff
             report[f"{mode}_{direction}_mean_abs_diff"] = mean_diff
-            worst = max(worst, max_diff)
+            report[f"{mode}_{direction}_max_rel_diff"] = rel
+            worst, worst_rel = max(worst, max_diff), max(worst_rel, rel)
         rows = layer_table(model, [layer.name for layer in spec.layers], own_torch.get(f"layers_{mode}", {}),
-                           own_tf.get(f"layers_{mode}", {}), mode, atol)
+                           own_tf.get(f"layers_{mode}", {}), mode)
         report[f"layers_{mode}"] = rows
         report[f"first_divergent_layer_{mode}"] = first_divergence(rows)
-    report["max_abs_diff"] = worst
-    report["atol"] = atol
+    report["max_abs_diff"], report["max_rel_diff"] = worst, worst_rel
+    report["rtol"] = rtol
     published_ok = report["published_params"] in (None, expected)
     report["passed"] = bool(report["counts_match"] and report["round_trip_exact"] and published_ok
-                            and report["forward_unchanged_weights"] and worst <= atol)
+                            and report["forward_unchanged_weights"] and worst_rel <= rtol)
     return report

@@ -5,7 +5,8 @@
   min-max band across seeds.
 * ``throughput.png``: training images/s (median, 95% interval as error bars)
   and pipeline images/s, per model and backend.
-* ``memory.png``: host peak RSS, plus device allocator peak where measured.
+* ``memory.png``: host peak RSS, plus device allocator peak where measured; the
+  dataset bytes each framework's pipelines hold in that memory hatched on top.
 * ``confusion_<model>.png``: confusion matrices side by side (summed over the
   ok seeds, rows normalised to recall).
 """
@@ -25,8 +26,11 @@ import pandas as pd  # noqa: E402
 from common.results import RunResult  # noqa: E402
 from compare.store import write_file_atomic  # noqa: E402
 
-COLORS = {"torch": "#ee4c2c", "tensorflow": "#ff8f00"}  # the frameworks' brand colours
-_FALLBACK = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b")
+# Okabe-Ito palette (colour-blind safe): blue and orange stay far apart under protanopia,
+# deuteranopia and tritanopia and differ in lightness, so they also read in greyscale
+# (the brand reds/oranges of torch and TensorFlow did not; tests/test_plots.py checks both).
+COLORS = {"torch": "#0072B2", "tensorflow": "#E69F00"}
+_FALLBACK = ("#009E73", "#CC79A7", "#56B4E9", "#D55E00")  # further backends, same palette
 
 
 def color(backend: str, index: int) -> str:
@@ -108,26 +112,44 @@ def _grouped_bars(ax, summary: pd.DataFrame, backends: list[str], value: str,
 def plot_throughput(summary: pd.DataFrame, backends: list[str], path: Path) -> Path:
     """Training images/s bars (with the 95% interval) next to pipeline-inclusive images/s."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    _grouped_bars(left, summary, backends, "train_img_s", "train_img_s_ci_lo", "train_img_s_ci_hi")
+    _grouped_bars(left, summary, backends, "train_img_s", "train_img_s_seeds_ci_lo", "train_img_s_seeds_ci_hi")
     left.set_ylabel("images/s")
-    left.set_title("training, compute-only (median, 95% interval)")
+    left.set_title("training, compute-only (median, 95% interval across seeds)")
     _grouped_bars(right, summary, backends, "pipeline_img_s")
     right.set_ylabel("images/s")
     right.set_title("training, pipeline included (steady state)")
     return _save(fig, path)
 
 
+def _data_on_top(ax, summary: pd.DataFrame, backends: list[str], peak: str, data: str) -> None:
+    """Hatch the dataset's share at the top of each peak bar drawn by _grouped_bars (same positions)."""
+    models = list(dict.fromkeys(summary["model"]))
+    width = 0.8 / max(len(backends), 1)
+    for index, backend in enumerate(backends):
+        rows = summary[summary["backend"] == backend].set_index("model").reindex(models)
+        heights = pd.to_numeric(rows[peak], errors="coerce").to_numpy(dtype=float)
+        share = pd.to_numeric(rows[data], errors="coerce").to_numpy(dtype=float)
+        positions = np.arange(len(models)) + (index - (len(backends) - 1) / 2) * width
+        keep = ~np.isnan(heights) & ~np.isnan(share) & (share > 0)
+        ax.bar(positions[keep], share[keep], width, bottom=(heights - share)[keep], fill=False, hatch="//",
+               edgecolor="black", linewidth=0.5, label="dataset held" if index == 0 and keep.any() else None)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
 def plot_memory(summary: pd.DataFrame, backends: list[str], path: Path) -> Path:
-    """Host peak RSS bars, plus device allocator peak bars when any run measured one."""
+    """Host peak RSS bars, plus device allocator peak bars when any run measured one; the dataset's bytes hatched."""
     has_device = summary["device_peak_mib"].notna().any()
     fig, axes = plt.subplots(1, 2 if has_device else 1, figsize=(11 if has_device else 6, 4.5), squeeze=False)
     _grouped_bars(axes[0][0], summary, backends, "host_peak_rss_mib")
+    _data_on_top(axes[0][0], summary, backends, "host_peak_rss_mib", "host_data_mib")
     axes[0][0].set_ylabel("MiB")
-    axes[0][0].set_title("host peak RSS of the worker process")
+    axes[0][0].set_title("host peak RSS of the worker process (hatched: dataset held)")
     if has_device:
         _grouped_bars(axes[0][1], summary, backends, "device_peak_mib")
+        _data_on_top(axes[0][1], summary, backends, "device_peak_mib", "device_data_mib")
         axes[0][1].set_ylabel("MiB")
-        axes[0][1].set_title("device allocator peak")
+        axes[0][1].set_title("device allocator peak (hatched: dataset held)")
     return _save(fig, path)
 
 

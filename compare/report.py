@@ -16,6 +16,7 @@ from common.audit import compare_settings
 from common.errors import UserError
 from common.results import RunResult
 from compare import plots, tune_report
+from compare.deployment import report_blocks
 from compare.document import Block, to_html, to_markdown
 from compare.options import command_for
 from compare.store import ResultsStore
@@ -100,9 +101,12 @@ def caveats(results: list[RunResult], tables: dict[str, pd.DataFrame], audit: di
                      "allocator peaks are recorded, never a 0 for 'not measured'.")
     notes.append("Throughput excludes the first (compile/tracing) step and the warm-up steps after it; "
                  "compile_s is reported on its own, startup_s covers process start to ready-to-train. "
-                 "The images/s interval pools the steady-state steps of all seeds.")
+                 "Compute-only step windows start after the batch is produced and synchronized; "
+                 "pipeline-inclusive epoch times count the pipeline's build and teardown on both sides.")
     notes.append("Host peak RSS is the whole worker process (framework runtime, data arrays, model), "
-                 "measured by the parent from os.wait4.")
+                 "measured by the parent from os.wait4. Where a framework keeps its copy of the dataset "
+                 "differs (torch on a GPU: device memory; TensorFlow: host tf.Variables); the *_less_data "
+                 "columns subtract each framework's own copy from the memory that holds it.")
     spec = next((r.spec for r in results if r.spec), {})
     if spec.get("max_steps_per_epoch"):
         notes.append(f"Epochs were capped at {spec['max_steps_per_epoch']} steps (--max-steps-per-epoch): "
@@ -135,15 +139,23 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                    "data order?"),
         Block("h2", "Summary"),
         Block("p", "Accuracy: final-epoch top-1 on the test split, mean and sample std over seeds (%). "
-                   "Throughput: median images/s of steady-state steps with a 95% interval over the pooled steps (the "
-                   "run-to-run spread is in the head-to-head table). Memory: median over runs of "
-                   "each run's peak, in MiB. runs_ok/runs_total count seeds."),
+                   "Throughput: median images/s of the pooled steady-state steps; train_img_s_seeds_ci_lo/hi is "
+                   "the 95% t interval across seeds of the runs' images/s (run-to-run spread); "
+                   "train_img_s_steps_ci_lo/hi, the interval over pooled steps, is secondary: steps within a run "
+                   "are autocorrelated and understate run-to-run spread. Memory: median over runs of each run's "
+                   "peak, in MiB; train_data_on says where the framework keeps the training images, "
+                   "host_data_mib/device_data_mib how much dataset its pipelines hold there, and the "
+                   "*_less_data_mib columns the peak without it (the training's own memory). runs_ok/runs_total "
+                   "count seeds."),
         Block("table", table=tables["summary"]),
         Block("h2", "Head to head"),
         Block("p", "Ratios are other/baseline (above 1: the other backend is faster or uses more memory). "
-                   "seed_min/seed_max: the lowest and highest throughput ratio of one seed's two runs (run back "
-                   "to back): the run-to-run spread, which the summary's step-level interval does not include. "
-                   "The accuracy difference (points) comes with Welch's 95% interval over seeds."),
+                   "The seed pairs the two frameworks' runs (same initial weights, same data order, run back to "
+                   "back). Throughput ratios are the median of the per-seed ratios; ci_lo/ci_hi is the 95% t "
+                   "interval across seeds of the log ratio; seed_min/seed_max the extreme per-seed ratios. "
+                   "Memory ratios are given with and without the dataset bytes each framework holds in that "
+                   "memory. The accuracy difference (points) is tested as acc_test says: a paired t test over "
+                   "the seeds both frameworks ran, Welch's interval only where runs do not pair."),
         Block("table", table=tables["head_to_head"]),
         Block("h2", "Runs"),
         Block("table", table=runs_table(results)),
@@ -159,6 +171,7 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
     for path in plot_paths:
         blocks.append(Block("image", text=path.stem.replace("_", " "), path=path,
                             link=str(path.relative_to(store.root))))
+    blocks += report_blocks(store.root / "export", store.root)  # `dualbench export`, if it ran here
     blocks += [Block("h2", "Settings used"), Block("table", table=_settings_table(results))]
     blocks += _audit_blocks(audit)
     blocks += tune_report.report_blocks(_read_json(store.root / "tuning.json"))

@@ -1,107 +1,61 @@
-"""Small statistics for the report: mean/std, Student-t intervals, Welch's difference of means.
+"""Statistics for the report, from ``scipy.stats``: t intervals, paired and Welch differences, ratios across seeds.
 
-scipy is not a dependency, so the Student-t quantile is computed here from the
-regularized incomplete beta function (Lentz continued fraction, as in
-Numerical Recipes ``betacf``) and inverted by bisection. Good to ~1e-10,
-which is far more than a 95% interval on a handful of seeds needs.
+How a comparison is tested follows how the runs were designed:
+
+* The seed pairs the two frameworks' runs (same initial weights, same data
+  order, run back to back), so the accuracy difference is a **paired t test
+  over seeds** (``scipy.stats.ttest_rel``). Welch's unequal-variance interval
+  (``ttest_ind(equal_var=False)``) is used only where runs do not pair (fewer
+  than two seeds present on both sides). Why t and not Wilcoxon's signed-rank
+  test: with the 3-5 seeds a comparison affords, the signed-rank test cannot
+  reach the 5% level at all (its smallest two-sided p-value is 0.25 with 3
+  pairs, 0.125 with 4, 0.0625 with 5), so it would call every difference noise.
+* A throughput ratio is the **median of the per-seed paired ratios** with a
+  **95% t interval across seeds on the log ratios**, back-transformed (log:
+  ratios are symmetric on that scale, 0.5x and 2x lie equally far from 1). The
+  interval is centred on the geometric mean, which estimates the same ratio as
+  the median when run-to-run noise is symmetric on the log scale. Not
+  ``scipy.stats.bootstrap``: resampling 3 seeds gives a bootstrap distribution
+  with a handful of distinct values, not an interval. Step-level intervals
+  (pooled, autocorrelated steps of one run) say nothing about run-to-run spread
+  and are only reported as secondary, named as such.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import stats as scipy_stats
 
 from common.metrics import median_ci
 
-__all__ = ["mean", "sample_std", "t_quantile", "t_cdf", "mean_ci", "welch_diff_ci", "DiffCI",
-           "verdict", "median_with_ci"]
+
+def _is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(float(value))
 
 
 def _finite(values: Iterable[float | None]) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return [float(v) for v in values if _is_finite(v)]
+
+
+def _no_spread(values: Sequence[float]) -> bool:
+    """All values equal up to floating-point rounding (0.9 - 0.8 and 0.8 - 0.7 differ in the last bits)."""
+    return math.isclose(min(values), max(values), rel_tol=1e-9, abs_tol=1e-12)
 
 
 def mean(values: Iterable[float | None]) -> float:
     """Arithmetic mean of the finite values (NaN when there are none)."""
     x = _finite(values)
-    return sum(x) / len(x) if x else math.nan
+    return float(np.mean(x)) if x else math.nan
 
 
 def sample_std(values: Iterable[float | None]) -> float:
     """Sample standard deviation (ddof=1) of the finite values; NaN with fewer than two."""
     x = _finite(values)
-    if len(x) < 2:
-        return math.nan
-    m = sum(x) / len(x)
-    return math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def _regularized_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the regularized incomplete beta function."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    front = math.exp(log_front)
-    # the continued fraction converges fast for x < (a+1)/(a+b+2); use the symmetry otherwise
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` (> 0, may be fractional) degrees of freedom."""
-    if df <= 0:
-        raise ValueError(f"degrees of freedom must be > 0, got {df}")
-    tail = 0.5 * _regularized_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on t_cdf)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:  # bracket: df=1 at p=0.9995 needs ~637
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return (lo + hi) / 2.0
+    return float(np.std(x, ddof=1)) if len(x) >= 2 else math.nan
 
 
 def mean_ci(values: Iterable[float | None], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -110,35 +64,69 @@ def mean_ci(values: Iterable[float | None], confidence: float = 0.95) -> tuple[f
     m = mean(x)
     if len(x) < 2:
         return m, math.nan, math.nan
-    half = t_quantile(0.5 + confidence / 2.0, len(x) - 1) * sample_std(x) / math.sqrt(len(x))
-    return m, m - half, m + half
+    if _no_spread(x):  # identical values: the interval is the point
+        return m, m, m
+    lo, hi = scipy_stats.t.interval(confidence, len(x) - 1, loc=m, scale=scipy_stats.sem(x))
+    return m, float(lo), float(hi)
 
 
 @dataclass(frozen=True)
 class DiffCI:
-    """Difference of means (b - a) with its Welch interval."""
+    """Difference of means (b - a) with its interval, and how it was tested."""
 
-    diff: float  # mean(b) - mean(a)
-    lo: float  # NaN when there is no noise estimate (a side with < 2 values)
+    diff: float  # mean(b) - mean(a) (paired: the mean of the per-seed differences)
+    lo: float  # NaN when there is no noise estimate (fewer than two values or pairs)
     hi: float
-    df: float  # Welch-Satterthwaite degrees of freedom (inf when both variances are 0)
-    n_a: int
+    df: float  # degrees of freedom (paired: pairs - 1; Welch-Satterthwaite; inf when there is no spread)
+    n_a: int  # values of a used (paired: the number of pairs)
     n_b: int
+    method: str = "Welch t"  # "paired t" | "Welch t"
+
+
+def _interval(result, confidence: float) -> tuple[float, float]:
+    with warnings.catch_warnings():  # near-identical values: scipy warns of precision loss, the interval stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci = result.confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
 
 
 def welch_diff_ci(a: Sequence[float | None], b: Sequence[float | None], confidence: float = 0.95) -> DiffCI:
-    """Welch's interval for mean(b) - mean(a) (unequal variances)."""
+    """Welch's interval for mean(b) - mean(a) (unpaired runs, unequal variances)."""
     xa, xb = _finite(a), _finite(b)
     diff = mean(xb) - mean(xa) if xa and xb else math.nan
     if len(xa) < 2 or len(xb) < 2:
         return DiffCI(diff, math.nan, math.nan, math.nan, len(xa), len(xb))
-    va, vb = sample_std(xa) ** 2 / len(xa), sample_std(xb) ** 2 / len(xb)
-    se = math.sqrt(va + vb)
-    if se == 0.0:  # identical values on both sides: no spread, the interval is the point
+    if _no_spread(xa) and _no_spread(xb):  # no spread on either side: the point
         return DiffCI(diff, diff, diff, math.inf, len(xa), len(xb))
-    df = (va + vb) ** 2 / (va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1))
-    half = t_quantile(0.5 + confidence / 2.0, df) * se
-    return DiffCI(diff, diff - half, diff + half, df, len(xa), len(xb))
+    result = scipy_stats.ttest_ind(xb, xa, equal_var=False)
+    lo, hi = _interval(result, confidence)
+    return DiffCI(diff, lo, hi, float(result.df), len(xa), len(xb))
+
+
+def paired_diff_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> DiffCI:
+    """Paired t interval for the mean of b[i] - a[i] (a[i] and b[i] are one seed's two runs)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} and {len(b)}")
+    differences = [float(y) - float(x) for x, y in zip(a, b)]
+    n = len(differences)
+    diff = mean(differences) if differences else math.nan
+    if n < 2:
+        return DiffCI(diff, math.nan, math.nan, math.nan, n, n, "paired t")
+    if _no_spread(differences):  # every seed moved by the same amount: the point
+        return DiffCI(diff, diff, diff, math.inf, n, n, "paired t")
+    result = scipy_stats.ttest_rel(b, a)
+    lo, hi = _interval(result, confidence)
+    return DiffCI(diff, lo, hi, float(result.df), n, n, "paired t")
+
+
+def seed_diff_ci(a: Mapping[int, float | None], b: Mapping[int, float | None], confidence: float = 0.95) -> DiffCI:
+    """b - a over seeds: paired over the seeds both sides have when there are two or more, else Welch."""
+    xa = {s: float(v) for s, v in a.items() if _is_finite(v)}
+    xb = {s: float(v) for s, v in b.items() if _is_finite(v)}
+    shared = sorted(set(xa) & set(xb))
+    if len(shared) >= 2:
+        return paired_diff_ci([xa[s] for s in shared], [xb[s] for s in shared], confidence)
+    return welch_diff_ci(list(xa.values()), list(xb.values()), confidence)
 
 
 def verdict(ci: DiffCI, name_a: str, name_b: str, scale: float = 100.0, unit: str = "pts") -> str:
@@ -152,6 +140,30 @@ def verdict(ci: DiffCI, name_a: str, name_b: str, scale: float = 100.0, unit: st
         return "within seed noise"
     better = name_b if ci.diff > 0 else name_a
     return f"{better} better by {abs(ci.diff) * scale:.2f} {unit}"
+
+
+@dataclass(frozen=True)
+class RatioCI:
+    """Per-seed paired ratios b/a: their median and a t interval across seeds (log scale)."""
+
+    median: float  # median of the per-seed ratios (NaN without a pair)
+    lo: float  # NaN with fewer than two seeds
+    hi: float
+    seed_min: float
+    seed_max: float
+    seeds: int  # pairs used
+
+
+def paired_ratio_ci(a: Mapping[int, float | None], b: Mapping[int, float | None],
+                    confidence: float = 0.95) -> RatioCI:
+    """b[s] / a[s] for every seed s with a positive finite value on both sides (see the module docstring)."""
+    ratios = [b[s] / a[s] for s in sorted(set(a) & set(b))
+              if _is_finite(a[s]) and _is_finite(b[s]) and a[s] > 0 and b[s] > 0]
+    if not ratios:
+        return RatioCI(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
+    _, log_lo, log_hi = mean_ci(np.log(ratios).tolist(), confidence)
+    return RatioCI(float(np.median(ratios)), math.exp(log_lo), math.exp(log_hi), min(ratios), max(ratios),
+                   len(ratios))
 
 
 def median_with_ci(values: Iterable[float | None], confidence: float = 0.95) -> tuple[float, float, float]:

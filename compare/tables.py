@@ -18,16 +18,25 @@ from common.results import RunResult
 from compare import stats
 
 MIB = 1024 * 1024
+# train_img_s_seeds_ci_*: 95% t interval across seeds of the runs' images/s (run-to-run spread);
+# train_img_s_steps_ci_*: order-statistic interval over the pooled steps (secondary: steps are
+# autocorrelated within a run and say nothing about run-to-run spread).
+# *_less_data_mib: the peak minus the dataset bytes the pipelines hold in that memory (Backend.data_residency).
 SUMMARY_COLUMNS = [
     "model", "backend", "runs_ok", "runs_total", "test_acc_mean_pct", "test_acc_std_pct",
-    "train_img_s", "train_img_s_ci_lo", "train_img_s_ci_hi", "pipeline_img_s", "step_ms_p50", "step_ms_p90",
-    "compile_s", "startup_s", "epoch_wall_s", "host_peak_rss_mib", "device_peak_mib", "trainable_params",
-    "macs_per_image",
+    "train_img_s", "train_img_s_seeds_ci_lo", "train_img_s_seeds_ci_hi", "train_img_s_steps_ci_lo",
+    "train_img_s_steps_ci_hi", "pipeline_img_s", "step_ms_p50", "step_ms_p90",
+    "compile_s", "startup_s", "epoch_wall_s", "train_data_on", "host_peak_rss_mib", "host_data_mib",
+    "host_rss_less_data_mib", "device_peak_mib", "device_data_mib", "device_peak_less_data_mib",
+    "trainable_params", "macs_per_image",
 ]
+# Throughput ratios: median of the per-seed paired ratios, 95% t interval across seeds on the log
+# ratios (compare.stats.paired_ratio_ci). Accuracy: paired t over seeds (Welch only without pairs).
 HEAD_TO_HEAD_COLUMNS = [
-    "model", "comparison", "train_img_s_ratio", "train_img_s_ratio_seed_min", "train_img_s_ratio_seed_max",
-    "pipeline_img_s_ratio", "host_rss_ratio", "device_peak_ratio", "acc_diff_pts", "acc_diff_ci_lo_pts",
-    "acc_diff_ci_hi_pts", "seeds", "verdict",
+    "model", "comparison", "train_img_s_ratio", "train_img_s_ratio_ci_lo", "train_img_s_ratio_ci_hi",
+    "train_img_s_ratio_seed_min", "train_img_s_ratio_seed_max", "pipeline_img_s_ratio", "host_rss_ratio",
+    "host_rss_less_data_ratio", "device_peak_ratio", "device_peak_less_data_ratio", "acc_diff_pts",
+    "acc_diff_ci_lo_pts", "acc_diff_ci_hi_pts", "acc_test", "seeds", "verdict",
 ]
 CURVE_COLUMNS = ["model", "backend", "seed", "status", "epoch", "train_loss", "train_accuracy", "test_loss",
                  "test_accuracy", "wall_s"]
@@ -73,27 +82,52 @@ def _pooled_step_throughputs(runs: list[RunResult]) -> tuple[list[float], list[f
 
 
 def _throughput(runs: list[RunResult]) -> dict[str, float]:
-    """Median images/s with its 95% CI from the pooled per-step throughputs of the ok runs.
+    """Median images/s of the pooled steady-state steps, its interval across seeds and over the pooled steps.
 
-    Falls back to the median of the per-run medians (interval n/a) when no run
+    Falls back to the median of the per-run medians (step interval n/a) when no run
     stored its step times.
     """
+    _, seeds_lo, seeds_hi = stats.mean_ci(_values(runs, "train_images_per_sec"))
     per_step, step_times = _pooled_step_throughputs(runs)
     if per_step:
         median, lo, hi = stats.median_with_ci(per_step)
         p50, p90 = np.percentile(step_times, [50, 90])
-        return {"train_img_s": median, "train_img_s_ci_lo": lo, "train_img_s_ci_hi": hi,
+        return {"train_img_s": median, "train_img_s_seeds_ci_lo": seeds_lo, "train_img_s_seeds_ci_hi": seeds_hi,
+                "train_img_s_steps_ci_lo": lo, "train_img_s_steps_ci_hi": hi,
                 "step_ms_p50": 1000 * float(p50), "step_ms_p90": 1000 * float(p90)}
-    return {"train_img_s": _median(_values(runs, "train_images_per_sec")), "train_img_s_ci_lo": math.nan,
-            "train_img_s_ci_hi": math.nan, "step_ms_p50": 1000 * _median(_values(runs, "step_time_p50_s")),
+    return {"train_img_s": _median(_values(runs, "train_images_per_sec")), "train_img_s_seeds_ci_lo": seeds_lo,
+            "train_img_s_seeds_ci_hi": seeds_hi, "train_img_s_steps_ci_lo": math.nan,
+            "train_img_s_steps_ci_hi": math.nan, "step_ms_p50": 1000 * _median(_values(runs, "step_time_p50_s")),
             "step_ms_p90": 1000 * _median(_values(runs, "step_time_p90_s"))}
+
+
+def _mib(values: list[float]) -> float:
+    return _median(values) / MIB if values else math.nan
+
+
+def _memory(runs: list[RunResult]) -> dict[str, Any]:
+    """Peaks, the dataset bytes inside them, and the peaks less the data (medians over runs, MiB).
+
+    None on CPU stays n/a (never 0): a device figure exists only where the run measured a device peak.
+    """
+    host_less = [r.host_peak_rss_bytes - r.host_data_bytes for r in runs
+                 if r.host_peak_rss_bytes and r.host_data_bytes is not None]
+    device_less = [r.device_peak_bytes - r.device_data_bytes for r in runs
+                   if r.device_peak_bytes is not None and r.device_data_bytes is not None]
+    places = sorted({r.train_data_on for r in runs if r.train_data_on})
+    return {"train_data_on": "/".join(places) if places else pd.NA,
+            "host_peak_rss_mib": _mib(_values(runs, "host_peak_rss_bytes")),
+            "host_data_mib": _mib(_values(runs, "host_data_bytes")),
+            "host_rss_less_data_mib": _mib(host_less),
+            "device_peak_mib": _mib(_values(runs, "device_peak_bytes")),
+            "device_data_mib": _mib([float(r.device_data_bytes) for r in runs if r.device_peak_bytes is not None
+                                     and r.device_data_bytes is not None]),
+            "device_peak_less_data_mib": _mib(device_less)}
 
 
 def _summary_row(model: str, backend: str, runs: list[RunResult]) -> dict[str, Any]:
     ok = [r for r in runs if r.status == "ok"]
     accuracies = [100 * a for a in _values(ok, "test_accuracy")]
-    device = _values(ok, "device_peak_bytes")
-    rss = _values(ok, "host_peak_rss_bytes")
     params = _values(runs, "trainable_params")
     macs = _values(runs, "macs_per_image")
     return {
@@ -104,8 +138,7 @@ def _summary_row(model: str, backend: str, runs: list[RunResult]) -> dict[str, A
         "compile_s": _median(_values(ok, "compile_s")),
         "startup_s": _median(_values(ok, "startup_s")),
         "epoch_wall_s": _median(_values(ok, "epoch_wall_s")),
-        "host_peak_rss_mib": _median(rss) / MIB if rss else math.nan,
-        "device_peak_mib": _median(device) / MIB if device else math.nan,  # None on CPU -> n/a, never 0
+        **_memory(ok),
         "trainable_params": int(params[0]) if params else pd.NA,
         "macs_per_image": int(macs[0]) if macs else pd.NA,
     }
@@ -138,17 +171,33 @@ def _ratio(b: Any, a: Any) -> float:
     return b / a if math.isfinite(a) and math.isfinite(b) and a > 0 else math.nan
 
 
-def _per_seed_ratio_range(results: list[RunResult], model: str, base: str, other: str) -> tuple[float, float]:
-    """(min, max) over seeds of other/base run throughput, pairing the two runs of each seed.
+def _by_seed(results: list[RunResult], model: str, backend: str, name: str) -> dict[int, float]:
+    """{seed: value of ``name``} over the ok runs of (model, backend): what pairs the two frameworks."""
+    return {r.seed: getattr(r, name) for r in results
+            if r.model == model and r.backend == backend and r.status == "ok" and getattr(r, name) is not None}
 
-    The runner runs a seed's two backends back to back, so this pairs runs that met the
-    same machine state; its spread is the run-to-run noise the pooled-step interval of
-    the summary cannot show (steps inside one run are not independent of that run's state).
-    """
-    speed = {(r.backend, r.seed): r.train_images_per_sec for r in results
-             if r.model == model and r.status == "ok" and r.train_images_per_sec}
-    ratios = [speed[(other, s)] / speed[(base, s)] for (b, s) in speed if b == base and (other, s) in speed]
-    return (min(ratios), max(ratios)) if ratios else (math.nan, math.nan)
+
+def _head_to_head_row(results: list[RunResult], model: str, base: str, other: str,
+                      a: pd.Series, b: pd.Series) -> dict[str, Any]:
+    """``other`` against ``base``: paired per seed (the runner runs one seed's two runs back to back)."""
+    def pair(name: str) -> tuple[dict[int, float], dict[int, float]]:
+        return _by_seed(results, model, base, name), _by_seed(results, model, other, name)
+
+    speed = stats.paired_ratio_ci(*pair("train_images_per_sec"))
+    pipeline = stats.paired_ratio_ci(*pair("pipeline_images_per_sec"))
+    ci = stats.seed_diff_ci(*pair("test_accuracy"))
+    return {
+        "model": model, "comparison": f"{other}/{base}",
+        "train_img_s_ratio": speed.median, "train_img_s_ratio_ci_lo": speed.lo, "train_img_s_ratio_ci_hi": speed.hi,
+        "train_img_s_ratio_seed_min": speed.seed_min, "train_img_s_ratio_seed_max": speed.seed_max,
+        "pipeline_img_s_ratio": pipeline.median,
+        "host_rss_ratio": _ratio(b["host_peak_rss_mib"], a["host_peak_rss_mib"]),
+        "host_rss_less_data_ratio": _ratio(b["host_rss_less_data_mib"], a["host_rss_less_data_mib"]),
+        "device_peak_ratio": _ratio(b["device_peak_mib"], a["device_peak_mib"]),
+        "device_peak_less_data_ratio": _ratio(b["device_peak_less_data_mib"], a["device_peak_less_data_mib"]),
+        "acc_diff_pts": 100 * ci.diff, "acc_diff_ci_lo_pts": 100 * ci.lo, "acc_diff_ci_hi_pts": 100 * ci.hi,
+        "acc_test": ci.method, "seeds": f"{ci.n_a}/{ci.n_b}", "verdict": stats.verdict(ci, base, other),
+    }
 
 
 def head_to_head_table(results: list[RunResult]) -> pd.DataFrame:
@@ -162,22 +211,8 @@ def head_to_head_table(results: list[RunResult]) -> pd.DataFrame:
             continue
         base = present[0]
         for other in present[1:]:
-            a, b = summary.loc[(model, base)], summary.loc[(model, other)]
-            acc = {name: [r.test_accuracy for r in results
-                          if r.model == model and r.backend == name and r.status == "ok"]
-                   for name in (base, other)}
-            ci = stats.welch_diff_ci(acc[base], acc[other])
-            seed_min, seed_max = _per_seed_ratio_range(results, model, base, other)
-            rows.append({
-                "model": model, "comparison": f"{other}/{base}",
-                "train_img_s_ratio": _ratio(b["train_img_s"], a["train_img_s"]),
-                "train_img_s_ratio_seed_min": seed_min, "train_img_s_ratio_seed_max": seed_max,
-                "pipeline_img_s_ratio": _ratio(b["pipeline_img_s"], a["pipeline_img_s"]),
-                "host_rss_ratio": _ratio(b["host_peak_rss_mib"], a["host_peak_rss_mib"]),
-                "device_peak_ratio": _ratio(b["device_peak_mib"], a["device_peak_mib"]),
-                "acc_diff_pts": 100 * ci.diff, "acc_diff_ci_lo_pts": 100 * ci.lo, "acc_diff_ci_hi_pts": 100 * ci.hi,
-                "seeds": f"{ci.n_a}/{ci.n_b}", "verdict": stats.verdict(ci, base, other),
-            })
+            rows.append(_head_to_head_row(results, model, base, other, summary.loc[(model, base)],
+                                          summary.loc[(model, other)]))
     return pd.DataFrame(rows, columns=HEAD_TO_HEAD_COLUMNS)
 
 
@@ -301,10 +336,12 @@ def terminal_summary(summary: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "model": r["model"], "backend": r["backend"], "runs ok": f"{r['runs_ok']}/{r['runs_total']}",
             "test acc %": f"{f(r['test_acc_mean_pct'])} ± {f(r['test_acc_std_pct'])}",
-            "train img/s [95% CI]": f"{f(r['train_img_s'])} [{f(r['train_img_s_ci_lo'])}, {f(r['train_img_s_ci_hi'])}]",
+            "train img/s [95% CI, seeds]": (f"{f(r['train_img_s'])} [{f(r['train_img_s_seeds_ci_lo'])}, "
+                                            f"{f(r['train_img_s_seeds_ci_hi'])}]"),
             "pipeline img/s": f(r["pipeline_img_s"]),
             "step ms p50/p90": f"{f(r['step_ms_p50'])}/{f(r['step_ms_p90'])}",
-            "compile s": f(r["compile_s"]), "host RSS MiB": f(r["host_peak_rss_mib"]),
-            "device MiB": f(r["device_peak_mib"]),
+            "compile s": f(r["compile_s"]), "data on": f(r["train_data_on"]),
+            "host RSS MiB (less data)": f"{f(r['host_peak_rss_mib'])} ({f(r['host_rss_less_data_mib'])})",
+            "device MiB (less data)": f"{f(r['device_peak_mib'])} ({f(r['device_peak_less_data_mib'])})",
         })
     return pd.DataFrame(rows)

@@ -115,6 +115,17 @@ def test_readme_results_replaces_only_the_marked_section(tmp_path):
     assert "(`.venv/bin/python benchmarks/memory.py`):" in text  # no sidecar: the default command
     assert "nan" not in text.lower()
     assert readme_results.main(argv) == 0 and readme.read_text() == text  # idempotent
+    assert "Deployment" not in text  # no `dualbench export` ran in that folder
+    (results / "export").mkdir()
+    (results / "export" / "deployment.json").write_text(json.dumps({"command": "dualbench export run",
+                                                                      "created_utc": "2026-01-03 00:00 UTC"}))
+    (results / "export" / "deployment.csv").write_text(
+        "model,backend,format,status,max_rel_diff,latency_p50_ms,label\nm,torch,onnx,ok,1e-07,0.5,x\n"
+        "m,torch,torch_export,failed,n/a,n/a,x\n")
+    assert readme_results.main(argv) == 0
+    text = readme.read_text()
+    assert "(`dualbench export run`, 2026-01-03 00:00 UTC)" in text and "torch_export | failed" in text
+    assert text.count("| onnx ") == 2 and "label" not in text and "nan" not in text.lower()  # served: once more
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         readme_results.main(argv)
@@ -179,3 +190,21 @@ def test_search_benchmarks_quick_run_on_the_fake_backend(tmp_path, script, extra
         [row] = rows
         assert row["search_choice"].startswith("compile") and row["exhaustive_best"].startswith("compile")
         assert int(row["excluded"]) >= 1 and row["meets"] == "yes"  # xla: faster, but wrong
+
+
+def test_parity_margins_rows_put_each_worst_value_beside_its_limit():
+    import parity_margins
+
+    from compare.parity import DEFAULT_RTOL
+    from compare.step_parity import STEP_TOLERANCE
+
+    found = {"forward": [{"model": "resnet20", "max_rel_diff": DEFAULT_RTOL / 4, "passed": True}],
+             "training": [{"case": "mobilenet_v2_8px_adamw", "update_rule_rel": 0.0, "loss_rel": 2e-6,
+                           "bn_rel": 2 * STEP_TOLERANCE["bn_rel"], "grad_rel": 0.05}]}
+    rows = {(r["subject"], r["criterion"]): r for r in parity_margins.summarise("avx2", found)}
+    assert rows[("resnet20", "max_rel_diff")]["margin"] == pytest.approx(4.0)
+    assert rows[("mobilenet_v2_8px_adamw", "grad_rel")]["limit"] == 1e-1  # the case's own gradient bound
+    assert rows[("mobilenet_v2_8px_adamw", "grad_rel")]["passed"]
+    assert not rows[("mobilenet_v2_8px_adamw", "bn_rel")]["passed"]
+    assert rows[("mobilenet_v2_8px_adamw", "update_rule_rel")]["margin"] is None  # 0 measured: no ratio
+    assert {r["config"] for r in rows.values()} == {"avx2"}

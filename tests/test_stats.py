@@ -1,33 +1,12 @@
-"""compare.stats against hand-computed and tabulated values."""
+"""compare.stats against hand-computed values with tabulated t quantiles.
+
+t(0.975, df): 12.706205 (1), 4.302653 (2), 3.182446 (3), 2.776445 (4), from printed tables.
+"""
 import math
 
 import pytest
 
 from compare import stats
-
-
-@pytest.mark.parametrize("df, expected", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (10, 2.228),
-                                          (30, 2.042), (120, 1.980)])
-def test_t_quantile_matches_tables(df, expected):
-    assert stats.t_quantile(0.975, df) == pytest.approx(expected, abs=5e-4)
-
-
-def test_t_quantile_other_levels_and_symmetry():
-    assert stats.t_quantile(0.95, 5) == pytest.approx(2.015, abs=5e-4)
-    assert stats.t_quantile(0.995, 1) == pytest.approx(63.657, abs=5e-3)
-    assert stats.t_quantile(0.025, 4) == pytest.approx(-2.776, abs=5e-4)
-    assert stats.t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-9)
-    # large df tends to the normal quantile
-    assert stats.t_quantile(0.975, 1e6) == pytest.approx(1.95996, abs=1e-4)
-    # fractional df (Welch) lies between its integer neighbours
-    assert stats.t_quantile(0.975, 4) < stats.t_quantile(0.975, 3.5) < stats.t_quantile(0.975, 3)
-
-
-def test_t_cdf_known_values():
-    assert stats.t_cdf(0.0, 3) == pytest.approx(0.5)
-    assert stats.t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + atan(1)/pi
-    assert stats.t_cdf(-1.0, 1) == pytest.approx(0.25)
-    assert stats.t_cdf(2.0, 2) == pytest.approx(0.5 + 2 / (2 * math.sqrt(6)))  # closed form for df=2
 
 
 def test_mean_and_sample_std_by_hand():
@@ -87,3 +66,48 @@ def test_median_with_ci_uses_order_statistics():
     median, lo, hi = stats.median_with_ci(values)
     assert median == 50.5 and lo < median < hi and hi - lo < 30
     assert all(math.isnan(v) for v in stats.median_with_ci([]))
+
+
+T975_DF2 = 4.302653
+
+
+def test_paired_interval_by_hand_and_where_welch_sees_only_noise():
+    # seed i of both frameworks: differences 0.03, 0.04, 0.02 -> mean 0.03, sd 0.01, df 2
+    a, b = [0.80, 0.82, 0.81], [0.83, 0.86, 0.83]
+    paired = stats.paired_diff_ci(a, b)
+    half = T975_DF2 * 0.01 / math.sqrt(3)
+    assert paired.method == "paired t" and paired.df == 2 and (paired.n_a, paired.n_b) == (3, 3)
+    assert (paired.diff, paired.lo, paired.hi) == pytest.approx((0.03, 0.03 - half, 0.03 + half), abs=1e-6)
+    assert stats.verdict(paired, "torch", "tensorflow") == "tensorflow better by 3.00 pts"
+    # the same six numbers as unpaired samples: the seed-to-seed spread swamps the difference
+    welch = stats.welch_diff_ci(a, b)
+    assert welch.lo < 0 < welch.hi and stats.verdict(welch, "torch", "tensorflow") == "within seed noise"
+
+
+def test_seed_diff_ci_pairs_by_seed_and_falls_back_to_welch_only_without_pairs():
+    a = {0: 0.80, 1: 0.82, 2: 0.81, 3: 0.99}  # seed 3 has no partner: left out of the pairs
+    b = {2: 0.83, 0: 0.83, 1: 0.86}
+    ci = stats.seed_diff_ci(a, b)
+    assert ci.method == "paired t" and ci.n_a == 3 and ci.diff == pytest.approx(0.03)
+    unpaired = stats.seed_diff_ci({0: 0.80, 1: 0.82}, {2: 0.83, 3: 0.86})
+    assert unpaired.method == "Welch t" and unpaired.diff == pytest.approx(0.035)
+    assert stats.seed_diff_ci({0: 0.8, 1: None}, {0: 0.9, 1: 0.95}).n_a == 1  # a failed run pairs with nothing
+    same_shift = stats.paired_diff_ci([0.8, 0.7], [0.9, 0.8])  # every seed 10 points up: no spread
+    assert (same_shift.lo, same_shift.hi) == pytest.approx((0.1, 0.1))
+    assert stats.verdict(same_shift, "a", "b") == "b better by 10.00 pts"
+    with pytest.raises(ValueError):
+        stats.paired_diff_ci([0.8], [0.9, 0.8])
+
+
+def test_paired_ratio_is_the_median_of_per_seed_ratios_with_a_t_interval_on_logs():
+    a = {0: 1000.0, 1: 2000.0, 2: 1000.0, 3: 500.0}  # seed 3 unpaired
+    b = {0: 1000.0, 1: 2200.0, 2: 1210.0}  # ratios 1.0, 1.1, 1.21: logs 0, l, 2l with l = ln 1.1
+    ratio = stats.paired_ratio_ci(a, b)
+    log = math.log(1.1)  # mean of the logs = l, their sd = l
+    half = T975_DF2 * log / math.sqrt(3)
+    assert ratio.median == pytest.approx(1.1) and ratio.seeds == 3
+    assert (ratio.lo, ratio.hi) == pytest.approx((math.exp(log - half), math.exp(log + half)))
+    assert (ratio.seed_min, ratio.seed_max) == pytest.approx((1.0, 1.21))
+    one = stats.paired_ratio_ci({0: 100.0}, {0: 90.0})
+    assert one.median == pytest.approx(0.9) and math.isnan(one.lo) and one.seeds == 1
+    assert stats.paired_ratio_ci({0: 100.0}, {1: 90.0}).seeds == 0

@@ -1,5 +1,6 @@
 """tf_impl.optim against common.optim_reference: update rules, train step, retracing, state, precision."""
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ keras = pytest.importorskip("keras")
 
 from common.config import Recipe  # noqa: E402
 from common.init import initial_weights  # noqa: E402
-from common.optim_reference import ReferenceOptimizer  # noqa: E402
+from common.optim_reference import ReferenceOptimizer, decays  # noqa: E402
 from tf_impl import weights as tf_weights  # noqa: E402
 from tf_impl.models import create_model  # noqa: E402
 from tf_impl.optim import TrainStep, softmax_cross_entropy  # noqa: E402
@@ -68,21 +69,56 @@ def _gradients(model, images, labels):
     return float(loss), {n: g.numpy() for n, g in zip(names, grads)}
 
 
+def _keras_semantics(recipe, params, grads, lrs):
+    """What Keras's own SGD / Adam would do with the same gradients: the LR folded into the momentum
+    buffer (v = m*v - lr*g), or epsilon added before Adam's bias correction. Decay as the reference."""
+    params = {n: np.asarray(w, np.float64).copy() for n, w in params.items()}
+    slots = {n: [np.zeros_like(w), np.zeros_like(w)] for n, w in params.items()}
+    for t, lr in enumerate(lrs, start=1):
+        for name, w in params.items():
+            g = np.asarray(grads[name], np.float64)
+            if decays(name, recipe):
+                if recipe.weight_decay_mode == "coupled_l2":
+                    g = g + recipe.weight_decay * w
+                else:
+                    w = w * (1.0 - lr * recipe.weight_decay)
+            if recipe.optimizer == "sgd":
+                v = slots[name][0] = recipe.momentum * slots[name][0] - lr * g
+                w = w + (recipe.momentum * v - lr * g if recipe.nesterov else v)
+            else:
+                m = slots[name][0] = recipe.adam_beta1 * slots[name][0] + (1 - recipe.adam_beta1) * g
+                v = slots[name][1] = recipe.adam_beta2 * slots[name][1] + (1 - recipe.adam_beta2) * g * g
+                lr_t = lr * np.sqrt(1 - recipe.adam_beta2 ** t) / (1 - recipe.adam_beta1 ** t)
+                w = w - lr_t * m / (np.sqrt(v) + recipe.adam_epsilon)
+            params[name] = w
+    return params
+
+
 @pytest.mark.parametrize("recipe_name", list(RECIPES))
 def test_update_rule_matches_reference_over_steps_with_changing_lr(recipe_name):
     recipe = RECIPES[recipe_name]
     model = _model()
+    start = _trainable(model)
     _, grads = _gradients(model, *_batch())  # real gradients, computed once
     step = _step(model, recipe, mode="eager")
     reference = ReferenceOptimizer(recipe)
-    params = _trainable(model)
-    for lr in [recipe.lr * f for f in LR_FACTORS]:
+    params = dict(start)
+    lrs = [recipe.lr * f for f in LR_FACTORS]
+    for lr in lrs:
         step.inner_optimizer.learning_rate = lr
         step.optimizer.apply([tf.constant(grads[n]) for n in step.variable_names], step.variables)
         params = reference.step(params, grads, lr)
     got = _trainable(model)
     for name in params:
         np.testing.assert_allclose(got[name], params[name], rtol=2e-6, atol=1e-7, err_msg=name)
+    # The comparison can tell semantics apart: references with other semantics end far from the step.
+    other_mode = "coupled_l2" if recipe.weight_decay_mode == "decoupled" else "decoupled"
+    wrong = {"decay": _replay(ReferenceOptimizer(dataclasses.replace(
+        recipe, weight_decay_mode=other_mode, decay_bn_and_bias=not recipe.decay_bn_and_bias)), start, grads, lrs)}
+    if recipe.optimizer != "sgd" or recipe.momentum > 0:  # plain SGD has no momentum/epsilon to misplace
+        wrong["keras"] = _keras_semantics(recipe, start, grads, lrs)
+    for label, other in wrong.items():
+        assert max(rel_diff(got[n], other[n]) for n in got) > 100 * 2e-6, label
     state = step.optimizer_state()
     assert int(state["step"]) == len(LR_FACTORS)
     for name, slots in reference.slots.items():
@@ -92,6 +128,17 @@ def test_update_rule_matches_reference_over_steps_with_changing_lr(recipe_name):
                                        atol=1e-6 * np.abs(value).max(), err_msg=f"{slot}/{name}")
     expected_slots = {"sgd_plain": set()}.get(recipe_name, {"momentum"} if recipe.optimizer == "sgd" else {"m", "v"})
     assert {k.split("/")[0] for k in state if k != "step"} == expected_slots
+
+
+def _replay(reference, params, grads, lrs):
+    for lr in lrs:
+        params = reference.step(params, grads, lr)
+    return params
+
+
+def rel_diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def test_decay_flags_follow_decay_bn_and_bias():

@@ -94,3 +94,22 @@ def test_plan_for_another_dataset_or_padding_is_rejected():
 def test_batches_need_attached_data():
     with pytest.raises(RuntimeError):
         Backend().eval_batches()
+
+
+def test_data_residency_counts_the_copies_the_pipelines_hold_and_where():
+    """CPU: the padded training images are torch's own copy (host); views of common.data's arrays count 0."""
+    dataset = tiny_dataset(n_train=40, n_test=13)
+    backend, spec = _attached(dataset, crop_padding=4)
+    residency = backend.data_residency()
+    padded = 40 * (32 + 8) * (32 + 8) * 3  # uint8
+    assert residency["train_data"] == "host"
+    assert residency["arrays"] == {"train_images": ["host", padded], "train_labels": ["host", 0],
+                                   "test_images": ["host", 0], "test_labels": ["host", 0]}
+    assert (residency["host_bytes"], residency["device_bytes"]) == (padded, 0)
+    # a label array of another dtype is converted, i.e. copied: then it counts
+    dataset = tiny_dataset(n_train=40)
+    object.__setattr__(dataset, "train_labels", dataset.train_labels.astype(np.int32))
+    backend, _ = _attached(dataset)
+    assert backend.data_residency()["arrays"]["train_labels"] == ["host", 40 * 8]
+    with pytest.raises(RuntimeError):
+        Backend().data_residency()

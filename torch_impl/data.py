@@ -41,6 +41,12 @@ class _Normalizer:
         self.channels_last = channels_last
         resident = device.type == "cpu" or images.nbytes <= _DEVICE_RESIDENT_MAX_BYTES
         self.storage_device = device if resident else torch.device("cpu")
+        # what the audit shows as input_pipeline (placement differs by design between the frameworks)
+        if resident:
+            self.placement = f"uint8 dataset on {device}; batches built there"
+        else:
+            self.placement = (f"uint8 dataset in host memory (over {_DEVICE_RESIDENT_MAX_BYTES >> 30} GiB); "
+                              f"batches gathered on the host, pinned, copied to {device} asynchronously")
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
 
@@ -57,6 +63,14 @@ class _Normalizer:
         return normalize(images, self.mean, self.std, self.channels_last), labels
 
 
+def _held(tensor: torch.Tensor, source: np.ndarray) -> tuple[str, int]:
+    """(where, bytes) a dataset tensor adds: 0 bytes when it is a view of common.data's own array."""
+    if tensor.device.type == "cpu":
+        shared = np.may_share_memory(tensor.numpy(), source)
+        return "host", 0 if shared else tensor.numel() * tensor.element_size()
+    return "device", tensor.numel() * tensor.element_size()
+
+
 class TrainPipeline:
     """Training batches of an EpochPlan: gather + pad-and-crop + flip + normalise, batched."""
 
@@ -70,6 +84,11 @@ class TrainPipeline:
         self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(self.io.storage_device)
         self.rows = torch.arange(self.height, device=self.io.storage_device)
         self.cols = torch.arange(self.width, device=self.io.storage_device)
+        self._held = {"train_images": _held(self.images, images), "train_labels": _held(self.labels, labels)}
+
+    def held_arrays(self) -> dict[str, tuple[str, int]]:
+        """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
+        return dict(self._held)
 
     def batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images, labels)`` for every batch of ``plan``, in order (uint8 NHWC if ``raw``)."""
@@ -103,6 +122,11 @@ class EvalPipeline:
         self.batch_size = int(batch_size)
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.io.storage_device)
         self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(self.io.storage_device)
+        self._held = {"test_images": _held(self.images, images), "test_labels": _held(self.labels, labels)}
+
+    def held_arrays(self) -> dict[str, tuple[str, int]]:
+        """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
+        return dict(self._held)
 
     def batches(self, raw: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.labels), self.batch_size):

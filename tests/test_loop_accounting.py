@@ -1,0 +1,151 @@
+"""common.loop's time accounting on a fake clock with a fake asynchronous device.
+
+Every cost is a distinct power of two, so each figure the loop reports is an
+exact sum that says which costs it contains:
+
+* a batch costs FETCH host seconds plus BATCH_DEVICE queued device seconds (torch
+  builds batches with lazy device kernels), a step STEP_DEVICE device seconds
+  (the compile step COMPILE host seconds more);
+* an epoch's pipeline costs BUILD when its first batch is fetched and TEARDOWN when
+  it is closed (tf.data cancels its prefetch threads);
+* evaluation costs EVAL_FETCH per batch and EVAL_STEP per call, none of it training.
+
+40 images in batches of 10: 4 steps per epoch. warmup_steps=4: step 1 compiles,
+steps 2-5 warm up (the warm-up ends on the first step of epoch 2), steps 6.. are steady.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import common.loop as loop
+from common.config import Recipe, RunSpec
+from common.loop import LoopState
+from common.schedules import lr_at
+from tests.fake_clock import FakeClock
+
+FETCH, BATCH_DEVICE, STEP_DEVICE, COMPILE = 1.0, 2.0, 8.0, 256.0
+BUILD, TEARDOWN = 64.0, 32.0
+EVAL_FETCH, EVAL_STEP = 0.5, 128.0
+STEP = STEP_DEVICE  # a steady step's window: its own device work only
+FIRST = COMPILE + STEP_DEVICE  # the compile step's window
+PER_BATCH = FETCH + BATCH_DEVICE + STEP  # one steady step, fetch included
+EPOCH = BUILD + 4 * PER_BATCH + TEARDOWN  # a steady epoch, build and teardown included
+EPOCH_1 = EPOCH + COMPILE  # the epoch with the compile step
+
+
+class LazyDeviceBackend:
+    """The parts of common.backend.Backend the loop calls, costed on a FakeClock."""
+
+    def __init__(self, clock: FakeClock):
+        self.clock = clock
+        self.lrs: list[float] = []
+
+    def synchronize(self):
+        self.clock.synchronize()
+
+    def to_numpy(self, value):
+        return np.asarray(value)
+
+    def train_batches(self, plan):
+        self.clock.host(BUILD)  # a generator: the pipeline is built at the first fetch
+        try:
+            for size in plan.batch_sizes():
+                self.clock.host(FETCH)
+                self.clock.launch(BATCH_DEVICE)
+                yield np.zeros((size, 1)), np.zeros(size, np.int64)
+        finally:
+            self.clock.host(TEARDOWN)
+
+    def eval_batches(self):
+        for _ in range(3):
+            self.clock.host(EVAL_FETCH)
+            self.clock.launch(EVAL_FETCH)
+            yield np.zeros((2, 1)), np.zeros(2, np.int64)
+
+    def train_step(self, compiled: list):
+        def step(images, labels, lr):
+            self.lrs.append(lr)
+            if not compiled:
+                compiled.append(True)
+                self.clock.host(COMPILE)
+            self.clock.launch(STEP_DEVICE)
+            return np.float32(1.0), np.int64(len(labels))
+        return step
+
+    def eval_step(self, images):
+        self.clock.launch(EVAL_STEP)
+        return np.zeros((len(images), 10), np.float32)
+
+
+def _spec(epochs: int = 3) -> RunSpec:
+    return RunSpec(model="seed_cnn", backend="torch", warmup_steps=4,
+                   recipe=Recipe(batch_size=10, epochs=epochs, lr=0.1, schedule="cosine"))
+
+
+def _train(monkeypatch, state: LoopState | None = None):
+    clock = FakeClock()
+    clock.install(monkeypatch, loop)
+    backend = LazyDeviceBackend(clock)
+    result = loop.train(backend, backend.train_step([]), backend.eval_step, _spec(), num_train=40,
+                        test_labels=np.zeros(6, np.int64), state=state)
+    return clock, backend, result
+
+
+def test_every_clock_read_follows_a_synchronize(monkeypatch):
+    clock, _, _ = _train(monkeypatch)
+    # today's loop read t0 right after the fetch, with the batch's device work still queued
+    assert clock.unsynced_reads == []
+
+
+def test_compile_step_apart_and_warm_up_excluded(monkeypatch):
+    _, _, result = _train(monkeypatch)
+    assert result.compile_s == FIRST  # without the batch's device work (BATCH_DEVICE)
+    # 12 steps: 1 compile + 4 warm-up excluded, 7 steady; each window is the step's device work only
+    assert result.step_times_s == [STEP] * 7
+    assert result.step_batch_sizes == [10] * 7 and result.steady_images == 70
+
+
+def test_epoch_time_counts_pipeline_build_and_teardown_and_excludes_evaluation(monkeypatch):
+    _, _, result = _train(monkeypatch)
+    walls = [e["train_time_s"] for e in result.state.epochs]
+    assert walls == [EPOCH_1, EPOCH, EPOCH]
+    assert result.state.train_time_s == EPOCH_1 + 2 * EPOCH
+    # evaluation (3 calls per epoch): the first call (compile) apart, then 8 calls of EVAL_STEP each,
+    # the batches' production outside their windows
+    assert result.eval_compile_s == EVAL_STEP and result.eval_time_s == 8 * EVAL_STEP
+    assert result.eval_images == 16
+
+
+def test_steady_window_counts_build_and_teardown_for_whole_epochs_only(monkeypatch):
+    _, _, result = _train(monkeypatch)
+    # epoch 2: warm-up ends at its first step; its last three steps (fetch included), no teardown;
+    # epoch 3: all of it, build and teardown included
+    assert result.steady_wall_s == 3 * PER_BATCH + EPOCH
+    summary = result.summary()
+    assert summary["pipeline_images_per_sec"] == pytest.approx(70 / (3 * PER_BATCH + EPOCH))
+    assert summary["train_images_per_sec"] == pytest.approx(10 / STEP)
+    assert summary["compile_s"] == FIRST and summary["epoch_wall_s"] == EPOCH
+
+
+def test_resume_across_the_warm_up_boundary(monkeypatch):
+    """A run resumed after epoch 1 compiles and warms up again in its new process."""
+    _, _, first = _train(monkeypatch)
+    saved = LoopState(epoch=1, global_step=4, train_time_s=EPOCH_1, epochs=[first.state.epochs[0]])
+    _, backend, result = _train(monkeypatch, state=saved)
+    assert result.state.epoch == 3 and result.state.global_step == 12 and len(result.state.epochs) == 3
+    # the LR schedule continues from the saved step
+    assert backend.lrs == [lr_at(_spec().recipe, step, 4) for step in range(4, 12)]
+    # process steps: epoch 2 = 1 compile + 3 warm-up, epoch 3 = 1 warm-up + 3 steady
+    assert result.compile_s == FIRST and result.step_times_s == [STEP] * 3
+    assert result.steady_wall_s == 3 * PER_BATCH  # epoch 3 is the boundary epoch: no build, no teardown
+    assert result.state.train_time_s == EPOCH_1 + EPOCH_1 + EPOCH
+    assert [e["epoch"] for e in result.state.epochs] == [1, 2, 3]
+
+
+def test_step_time_p50_is_the_median_of_steady_steps():
+    result = loop.LoopResult()
+    for elapsed in (9.0, 1.0, 2.0, 2.0, 3.0, 100.0):  # compile, one warm-up, then 2, 2, 3, 100
+        result.record_step(2, elapsed, 10)
+    assert result.step_times_s == [2.0, 2.0, 3.0, 100.0] and result.compile_s == 9.0
+    assert result.summary()["step_time_p50_s"] == 2.5  # the median; the mean would be 26.75
