@@ -42,7 +42,23 @@ NATIVE = (
     "inter_op_threads",
     "loss_scaling",  # fp16 only
 )
+# Data-parallel runs only (common.distributed.audit_settings); a single-process run reports none of
+# them, so a key is compared only when some backend reports it.
+DISTRIBUTED_MUST_MATCH = (
+    "world_size",  # replicas = processes
+    "global_batch_size",  # per-replica batch x world size
+    "lr_scaling",  # none | linear, with the peak LR it gives
+    "data_sharding",  # how the lockstep plan is split between replicas
+    "gradient_reduction",  # "mean over N replicas", read back from DDP / the strategy
+    "bn_statistics",  # per-replica batch and moving statistics, evaluation with replica 0's
+    "data_threads",  # threads the input pipeline may use per process
+)
+DISTRIBUTED_NATIVE = (
+    "engine",  # torch.distributed DDP / tf.distribute MultiWorkerMirroredStrategy
+    "collective_backend",  # gloo, nccl, ring
+)
 AUDIT_KEYS = MUST_MATCH + NATIVE
+DISTRIBUTED_KEYS = DISTRIBUTED_MUST_MATCH + DISTRIBUTED_NATIVE
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -58,15 +74,16 @@ def compare_settings(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
     whose values differ, or that a backend failed to report, is flagged.
     """
     backends = sorted(settings)
+    reported = {key for values in settings.values() for key in values}
     rows = []
-    for key in AUDIT_KEYS:
+    for key in AUDIT_KEYS + tuple(k for k in DISTRIBUTED_KEYS if k in reported):
         values = {b: settings[b].get(key, "<not reported>") for b in backends}
         distinct = list(values.values())
         equal = all(_same(distinct[0], v) for v in distinct[1:])
         missing = any(v == "<not reported>" for v in distinct)
         row = {"setting": key, **values,
-               "kind": "must match" if key in MUST_MATCH else "framework-native"}
-        row["asymmetry"] = key in MUST_MATCH and (not equal or missing)
+               "kind": "must match" if key in MUST_MATCH + DISTRIBUTED_MUST_MATCH else "framework-native"}
+        row["asymmetry"] = row["kind"] == "must match" and (not equal or missing)
         rows.append(row)
     return rows
 

@@ -10,6 +10,7 @@ tables, plots, report.md/.html. Exit codes: 0 all runs ok, 1 some run failed,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from common.config import RunSpec
 from common.errors import ConfigError
 from compare import options
-from compare.runner import plan_runs
+from compare.runner import plan_world_runs
 
 # pandas / matplotlib / tqdm are imported inside the functions that use them, so that
 # building the CLI parser (every `dualbench` command, even `list`) stays fast
@@ -29,6 +30,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     options.add_recipe_options(parser)
     options.add_spec_options(parser)
+    options.add_distributed_options(parser)
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per worker before its process group is killed (status timeout)")
     parser.add_argument("--out", required=True, help="results folder (created; reruns resume in it)")
@@ -43,17 +45,18 @@ def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
     """Every run's validated RunSpec, in ABBA execution order."""
     models, backends = options.parse_selection(args)
     seeds = options.parse_seeds(args.seeds)
+    nprocs = options.parse_nprocs(args.nproc)
     modes = options.parse_modes(args.mode, backends)
     recipe = options.build_recipe(args)
     shared = options.spec_kwargs(args)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     specs = []
-    for model, seed, backend in plan_runs(models, backends, seeds):
-        checkpoint = None
+    for model, seed, backend, nproc in plan_world_runs(models, backends, seeds, nprocs):
+        spec = options.make_spec(model, backend, seed, modes[backend], recipe, shared, nproc=nproc)
         if args.checkpoint:
-            checkpoint = str(store.checkpoint_dir(f"{model}__{backend}__seed{seed}").resolve())
-        specs.append(options.make_spec(model, backend, seed, modes[backend], recipe, shared, checkpoint))
+            spec = dataclasses.replace(spec, checkpoint_dir=str(store.checkpoint_dir(spec.run_id()).resolve()))
+        specs.append(spec)
     return specs
 
 
@@ -72,6 +75,16 @@ def validate_dataset(spec: RunSpec, seeds: list[int]) -> Any:
         raise ConfigError(f"--batch-size {spec.recipe.batch_size} is larger than the {n_train} training images "
                           "(the last partial batch is dropped): lower --batch-size")
     return dataset
+
+
+def check_global_batches(specs: list[RunSpec], n_train: int) -> None:
+    """Every data-parallel run needs at least one global batch (per-process batch x world size)."""
+    for spec in specs:
+        global_batch = spec.recipe.batch_size * spec.world_size
+        if global_batch > n_train:
+            raise ConfigError(f"--batch-size {spec.recipe.batch_size} x {spec.world_size} processes = a global "
+                              f"batch of {global_batch}, more than the {n_train} training images: lower "
+                              "--batch-size or --nproc")
 
 
 def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any) -> None:
@@ -128,19 +141,25 @@ def main(args: argparse.Namespace) -> int:
 
     store = ResultsStore(args.out)
     specs = build_specs(args, store)
+    launch = options.launch_from_args(args)
     store.ensure_writable()
+    if launch.node_rank > 0:  # another host's ranks: follow host 0's launches, write no results
+        from compare.rendezvous import follow
+
+        return follow(store, specs, launch, timeout_s=args.timeout)
     with store.exclusive():  # one run per results folder
-        return _run(args, store, specs)
+        return _run(args, store, specs, launch)
 
 
-def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> int:
+def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any) -> int:
     from compare.runner import Runner
 
     seeds = sorted({s.seed for s in specs}, key=[s.seed for s in specs].index)
     dataset = validate_dataset(specs[0], seeds)
+    check_global_batches(specs, len(dataset.train_labels))
     from compare.progress import Progress
 
-    runner = Runner(store, timeout_s=args.timeout, force=args.force)
+    runner = Runner(store, timeout_s=args.timeout, force=args.force, launch=launch)
     runner.check_existing(specs)
     _write_manifest(store, specs, dataset)
     pending = runner.pending(specs)

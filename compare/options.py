@@ -13,7 +13,7 @@ import os
 import re
 from typing import Any
 
-from common.config import (BACKEND_MODES, INIT_SCHEMES, OPTIMIZERS, PRECISIONS, SCHEDULES,
+from common.config import (BACKEND_MODES, INIT_SCHEMES, LR_SCALING, OPTIMIZERS, PRECISIONS, SCHEDULES,
                            WEIGHT_DECAY_MODES, Recipe, RunSpec)
 from common.errors import ConfigError
 from common.registry import check_backend, parse_models
@@ -27,7 +27,7 @@ RECIPE_FLAGS = {
     "bn_epsilon": "bn_epsilon", "adam_epsilon": "adam_epsilon", "no_augment": "augment",
 }
 SPEC_FLAGS = ("data", "device", "precision", "threads", "deterministic", "allow_tf32", "train_subset",
-              "test_subset", "warmup_steps", "max_steps_per_epoch")
+              "test_subset", "warmup_steps", "max_steps_per_epoch", "nnodes", "lr_scaling", "collective_timeout_s")
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}
 DEFAULT_BACKENDS = "torch,tensorflow"
 
@@ -65,6 +65,56 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
     p("--warmup-steps", type=int, default=None,
       help=f"steps excluded from throughput after the compile step (default {_default(RunSpec, 'warmup_steps')})")
     p("--max-steps-per-epoch", type=int, default=None, help="cap training steps per epoch (smoke runs)")
+
+
+def add_distributed_options(parser: argparse.ArgumentParser, nproc_default: str = "1") -> None:
+    """Data-parallel runs on each framework's own engine (README "Scale-out"); the same flags on every host."""
+    p = parser.add_argument
+    p("--nproc", default=nproc_default,
+      help=f"data-parallel processes per host, or a list (1,2,4) to run each (default {nproc_default}); "
+           "--batch-size is per process, the global batch is that x the world size")
+    p("--nnodes", type=int, default=None, help="hosts taking part (default 1); start dualbench on each")
+    p("--node-rank", type=int, default=0, help="this host's index among --nnodes (0: the host that writes results)")
+    p("--master-addr", default=None, help="address of host 0, reachable from every host (default 127.0.0.1)")
+    p("--master-port", type=int, default=None,
+      help="one host: torch's store port (a busy one is replaced); several hosts: where they meet (required)")
+    p("--lr-scaling", choices=LR_SCALING, default=None,
+      help="learning rate of a data-parallel run: none (as given) or linear (x world size); default none")
+    p("--collective-timeout", dest="collective_timeout_s", type=float, default=None,
+      help=f"seconds a collective may wait before the run fails (default {_default(RunSpec, 'collective_timeout_s'):g})")
+
+
+def parse_nprocs(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] (positive, distinct)."""
+    values: list[int] = []
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        if not part.isdigit() or int(part) < 1:
+            raise ConfigError(f"--nproc takes positive integers like 1,2,4; got {part!r}")
+        if int(part) in values:
+            raise ConfigError(f"--nproc lists {part} twice")
+        values.append(int(part))
+    if not values:
+        raise ConfigError("no process count given; try --nproc 2")
+    return values
+
+
+def launch_from_args(args: argparse.Namespace) -> Any:
+    """compare.launch.Launch from the host flags, checked (one line naming the fix otherwise)."""
+    from compare.launch import Launch
+
+    nnodes = args.nnodes or 1
+    if nnodes < 1 or not 0 <= args.node_rank < nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} must be in 0..{nnodes - 1} (fix --node-rank or --nnodes)")
+    if args.master_port is not None and not 0 < args.master_port < 65536:
+        raise ConfigError(f"--master-port {args.master_port} is not a port number (1-65535)")
+    if nnodes > 1 and (args.master_addr is None or args.master_port is None):
+        raise ConfigError("--nnodes > 1 needs --master-addr HOST --master-port PORT (host 0's address, "
+                          "the same on every host)")
+    if nnodes > 1 and getattr(args, "checkpoint", False):
+        raise ConfigError("--checkpoint with --nnodes > 1 is not supported (every host would need host 0's "
+                          "checkpoint files): drop --checkpoint")
+    return Launch(nnodes=nnodes, node_rank=args.node_rank, master_addr=args.master_addr or "127.0.0.1",
+                  master_port=args.master_port)
 
 
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
@@ -177,14 +227,15 @@ def spec_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_spec(model: str, backend: str, seed: int, mode: str, recipe: Recipe, shared: dict[str, Any],
-              checkpoint_dir: str | None = None) -> RunSpec:
+              checkpoint_dir: str | None = None, nproc: int = 1) -> RunSpec:
     """One validated RunSpec (ConfigError names the flag to fix)."""
     try:
         return RunSpec(model=model, backend=backend, seed=seed, mode=mode, recipe=recipe,
-                       checkpoint_dir=checkpoint_dir, **shared)
+                       checkpoint_dir=checkpoint_dir, nproc=nproc, **shared)
     except ConfigError as exc:
         flags = {name: _flag(name) for name in SPEC_FLAGS}
-        flags.update({"seed": "--seeds", "mode": "--mode"})
+        flags.update({"seed": "--seeds", "mode": "--mode", "collective_timeout_s": "--collective-timeout",
+                      "nproc": "--nproc"})
         raise _name_the_flag(exc, flags) from None
 
 
@@ -202,8 +253,11 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     models = list(dict.fromkeys(s["model"] for s in specs))
     backends = list(dict.fromkeys(s["backend"] for s in specs))
     seeds = sorted({int(s["seed"]) for s in specs})
+    nprocs = list(dict.fromkeys(int(s.get("nproc", 1)) for s in specs))
     words = ["dualbench", "run", "--models", ",".join(models), "--backends", ",".join(backends),
              "--seeds", ",".join(map(str, seeds))]
+    if nprocs != [1]:
+        words += ["--nproc", ",".join(map(str, nprocs))]
     modes = {s["backend"]: s.get("mode", "best") for s in specs}
     if set(modes.values()) != {"best"}:
         distinct = set(modes.values())
@@ -212,7 +266,8 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     for name in SPEC_FLAGS:
         value = first.get(name, defaults[name])
         if value != defaults[name]:
-            words += [_flag(name)] if isinstance(value, bool) else [_flag(name), str(value)]
+            flag = "--collective-timeout" if name == "collective_timeout_s" else _flag(name)
+            words += [flag] if isinstance(value, bool) else [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     channels = first.get("channels_last")
     if channels is not None:
         words += ["--channels-last", "on" if channels else "off"]

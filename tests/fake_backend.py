@@ -12,7 +12,8 @@ rises on the synthetic dataset. The canonical initial weights the worker loads
 (which is what a checkpoint stores and a resume loads back).
 
 Misbehaviour, from ``DUALBENCH_FAKE_FAULT`` = "TARGET:KIND[@STEP];...":
-TARGET is ``*``, ``seedN``, a backend name, or ``backend/seedN``; KIND is
+TARGET is ``*``, ``seedN``, a backend name, ``backend/seedN`` or ``rankN`` (one process of a
+data-parallel launch); KIND is
 ``segfault`` (SIGSEGV at training step STEP, default 1), ``hang`` (sleeps at
 that step), ``diverge`` (NaN loss at that step), ``error`` (RuntimeError),
 ``oom`` (MemoryError -> status oom), ``oombatch@N`` (MemoryError in every step when
@@ -21,6 +22,11 @@ the batch size is >= N: an out-of-memory boundary for `dualbench bench`), ``slow
 ``audit`` workers, which build but do not train.
 
 ``DUALBENCH_FAKE_LAUNCH_LOG``: each worker appends "audit|train RUN_ID PID" there.
+
+Data-parallel launches (``--nproc N``): each process reads its rank from torchrun's
+variables (what compare.launch gives a non-TensorFlow backend) and trains its shard
+alone: the fake has no engine and no collectives. It exercises the launcher, the
+watchdog and the chief-only writing, never gradient averaging.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import numpy as np
 
 from common.backend import residency_summary
 from common.config import RunSpec
+from common.distributed import Replica, single_process
 from common.sampler import EpochPlan, normalize_reference, plan_batch_reference
 
 FAULT_ENV = "DUALBENCH_FAKE_FAULT"
@@ -44,6 +51,8 @@ POOL = 8  # pixels averaged per feature along each axis
 def faults_for(spec: RunSpec) -> dict[str, int]:
     """{kind: step} of the faults in $DUALBENCH_FAKE_FAULT that target this run."""
     targets = {"*", f"seed{spec.seed}", spec.backend, f"{spec.backend}/seed{spec.seed}"}
+    if spec.world_size > 1:
+        targets.add(f"rank{os.environ.get('RANK', '0')}")
     found = {}
     for item in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
         target, _, kind = item.partition(":")
@@ -146,6 +155,16 @@ class FakeBackend:
 
     def versions(self) -> dict[str, str]:
         return {"fake": "1.0", "numpy": np.__version__}
+
+    def replica(self) -> Replica:
+        if self.spec.world_size == 1:
+            return single_process()
+        world = int(os.environ["WORLD_SIZE"])
+        return Replica(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]),
+                       engine="fake (no collectives)", hosts=(single_process().hosts[0],) * world)
+
+    def finish(self) -> None:
+        pass
 
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
                     bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> FakeModel:

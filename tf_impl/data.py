@@ -35,13 +35,23 @@ def normalize(images_uint8_nhwc: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> 
 
 
 class _Placement:
-    """Where the dataset lives (host memory) and where batches are delivered (the compute device)."""
+    """Where the dataset lives (host memory), where batches are delivered (the compute device), and
+    how many threads tf.data may use (None: its own pool, one thread per core)."""
 
-    def __init__(self, device: str, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, device: str, mean: Sequence[float], std: Sequence[float], threads: int | None = None):
         self.device = device
         self.on_gpu = "GPU" in device.upper()
         self.mean = tf.constant(mean, tf.float32)
         self.std = tf.constant(std, tf.float32)
+        self.threads = threads
+
+    def limit(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        """A private pool of ``threads`` threads (a data-parallel process's share of the host's cores)."""
+        if self.threads is None:
+            return dataset
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = self.threads
+        return dataset.with_options(options)
 
     def deliver(self, dataset: tf.data.Dataset) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         """Iterate ``dataset`` prefetched on the compute device."""
@@ -76,8 +86,8 @@ class TrainPipeline:
     """Training batches of an EpochPlan: gather + pad-and-crop + flip + normalise, batched."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, crop_padding: int,
-                 mean: Sequence[float], std: Sequence[float]):
-        self.io = _Placement(device, mean, std)
+                 mean: Sequence[float], std: Sequence[float], threads: int | None = None):
+        self.io = _Placement(device, mean, std, threads)
         self.pad = int(crop_padding)
         self.height, self.width = int(images.shape[1]), int(images.shape[2])
         self.num_examples = len(labels)
@@ -93,13 +103,19 @@ class TrainPipeline:
         """The tf.data pipeline of one epoch (host side, before device placement)."""
         if plan.crop_padding != self.pad:
             raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
-        if len(plan.order) != self.num_examples:
-            raise ValueError(f"plan covers {len(plan.order)} images, the dataset has {self.num_examples}")
+        if plan.dataset_size != self.num_examples:
+            raise ValueError(f"plan indexes {plan.dataset_size} images, the dataset has {self.num_examples}")
         plan_slices = (plan.order.astype(np.int64), plan.crop_offsets.astype(np.int32), plan.flips.astype(bool))
         dataset = tf.data.Dataset.from_tensor_slices(plan_slices)
         dataset = dataset.batch(plan.batch_size, drop_remainder=plan.drop_last)
-        return dataset.map(lambda index, offsets, flips: self._batch(index, offsets, flips, raw),
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return self.io.limit(dataset.map(lambda index, offsets, flips: self._batch(index, offsets, flips, raw),
+                                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+
+    def data_threads(self) -> int | None:
+        """The private pool size read back from a built pipeline (None: tf.data's shared pool)."""
+        plan = EpochPlan(0, np.zeros(1, np.int64), np.zeros((1, 2), np.int32), np.zeros(1, bool), 1, True,
+                         self.pad, self.num_examples)
+        return self._dataset(plan).options().threading.private_threadpool_size or None
 
     def batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         """``(images, labels)`` for every batch of ``plan``, in order (uint8 NHWC if ``raw``)."""
@@ -124,8 +140,8 @@ class EvalPipeline:
     """The test set in order, fixed-size batches (last partial one kept), no augmentation."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, batch_size: int,
-                 mean: Sequence[float], std: Sequence[float]):
-        self.io = _Placement(device, mean, std)
+                 mean: Sequence[float], std: Sequence[float], threads: int | None = None):
+        self.io = _Placement(device, mean, std, threads)
         self.batch_size = int(batch_size)
         self.num_examples = len(labels)
         self.images = _host_variable(np.asarray(images, np.uint8), "test_images")
@@ -137,8 +153,8 @@ class EvalPipeline:
 
     def _dataset(self, raw: bool = False) -> tf.data.Dataset:
         dataset = tf.data.Dataset.range(self.num_examples).batch(self.batch_size)
-        return dataset.map(lambda index: self._batch(index, raw), num_parallel_calls=tf.data.AUTOTUNE,
-                           deterministic=True)
+        return self.io.limit(dataset.map(lambda index: self._batch(index, raw), num_parallel_calls=tf.data.AUTOTUNE,
+                                         deterministic=True))
 
     def batches(self, raw: bool = False) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         return self.io.deliver(self._dataset(raw))

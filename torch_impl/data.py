@@ -84,12 +84,16 @@ class TrainPipeline:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return dict(self._held)
 
+    def data_threads(self) -> int:
+        """Threads batches are built with: this process's intra-op pool (no loader workers, no pool of its own)."""
+        return torch.get_num_threads()
+
     def batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images, labels)`` for every batch of ``plan``, in order (uint8 NHWC if ``raw``)."""
         if plan.crop_padding != self.pad:
             raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
-        if len(plan.order) != len(self.labels):
-            raise ValueError(f"plan covers {len(plan.order)} images, the dataset has {len(self.labels)}")
+        if plan.dataset_size != len(self.labels):
+            raise ValueError(f"plan indexes {plan.dataset_size} images, the dataset has {len(self.labels)}")
         where = self.io.storage_device
         # One host -> device copy of the epoch's plan; per batch only slicing.
         order = torch.from_numpy(plan.order.astype(np.int64)).to(where)
