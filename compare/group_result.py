@@ -49,10 +49,10 @@ def _own_error(raw: dict[str, Any] | None, log: Path) -> str | None:
     return None if any(pattern in line.lower() for pattern in _PEER_ERRORS) else line
 
 
-def culprit(run: GroupRun) -> tuple[int, str]:
+def culprit(run: GroupRun, out_paths: list[Path]) -> tuple[int, str]:
     """(index in ``run.ranks`` of the replica that caused the failure, what happened to it)."""
     ranks = run.outcome.ranks
-    raws = [_read(path) for path in run.out_paths]
+    raws = [_read(path) for path in out_paths]
     for i, outcome in enumerate(ranks):
         if outcome.signal_name and not outcome.killed_by_parent:
             return i, f"killed by {outcome.signal_name}"
@@ -78,9 +78,12 @@ def rank_rows(run: GroupRun, hosts: list[str] | None) -> list[dict[str, Any]]:
             for rank, outcome, log in zip(run.ranks, run.outcome.ranks, run.log_paths)]
 
 
-def result_from_group(spec: RunSpec, run: GroupRun, timeout_s: float | None) -> RunResult:
-    """The RunResult of a data-parallel launch (rank 0's own when every rank ended well)."""
-    outcome, raw = run.outcome, _read(run.out_paths[0])
+def result_from_group(spec: RunSpec, run: GroupRun, out_paths: list[Path], timeout_s: float | None) -> RunResult:
+    """The RunResult of a data-parallel launch (rank 0's own when every rank ended well).
+
+    ``out_paths``: each local rank's OUT.json (rank 0's is the result; the others write one on failure).
+    """
+    outcome, raw = run.outcome, _read(out_paths[0])
     usable = isinstance(raw, dict) and raw.get("run_id") == spec.run_id() and raw.get("status") in STATUSES
     tail_index = 0
     if outcome.interrupted:
@@ -93,7 +96,7 @@ def result_from_group(spec: RunSpec, run: GroupRun, timeout_s: float | None) -> 
     elif outcome.first_failure is None:
         result = _bare(spec, "crashed", "rank 0 ended without writing a result; see the stderr tail")
     else:
-        tail_index, what = culprit(run)
+        tail_index, what = culprit(run, out_paths)
         if tail_index == 0 and usable and raw.get("status") != "ok" and _own_error(raw, run.log_paths[0]):
             result = _from_raw(spec, raw)  # the chief's own failure (error, oom) as it recorded it
         else:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from common.config import RunSpec
 from common.distributed import thread_budget
 from common.registry import worker_command
-from compare.process import GroupOutcome, run_group
+from compare.process import GroupOutcome, run_group, stderr_tail
 
 PORT_ATTEMPTS = 3  # group starts on fresh ports after a bind failure
 GRACE_S = 10.0  # after one rank fails, the others may end on their own this long before they are killed
@@ -119,52 +119,52 @@ class GroupRun:
     outcome: GroupOutcome
     cluster: Cluster
     ranks: list[int]  # global rank of each local process
-    out_paths: list[Path]  # each rank's OUT.json (rank 0: the result; others: only on failure)
     log_paths: list[Path]  # each rank's stderr (and, past rank 0, stdout)
     attempts: int = 1
 
 
-def start_ranks(spec: RunSpec, task: str, spec_path: Path, workdir: Path, log_path: Callable[[int], Path],
+def local_ranks(spec: RunSpec, launch: Launch) -> list[int]:
+    """Global ranks of this host's processes: node_rank * nproc + local rank."""
+    return [launch.node_rank * spec.nproc + local for local in range(spec.nproc)]
+
+
+def start_ranks(spec: RunSpec, task_args: Callable[[int], list[str]], log_path: Callable[[int], Path],
                 base_env: dict[str, str], launch: Launch, cluster: Cluster, *, timeout_s: float | None,
                 on_event: Callable[[dict[str, Any]], None] | None = None) -> GroupRun:
-    """Start this host's ``spec.nproc`` ranks of ``task`` in ``cluster`` and wait for them all."""
-    ranks = [launch.node_rank * spec.nproc + local for local in range(spec.nproc)]
-    outs = [workdir / ("result.json" if rank == 0 else f"result.rank{rank}.json") for rank in ranks]
-    logs = [log_path(rank) for rank in ranks]
-    argvs = [[sys.executable, *worker_command(spec.backend), task, str(spec_path), str(out)] for out in outs]
+    """Start this host's ranks (``python -m <worker> *task_args(rank)``) in ``cluster``; wait for them all."""
+    ranks = local_ranks(spec, launch)
+    argvs = [[sys.executable, *worker_command(spec.backend), *task_args(rank)] for rank in ranks]
     envs = [rank_env(base_env, spec.backend, cluster, spec, rank, local, launch.node_rank)
             for local, rank in enumerate(ranks)]
+    logs = [log_path(rank) for rank in ranks]
     outcome = run_group(argvs, envs, logs, timeout_s=timeout_s, grace_s=GRACE_S, on_event=on_event)
-    return GroupRun(outcome, cluster, ranks, outs, logs)
+    return GroupRun(outcome, cluster, ranks, logs)
 
 
 def bind_failed(run: GroupRun) -> bool:
     """Did a rank fail because its port was taken (the group can start again on fresh ports)?"""
     for rank_outcome, log in zip(run.outcome.ranks, run.log_paths):
         if rank_outcome.returncode not in (0, None) and not rank_outcome.killed_by_parent:
-            text = _tail(log).lower()
+            text = stderr_tail(log, lines=200).lower()
             if any(pattern in text for pattern in _BIND_ERRORS):
                 return True
     return False
 
 
-def launch_local(spec: RunSpec, task: str, spec_path: Path, workdir: Path, log_path: Callable[[int], Path],
-                 base_env: dict[str, str], launch: Launch, *, timeout_s: float | None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> GroupRun:
-    """All ranks on this host (``launch.nnodes == 1``), restarted on fresh ports after a bind failure."""
+def launch_local(spec: RunSpec, task_args: Callable[[int], list[str]], log_path: Callable[[int], Path],
+                 base_env: dict[str, str], launch: Launch | None = None, *, timeout_s: float | None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 before_retry: Callable[[], None] | None = None) -> GroupRun:
+    """All ranks on this host (one host), started again on fresh ports after a bind failure
+    (``before_retry`` clears what a failed attempt left, e.g. its result files)."""
+    launch = launch or Launch()
     for attempt in range(PORT_ATTEMPTS):
         cluster = local_cluster(spec, launch, attempt)
-        run = start_ranks(spec, task, spec_path, workdir, log_path, base_env, launch, cluster,
-                          timeout_s=timeout_s, on_event=on_event)
+        run = start_ranks(spec, task_args, log_path, base_env, launch, cluster, timeout_s=timeout_s,
+                          on_event=on_event)
         run.attempts = attempt + 1
         if run.outcome.interrupted or not bind_failed(run) or attempt == PORT_ATTEMPTS - 1:
             return run
-        for out in run.out_paths:
-            out.unlink(missing_ok=True)
+        if before_retry is not None:
+            before_retry()
     raise AssertionError("unreachable")
-
-
-def _tail(path: Path, max_bytes: int = 65536) -> str:
-    from compare.process import stderr_tail
-
-    return stderr_tail(path, lines=200, max_bytes=max_bytes)

@@ -25,7 +25,7 @@ from common.errors import UserError
 from common.registry import worker_command
 from common.results import STATUSES, RunResult, write_json_atomic
 from compare.group_result import result_from_group
-from compare.launch import GroupRun, Launch, launch_local
+from compare.launch import GroupRun, Launch, launch_local, local_ranks
 from compare.process import ProcessOutcome, run_process, stderr_tail, worker_env
 
 CHECKPOINT_SPEC = "runspec.json"  # the spec a checkpoint folder belongs to (written by the runner)
@@ -214,19 +214,24 @@ class Runner:
 
     def _launch_group(self, spec: RunSpec, task: str, spec_path: Path, workdir: Path, name: str,
                       on_event) -> Launched:
-        """This host's ranks of a data-parallel run (all of them on one host), judged as one run."""
+        """This host's ranks of a data-parallel run, judged as one run (compare.group_result)."""
+        outs = {rank: workdir / ("result.json" if rank == 0 else f"result.rank{rank}.json")
+                for rank in local_ranks(spec, self.launch_config)}
+        task_args = lambda rank: [task, str(spec_path), str(outs[rank])]  # noqa: E731
         if self.launch_config.nnodes > 1:
             from compare.rendezvous import launch_leader
 
-            group = launch_leader(spec, task, spec_path, workdir, self._rank_log(name), self.env,
-                                  self.launch_config, timeout_s=self.timeout_s, on_event=on_event)
+            group = launch_leader(spec, task_args, self._rank_log(name), self.env, self.launch_config,
+                                  timeout_s=self.timeout_s, on_event=on_event)
         else:
-            group = launch_local(spec, task, spec_path, workdir, self._rank_log(name), self.env,
-                                 self.launch_config, timeout_s=self.timeout_s, on_event=on_event)
-        result = result_from_group(spec, group, self.timeout_s)
+            clear = lambda: [path.unlink(missing_ok=True) for path in outs.values()]  # noqa: E731
+            group = launch_local(spec, task_args, self._rank_log(name), self.env, self.launch_config,
+                                 timeout_s=self.timeout_s, on_event=on_event, before_retry=clear)
+        out_paths = [outs[rank] for rank in group.ranks]
+        result = result_from_group(spec, group, out_paths, self.timeout_s)
         culprit_log = next((Path(row["log"]) for row in result.distributed["ranks"]
                             if row["exit_code"] and row["exit_code"] == result.exit_code), group.log_paths[0])
-        return Launched(_group_summary(group, result), _read_json(group.out_paths[0]), culprit_log, result)
+        return Launched(_group_summary(group, result), _read_json(out_paths[0]), culprit_log, result)
 
     def _rank_log(self, name: str):
         return lambda rank: self.store.log_path(name if rank == 0 else f"{name}.rank{rank}")
