@@ -59,6 +59,12 @@ def single_process() -> Replica:
     return Replica(hosts=(socket.gethostname(),))
 
 
+def configuration_label(model: str, world_size: int) -> str:
+    """How tables, figures and the audit name a run's configuration: the model, plus the world size
+    of a data-parallel run ("resnet20 (world 2)"), so runs of different sizes are never pooled."""
+    return model if world_size == 1 else f"{model} (world {world_size})"
+
+
 def thread_budget(spec: RunSpec) -> int:
     """Intra-op threads per process: ``--threads`` if given, else usable cores / processes on this host."""
     return spec.threads or max(1, usable_cores() // spec.nproc)

@@ -24,13 +24,15 @@ from compare.runner import plan_world_runs
 # building the CLI parser (every `dualbench` command, even `list`) stays fast
 
 
-def register(parser: argparse.ArgumentParser) -> None:
-    """Options of `dualbench run`."""
+def register(parser: argparse.ArgumentParser, nproc_default: str = "1") -> None:
+    """Options of `dualbench run` (and of `dualbench scale`, which changes the --nproc default)."""
     options.add_selection_options(parser)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     options.add_recipe_options(parser)
     options.add_spec_options(parser)
-    options.add_distributed_options(parser)
+    options.add_distributed_options(parser, nproc_default)
+    parser.add_argument("--target-accuracy", type=float, default=None,
+                        help="test accuracy in (0, 1] for the scaling table's time-to-target column")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per worker before its process group is killed (status timeout)")
     parser.add_argument("--out", required=True, help="results folder (created; reruns resume in it)")
@@ -51,6 +53,9 @@ def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
     shared = options.spec_kwargs(args)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        raise ConfigError(f"--target-accuracy is a fraction in (0, 1], got {args.target_accuracy:g} "
+                          "(e.g. 0.8 for 80%)")
     specs = []
     for model, seed, backend, nproc in plan_world_runs(models, backends, seeds, nprocs):
         spec = options.make_spec(model, backend, seed, modes[backend], recipe, shared, nproc=nproc)
@@ -87,10 +92,11 @@ def check_global_batches(specs: list[RunSpec], n_train: int) -> None:
                               "--batch-size or --nproc")
 
 
-def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any) -> None:
+def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any, target_accuracy: float | None) -> None:
     from common.manifest import collect_manifest
 
-    store.write_json("manifest.json", collect_manifest(
+    extra = {"target_accuracy": target_accuracy} if target_accuracy is not None else {}
+    store.write_json("manifest.json", collect_manifest(**extra,
         command=options.command_for([s.to_dict() for s in specs], str(store.root)),
         argv=sys.argv, data_spec=specs[0].data, data_fingerprint=dataset.fingerprint,
         train_images=int(len(dataset.train_labels)), test_images=int(len(dataset.test_labels)),
@@ -161,7 +167,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any
 
     runner = Runner(store, timeout_s=args.timeout, force=args.force, launch=launch)
     runner.check_existing(specs)
-    _write_manifest(store, specs, dataset)
+    _write_manifest(store, specs, dataset, args.target_accuracy)
     pending = runner.pending(specs)
     interrupted, progress = False, None
     try:
@@ -184,6 +190,10 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any
             signal.signal(signal.SIGTERM, previous_handler)
         if progress is not None:
             progress.close()
+        if launch.nnodes > 1 and not interrupted:
+            from compare.rendezvous import finish_followers
+
+            finish_followers(launch)  # the other hosts stop waiting for the next launch
     if store.load_rows():
         from compare.report import render_and_print
 

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from common.audit import asymmetries, compare_settings
 from common.config import RunSpec
+from common.distributed import configuration_label
 from common.errors import UserError
 from common.registry import worker_command
 from common.results import STATUSES, RunResult, write_json_atomic
@@ -61,7 +62,7 @@ def plan_world_runs(models: list[str], backends: list[str], seeds: list[int],
 
 def audit_label(spec: RunSpec) -> str:
     """What the audit is keyed by: the model, with the world size of a data-parallel run."""
-    return spec.model if spec.world_size == 1 else f"{spec.model} (world {spec.world_size})"
+    return configuration_label(spec.model, spec.world_size)
 
 
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +228,7 @@ class Runner:
             clear = lambda: [path.unlink(missing_ok=True) for path in outs.values()]  # noqa: E731
             group = launch_local(spec, task_args, self._rank_log(name), self.env, self.launch_config,
                                  timeout_s=self.timeout_s, on_event=on_event, before_retry=clear)
-        out_paths = [outs[rank] for rank in group.ranks]
+        out_paths = [outs.get(rank, workdir / f"remote.rank{rank}.json") for rank in group.ranks]  # remote: none
         result = result_from_group(spec, group, out_paths, self.timeout_s)
         culprit_log = next((Path(row["log"]) for row in result.distributed["ranks"]
                             if row["exit_code"] and row["exit_code"] == result.exit_code), group.log_paths[0])
