@@ -16,7 +16,8 @@ TARGET is ``*``, ``seedN``, a backend name, ``backend/seedN`` or ``rankN`` (one 
 data-parallel launch); KIND is
 ``segfault`` (SIGSEGV at training step STEP, default 1), ``hang`` (sleeps at
 that step), ``diverge`` (NaN loss at that step), ``error`` (RuntimeError),
-``oom`` (MemoryError -> status oom), ``oombatch@N`` (MemoryError in every step when
+``oom`` (MemoryError -> status oom), ``bind`` (rank 0 of a data-parallel launch binds MASTER_PORT
+at setup, as torch's TCPStore does, and fails like it when the port is taken), ``oombatch@N`` (MemoryError in every step when
 the batch size is >= N: an out-of-memory boundary for `dualbench bench`), ``slow`` (0.2 s per step), ``asym``
 (reports bn_epsilon 1e-3 in the audit) or ``audit_segfault`` (SIGSEGV while auditing). Faults in training steps never fire in
 ``audit`` workers, which build but do not train.
@@ -147,6 +148,11 @@ class FakeBackend:
 
     def setup(self, spec: RunSpec) -> dict[str, Any]:
         self.spec, self.name = spec, spec.backend
+        if "bind" in faults_for(spec) and spec.world_size > 1 and os.environ.get("RANK") == "0":
+            import socket
+
+            self._store = socket.socket()  # held for the process's life, like a store's listening socket
+            self._store.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))  # OSError: Address already in use
         log = os.environ.get(LAUNCH_LOG_ENV)
         if log:
             with open(log, "a", encoding="utf-8") as handle:
