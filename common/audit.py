@@ -71,7 +71,9 @@ def compare_settings(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
     """One row per audit key: each backend's value and whether it is an asymmetry.
 
     ``settings`` maps backend name -> its reported settings. A MUST_MATCH key
-    whose values differ, or that a backend failed to report, is flagged.
+    whose values differ, or that a backend failed to report, is flagged. The
+    DISTRIBUTED_KEYS (data-parallel runs) get rows only when some backend reports
+    them, and are then judged the same way.
     """
     backends = sorted(settings)
     reported = {key for values in settings.values() for key in values}

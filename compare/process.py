@@ -10,6 +10,10 @@ is then set by hand so the Popen object never waits a second time. The group
 is signalled only while its leader is unreaped (a zombie still holds the pid,
 so the id cannot have been reused), plus one SIGKILL right after reaping to
 clear stragglers that might hold the stdout pipe open.
+
+``run_group`` does the same for the ranks of a data-parallel run (one process
+group per rank), with a watchdog: once a rank ends badly the others get a grace
+period to end on their own, then they are killed.
 """
 from __future__ import annotations
 
@@ -280,7 +284,8 @@ def run_group(argvs: list[list[str]], envs: list[dict[str, str]], log_paths: lis
     after it is reaped.
     """
     outcome, started = GroupOutcome(), time.monotonic()
-    procs, handles = [], []
+    procs: list[subprocess.Popen] = []
+    handles = []
     try:
         for rank, (argv, env, log_path) in enumerate(zip(argvs, envs, log_paths)):
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +293,9 @@ def run_group(argvs: list[list[str]], envs: list[dict[str, str]], log_paths: lis
             stdout = subprocess.PIPE if rank == 0 else handles[-1]
             procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=handles[-1],
                                           start_new_session=True, env=env))
+    except BaseException:
+        _Group(procs, started).kill_all()  # a rank that could not start: none of the others may linger
+        raise
     finally:
         for handle in handles:
             handle.close()  # the children hold their own descriptors

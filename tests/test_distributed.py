@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import Recipe
 from common.registry import get_backend
 from common.sampler import epoch_plan, plan_batch_reference, shard_plan
 from common.step_parity import free_run, learnable_dataset

@@ -7,7 +7,6 @@ out-of-memory killer or a stuck host would.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -17,6 +16,7 @@ import psutil
 import pytest
 
 from common.config import Recipe, RunSpec
+from compare import launch
 from compare.runner import Runner
 from compare.store import ResultsStore
 from tests.data_fixtures import write_image_folder
@@ -106,9 +106,10 @@ def test_a_killed_replica_ends_the_run_as_crashed_with_its_stderr_and_nothing_le
 def test_a_hung_replica_ends_the_run_within_the_collective_timeout(tiny_folder, tmp_path, monkeypatch):
     """SIGSTOP freezes rank 1: rank 0's collective times out, the runner kills the frozen rank and names it."""
     monkeypatch.setenv("DUALBENCH_CACHE", str(tmp_path / "cache"))
-    result, saboteur, ended = _run_with_saboteur("torch", signal.SIGSTOP, tiny_folder, tmp_path / "out", 8)
+    monkeypatch.setattr(launch, "GRACE_S", 3.0)
+    result, saboteur, ended = _run_with_saboteur("torch", signal.SIGSTOP, tiny_folder, tmp_path / "out", 6)
     assert result.status == "crashed", (result.status, result.error)
     assert result.error.startswith("rank 1 of 2 made no progress (hung)"), result.error
-    # bounded: the collective timeout (8 s) plus the runner's grace period (10 s) plus slack
-    assert ended - saboteur.sent_at < 40, f"the run took {ended - saboteur.sent_at:.0f} s to end"
+    # bounded: the collective timeout (6 s) plus the runner's grace period (3 s) plus slack
+    assert ended - saboteur.sent_at < 30, f"the run took {ended - saboteur.sent_at:.0f} s to end"
     assert _children() == []
