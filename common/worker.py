@@ -94,7 +94,7 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
     result.manifest = collect_manifest(versions=backend.versions(), effective=effective,
                                        data_fingerprint=dataset.fingerprint, data_spec=spec.data,
                                        train_images=len(dataset.train_labels),
-                                       test_images=len(dataset.test_labels))
+                                       test_images=len(dataset.test_labels), replica=replica.to_dict())
     result.startup_s = time.perf_counter() - _PROCESS_START
     if replica.is_chief:
         emit("ready", run_id=result.run_id, epochs=spec.recipe.epochs, settings=result.settings)
