@@ -1,16 +1,23 @@
-"""Shared CLI options -> validated RunSpec / Recipe (used by `run`, reusable by `bench`).
+"""Shared CLI options -> validated RunSpec / Recipe (used by `run`; `bench` shares the execution ones).
 
 Defaults live in one place, the ``Recipe`` / ``RunSpec`` dataclasses: an option
-the user does not give stays ``None`` here and the dataclass default applies.
-Every value is validated by the dataclasses; their ``ConfigError`` is re-raised
-naming the command-line flag to fix (the CLI prints it as one line, exit 2).
+the user does not give stays ``None`` here and the dataclass default applies
+(the help text shows that default, with its unit). Every value is validated by
+the dataclasses; their ``ConfigError`` carries the field it is about, and is
+re-raised naming the flag that sets that field (the CLI prints it as one
+line, exit 2).
+
+One vocabulary across subcommands: a flag that takes a list in one command
+(``bench --batch-size 32,128``) has the same name where it takes one value
+(``run --batch-size 128``); the measurement warm-up (``--measure-warmup-steps``)
+and the learning-rate warm-up (``--lr-warmup-epochs``) cannot be confused. Old
+spellings still parse (hidden from --help).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-import re
 from typing import Any
 
 from common.config import (BACKEND_MODES, INIT_SCHEMES, LR_SCALING, OPTIMIZERS, PRECISIONS, SCHEDULES,
@@ -18,70 +25,128 @@ from common.config import (BACKEND_MODES, INIT_SCHEMES, LR_SCALING, OPTIMIZERS, 
 from common.errors import ConfigError
 from common.registry import check_backend, parse_models
 
-# flag dest -> Recipe field (flags not listed here map onto RunSpec fields of the same name)
-RECIPE_FLAGS = {
-    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
-    "schedule": "schedule", "warmup_epochs": "warmup_epochs", "weight_decay": "weight_decay",
-    "wd_mode": "weight_decay_mode", "momentum": "momentum", "nesterov": "nesterov",
-    "label_smoothing": "label_smoothing", "init": "init_scheme", "bn_momentum": "bn_momentum",
-    "bn_epsilon": "bn_epsilon", "adam_epsilon": "adam_epsilon", "no_augment": "augment",
+# flag -> the Recipe field(s) it sets (argparse dest = the flag without dashes, '-' -> '_')
+RECIPE_FLAGS: dict[str, str | tuple[str, ...]] = {
+    "--epochs": "epochs", "--batch-size": "batch_size", "--eval-batch-size": "eval_batch_size", "--lr": "lr",
+    "--optimizer": "optimizer", "--schedule": "schedule", "--lr-warmup-epochs": "warmup_epochs",
+    "--weight-decay": "weight_decay", "--wd-mode": "weight_decay_mode", "--decay-bn-and-bias": "decay_bn_and_bias",
+    "--momentum": "momentum", "--no-nesterov": "nesterov", "--adam-betas": ("adam_beta1", "adam_beta2"),
+    "--adam-epsilon": "adam_epsilon", "--label-smoothing": "label_smoothing", "--dropout": "dropout",
+    "--init": "init_scheme", "--bn-momentum": "bn_momentum", "--bn-epsilon": "bn_epsilon",
+    "--no-augment": "augment",
 }
-SPEC_FLAGS = ("data", "device", "precision", "threads", "deterministic", "allow_tf32", "train_subset",
-              "test_subset", "warmup_steps", "max_steps_per_epoch", "nnodes", "lr_scaling", "collective_timeout_s")
+# flag -> the RunSpec field it sets
+SPEC_FLAGS = {
+    "--data": "data", "--device": "device", "--precision": "precision", "--threads": "threads",
+    "--deterministic": "deterministic", "--allow-tf32": "allow_tf32", "--train-subset": "train_subset",
+    "--test-subset": "test_subset", "--measure-warmup-steps": "warmup_steps",
+    "--max-steps-per-epoch": "max_steps_per_epoch", "--nnodes": "nnodes", "--lr-scaling": "lr_scaling",
+    "--collective-timeout": "collective_timeout_s",
+}
+SWITCHES_OFF = ("--no-nesterov", "--no-augment")  # store_false: given = the field is False
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}
 DEFAULT_BACKENDS = "torch,tensorflow"
 
 
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def field_flags() -> dict[str, str]:
+    """Recipe / RunSpec field -> the flag that sets it (what a ConfigError about that field names)."""
+    flags: dict[str, str] = {"seed": "--seeds", "mode": "--mode", "channels_last": "--channels-last",
+                             "nproc": "--nproc"}
+    for flag, fields in [*RECIPE_FLAGS.items(), *SPEC_FLAGS.items()]:
+        for name in (fields if isinstance(fields, tuple) else (fields,)):
+            flags[name] = flag
+    return flags
+
+
 def _default(cls: type, name: str) -> Any:
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return field.default
+    return next(f for f in dataclasses.fields(cls) if f.name == name).default
 
 
-def add_selection_options(parser: argparse.ArgumentParser) -> None:
+def add_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """``old`` still parses as ``new`` (same dest and type), hidden from --help."""
+    parser.add_argument(old, dest=_dest(new), help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        first, second = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2 like 0.9,0.999, got {text!r}") from None
+    return first, second
+
+
+def add_selection_options(parser: argparse.ArgumentParser, run_order: bool = True) -> None:
     """--models and --backends."""
     parser.add_argument("--models", required=True,
-                        help="comma-separated model names or globs, or 'all' (see `dualbench list`)")
+                        help="comma-separated model names or globs, or 'all' (see `dualbench list`); required")
+    order = "runs alternate between them in ABBA order" if run_order else "each is measured in turn"
     parser.add_argument("--backends", default=DEFAULT_BACKENDS,
-                        help=f"comma-separated backends, in run order (default {DEFAULT_BACKENDS})")
+                        help=f"comma-separated backends; {order} (default {DEFAULT_BACKENDS})")
+
+
+def add_execution_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how steps execute, shared by `run` and `bench`: device, mode, threads, layout, warm-up steps."""
+    p = parser.add_argument
+    p("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto: the first GPU, else the CPU)")
+    p("--mode", default="best",
+      help="execution mode: one mode for every backend (e.g. best, eager) or per backend "
+           "'torch=compile,tensorflow=xla' (default best: each backend's fastest correct mode); modes: "
+           + "; ".join(f"{b}: {'/'.join(m)}" for b, m in BACKEND_MODES.items()))
+    p("--threads", type=int, default=None,
+      help="intra-op threads for both frameworks (default: every core this process may use)")
+    p("--channels-last", choices=tuple(CHANNELS_LAST), default="auto",
+      help="torch memory format (default auto: the backend decides)")
+    p("--measure-warmup-steps", type=int, default=None, metavar="STEPS",
+      help="training steps after the compile step that are left out of the throughput figure "
+           f"(default {_default(RunSpec, 'warmup_steps')}; not the learning-rate warm-up)")
+    add_alias(parser, "--warmup-steps", "--measure-warmup-steps", type=int)
 
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
-    """Where and how a run executes: data, device, precision, mode, threads, subsets, step caps."""
+    """Where and how a run executes: data, precision, determinism, subsets, step caps, plus the execution ones."""
     p = parser.add_argument
-    p("--data", default=None, help=f"dataset SPEC (default {_default(RunSpec, 'data')}; see `dualbench list`)")
-    p("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
-    p("--precision", default=None, choices=PRECISIONS, help="compute precision (default fp32)")
-    p("--mode", default="best",
-      help="execution mode: one mode for every backend (e.g. best, eager) or per backend "
-           "'torch=compile,tensorflow=xla'; modes: "
-           + "; ".join(f"{b}: {'/'.join(m)}" for b, m in BACKEND_MODES.items()))
-    p("--threads", type=int, default=None, help="intra-op threads for both frameworks (default: all cores)")
-    p("--deterministic", action="store_true", default=None, help="framework determinism switches (slower)")
-    p("--allow-tf32", action="store_true", default=None, help="allow TensorFloat-32 on Ampere+ GPUs")
-    p("--channels-last", choices=tuple(CHANNELS_LAST), default="auto",
-      help="torch memory format (auto: the backend decides)")
-    p("--train-subset", type=int, default=None, help="stratified training subset size (images)")
-    p("--test-subset", type=int, default=None, help="stratified test subset size (images)")
-    p("--warmup-steps", type=int, default=None,
-      help=f"steps excluded from throughput after the compile step (default {_default(RunSpec, 'warmup_steps')})")
-    p("--max-steps-per-epoch", type=int, default=None, help="cap training steps per epoch (smoke runs)")
+    p("--data", default=None, metavar="SPEC",
+      help=f"dataset SPEC (default {_default(RunSpec, 'data')}; see `dualbench list`)")
+    p("--precision", default=None, choices=PRECISIONS,
+      help=f"compute precision (default {_default(RunSpec, 'precision')})")
+    add_execution_options(parser)
+    p("--deterministic", action="store_true", default=None,
+      help="framework determinism switches, slower (default off)")
+    p("--allow-tf32", action="store_true", default=None,
+      help="allow TensorFloat-32 matmuls/convolutions on Ampere+ GPUs (default off, on both frameworks)")
+    p("--train-subset", type=int, default=None, metavar="IMAGES",
+      help="stratified training subset size, in images (default: the whole training split)")
+    p("--test-subset", type=int, default=None, metavar="IMAGES",
+      help="stratified test subset size, in images (default: the whole test split)")
+    p("--max-steps-per-epoch", type=int, default=None, metavar="STEPS",
+      help="cap on training steps per epoch, for smoke runs (default: no cap)")
 
 
 def add_distributed_options(parser: argparse.ArgumentParser, nproc_default: str = "1") -> None:
     """Data-parallel runs on each framework's own engine (README "Scale-out"); the same flags on every host."""
     p = parser.add_argument
-    p("--nproc", default=nproc_default,
-      help=f"data-parallel processes per host, or a list (1,2,4) to run each (default {nproc_default}); "
-           "--batch-size is per process, the global batch is that x the world size")
-    p("--nnodes", type=int, default=None, help="hosts taking part (default 1); start dualbench on each")
-    p("--node-rank", type=int, default=0, help="this host's index among --nnodes (0: the host that writes results)")
-    p("--master-addr", default=None, help="address of host 0, reachable from every host (default 127.0.0.1)")
-    p("--master-port", type=int, default=None,
-      help="one host: torch's store port (a busy one is replaced); several hosts: where they meet (required)")
+    p("--nproc", default=nproc_default, metavar="N[,N...]",
+      help="data-parallel processes per host, or a list (1,2,4) to run each; --batch-size is per process, the "
+           f"global batch is that x the world size (default {nproc_default})")
+    p("--nnodes", type=int, default=None, metavar="HOSTS",
+      help="hosts taking part; start dualbench on each with the same flags (default 1)")
+    p("--node-rank", type=int, default=0, metavar="R",
+      help="this host's index among --nnodes; host 0 writes the results (default 0)")
+    p("--master-addr", default=None, metavar="HOST",
+      help="address of host 0, reachable from every host (default 127.0.0.1)")
+    p("--master-port", type=int, default=None, metavar="PORT",
+      help="one host: torch's store port, replaced when busy (default: a free one); several hosts: where "
+           "they meet (required)")
     p("--lr-scaling", choices=LR_SCALING, default=None,
-      help="learning rate of a data-parallel run: none (as given) or linear (x world size); default none")
-    p("--collective-timeout", dest="collective_timeout_s", type=float, default=None,
-      help=f"seconds a collective may wait before the run fails (default {_default(RunSpec, 'collective_timeout_s'):g})")
+      help="learning rate of a data-parallel run: none (as given) or linear (x world size) (default "
+           f"{_default(RunSpec, 'lr_scaling')})")
+    p("--collective-timeout", type=float, default=None, metavar="SECONDS",
+      help="seconds a collective may wait for the other replicas before the run fails (default "
+           f"{_default(RunSpec, 'collective_timeout_s'):g})")
 
 
 def parse_nprocs(text: str) -> list[int]:
@@ -89,12 +154,12 @@ def parse_nprocs(text: str) -> list[int]:
     values: list[int] = []
     for part in filter(None, (p.strip() for p in str(text).split(","))):
         if not part.isdigit() or int(part) < 1:
-            raise ConfigError(f"--nproc takes positive integers like 1,2,4; got {part!r}")
+            raise ConfigError(f"--nproc takes positive integers like 1,2,4; got {part!r}", "nproc")
         if int(part) in values:
-            raise ConfigError(f"--nproc lists {part} twice")
+            raise ConfigError(f"--nproc lists {part} twice", "nproc")
         values.append(int(part))
     if not values:
-        raise ConfigError("no process count given; try --nproc 2")
+        raise ConfigError("no process count given; try --nproc 2", "nproc")
     return values
 
 
@@ -102,7 +167,7 @@ def launch_from_args(args: argparse.Namespace) -> Any:
     """compare.launch.Launch from the host flags, checked (one line naming the fix otherwise)."""
     from compare.launch import Launch
 
-    nnodes = args.nnodes or 1
+    nnodes = 1 if args.nnodes is None else args.nnodes
     if nnodes < 1 or not 0 <= args.node_rank < nnodes:
         raise ConfigError(f"--node-rank {args.node_rank} must be in 0..{nnodes - 1} (fix --node-rank or --nnodes)")
     if args.master_port is not None and not 0 < args.master_port < 65536:
@@ -122,49 +187,60 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
     r = Recipe()
     p("--epochs", type=int, default=None, help=f"training epochs (default {r.epochs})")
-    p("--batch-size", type=int, default=None, help=f"images per training step (default {r.batch_size})")
-    p("--lr", type=float, default=None, help=f"peak learning rate (default {r.lr})")
+    p("--batch-size", type=int, default=None, metavar="IMAGES",
+      help=f"training images per step (default {r.batch_size})")
+    p("--eval-batch-size", type=int, default=None, metavar="IMAGES",
+      help=f"test images per evaluation step; does not change results (default {r.eval_batch_size})")
+    p("--lr", type=float, default=None, help=f"peak learning rate, per step (default {r.lr})")
     p("--optimizer", choices=OPTIMIZERS, default=None, help=f"optimizer (default {r.optimizer})")
-    p("--schedule", choices=SCHEDULES, default=None, help=f"LR schedule (default {r.schedule})")
-    p("--warmup-epochs", type=float, default=None, help=f"linear LR warm-up, epochs (default {r.warmup_epochs})")
+    p("--schedule", choices=SCHEDULES, default=None, help=f"LR schedule, set every step (default {r.schedule})")
+    p("--lr-warmup-epochs", type=float, default=None, metavar="EPOCHS",
+      help=f"linear learning-rate warm-up from 0, in epochs (default {r.warmup_epochs}; not "
+           "--measure-warmup-steps)")
+    add_alias(parser, "--warmup-epochs", "--lr-warmup-epochs", type=float)
     p("--weight-decay", type=float, default=None, help=f"weight decay coefficient (default {r.weight_decay})")
     p("--wd-mode", choices=WEIGHT_DECAY_MODES, default=None,
-      help=f"weight-decay semantics (default {r.weight_decay_mode})")
-    p("--momentum", type=float, default=None, help=f"SGD momentum (default {r.momentum})")
-    p("--no-nesterov", dest="nesterov", action="store_false", default=None, help="plain (not Nesterov) momentum")
-    p("--label-smoothing", type=float, default=None, help=f"label smoothing in [0, 1) (default {r.label_smoothing})")
+      help=f"weight-decay semantics: coupled_l2 adds wd*w to the gradient, decoupled scales w by 1-lr*wd "
+           f"(default {r.weight_decay_mode})")
+    p("--decay-bn-and-bias", action=argparse.BooleanOptionalAction, default=None,
+      help="weight decay on BN parameters and biases too; --no-decay-bn-and-bias: conv/dense kernels only "
+           f"(default {'on' if r.decay_bn_and_bias else 'off'})")
+    p("--momentum", type=float, default=None, help=f"SGD momentum, torch semantics (default {r.momentum})")
+    p("--no-nesterov", action="store_false", default=None,
+      help="plain SGD momentum instead of Nesterov (default Nesterov)")
+    p("--adam-betas", type=_float_pair, default=None, metavar="B1,B2",
+      help=f"Adam/AdamW moment decays (default {r.adam_beta1},{r.adam_beta2})")
+    p("--adam-epsilon", type=float, default=None,
+      help=f"Adam/AdamW epsilon, added after sqrt(v_hat) (default {r.adam_epsilon})")
+    p("--label-smoothing", type=float, default=None,
+      help=f"cross-entropy label smoothing in [0, 1) (default {r.label_smoothing})")
+    p("--dropout", type=float, default=None, metavar="RATE",
+      help="dropout rate in [0, 1) of models with a dropout layer (mobilenet_v2) (default: the architecture's)")
     p("--init", choices=INIT_SCHEMES, default=None, help=f"initial-weights scheme (default {r.init_scheme})")
     p("--bn-momentum", type=float, default=None,
       help=f"BatchNorm momentum, torch convention; Keras gets 1 - m (default {r.bn_momentum})")
     p("--bn-epsilon", type=float, default=None, help=f"BatchNorm epsilon (default {r.bn_epsilon})")
-    p("--adam-epsilon", type=float, default=None, help=f"Adam/AdamW epsilon (default {r.adam_epsilon})")
-    p("--no-augment", dest="no_augment", action="store_false", default=None,
-      help="no random crop / flip (the sampler still fixes the order)")
+    p("--no-augment", action="store_false", default=None,
+      help="no random crop / flip; the sampler still fixes the order (default: augment)")
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
-def _name_the_flag(exc: ConfigError, fields_to_flags: dict[str, str]) -> ConfigError:
-    """Append 'fix --flag' to a dataclass validation message that names a field."""
-    message = str(exc)
-    # the field a message is about comes first ("warmup_epochs must be in [0, epochs]")
-    for pattern in (r"^(unknown )?{}\b", r"\b{}\b"):
-        for field_name, flag in fields_to_flags.items():
-            if re.search(pattern.format(re.escape(field_name)), message):
-                return ConfigError(f"{message} (fix {flag})")
-    return exc
+def name_the_flag(exc: ConfigError) -> ConfigError:
+    """``exc`` with '(fix --flag)' appended, the flag found from the field it carries (never from its text)."""
+    flag = field_flags().get(exc.field or "")
+    return ConfigError(f"{exc} (fix {flag})", exc.field) if flag else exc
 
 
 def build_recipe(args: argparse.Namespace) -> Recipe:
     """The Recipe from the recipe options (dataclass defaults for options not given)."""
-    given = {field: getattr(args, dest) for dest, field in RECIPE_FLAGS.items()
-             if getattr(args, dest, None) is not None}
+    given: dict[str, Any] = {}
+    for flag, fields in RECIPE_FLAGS.items():
+        value = getattr(args, _dest(flag), None)
+        if value is not None:
+            given.update(zip(fields, value) if isinstance(fields, tuple) else {fields: value})
     try:
         return Recipe(**given)
     except ConfigError as exc:
-        raise _name_the_flag(exc, {field: _flag(dest) for dest, field in RECIPE_FLAGS.items()}) from None
+        raise name_the_flag(exc) from None
 
 
 def parse_backends(text: str) -> list[str]:
@@ -221,7 +297,8 @@ def parse_modes(text: str, backends: list[str]) -> dict[str, str]:
 
 def spec_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """RunSpec keyword arguments shared by every run (everything but model/backend/seed/mode)."""
-    kwargs = {name: getattr(args, name) for name in SPEC_FLAGS if getattr(args, name, None) is not None}
+    kwargs = {field: getattr(args, _dest(flag)) for flag, field in SPEC_FLAGS.items()
+              if getattr(args, _dest(flag), None) is not None}
     kwargs["channels_last"] = CHANNELS_LAST[getattr(args, "channels_last", "auto") or "auto"]
     return kwargs
 
@@ -233,10 +310,7 @@ def make_spec(model: str, backend: str, seed: int, mode: str, recipe: Recipe, sh
         return RunSpec(model=model, backend=backend, seed=seed, mode=mode, recipe=recipe,
                        checkpoint_dir=checkpoint_dir, nproc=nproc, **shared)
     except ConfigError as exc:
-        flags = {name: _flag(name) for name in SPEC_FLAGS}
-        flags.update({"seed": "--seeds", "mode": "--mode", "collective_timeout_s": "--collective-timeout",
-                      "nproc": "--nproc"})
-        raise _name_the_flag(exc, flags) from None
+        raise name_the_flag(exc) from None
 
 
 def parse_selection(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -263,24 +337,33 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
         distinct = set(modes.values())
         words += ["--mode", distinct.pop() if len(distinct) == 1 else ",".join(f"{b}={m}" for b, m in modes.items())]
     first, defaults = specs[0], RunSpec(model="x", backend="x").to_dict()
-    for name in SPEC_FLAGS:
+    for flag, name in SPEC_FLAGS.items():
         value = first.get(name, defaults[name])
         if value != defaults[name]:
-            flag = "--collective-timeout" if name == "collective_timeout_s" else _flag(name)
             words += [flag] if isinstance(value, bool) else [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     channels = first.get("channels_last")
     if channels is not None:
         words += ["--channels-last", "on" if channels else "off"]
-    recipe, recipe_defaults = first.get("recipe", {}), Recipe()
-    for dest, field_name in RECIPE_FLAGS.items():
-        value = recipe.get(field_name, getattr(recipe_defaults, field_name))
-        if value != getattr(recipe_defaults, field_name):
-            if dest in ("nesterov", "no_augment"):  # store_false switches
-                words.append("--no-nesterov" if dest == "nesterov" else "--no-augment")
-            else:
-                words += [_flag(dest), str(value)]
+    words += _recipe_words(first.get("recipe", {}))
     if first.get("checkpoint_dir"):
         words.append("--checkpoint")
     if out:
         words += ["--out", str(out)]
     return shlex.join(words)
+
+
+def _recipe_words(recipe: dict[str, Any]) -> list[str]:
+    """The recipe flags that reproduce ``recipe`` (a Recipe dict): only values that differ from the defaults."""
+    defaults, words = dataclasses.asdict(Recipe()), []
+    for flag, fields in RECIPE_FLAGS.items():
+        names = fields if isinstance(fields, tuple) else (fields,)
+        values = [recipe.get(n, defaults[n]) for n in names]
+        if values == [defaults[n] for n in names]:
+            continue
+        if flag in SWITCHES_OFF:
+            words.append(flag)
+        elif isinstance(values[0], bool):
+            words.append(flag if values[0] else flag.replace("--", "--no-", 1))
+        else:
+            words += [flag, ",".join(map(str, values))]
+    return words

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from common.audit import asymmetries, compare_settings
+from common.audit import asymmetries, compare_settings, details
 from common.config import RunSpec
 from common.distributed import configuration_label
 from common.errors import UserError
@@ -275,7 +275,8 @@ class Runner:
                 settings[backend] = {}
             rows = compare_settings(settings)
             audit["models"][label] = {"backends": list(settings), "rows": rows, "failures": failures,
-                                      "asymmetries": [row["setting"] for row in asymmetries(rows)]}
+                                      "asymmetries": [row["setting"] for row in asymmetries(rows)],
+                                      "details": details(settings)}  # e.g. the decayed parameter names
         self.store.write_json("audit.json", audit)
         from compare.tables import audit_frame  # pandas: only once there is a table to write
 

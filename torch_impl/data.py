@@ -41,6 +41,12 @@ class _Normalizer:
         self.channels_last = channels_last
         resident = device.type == "cpu" or images.nbytes <= _DEVICE_RESIDENT_MAX_BYTES
         self.storage_device = device if resident else torch.device("cpu")
+        # what the audit shows as input_pipeline (placement differs by design between the frameworks)
+        if resident:
+            self.placement = f"uint8 dataset on {device}; batches built there"
+        else:
+            self.placement = (f"uint8 dataset in host memory (over {_DEVICE_RESIDENT_MAX_BYTES >> 30} GiB); "
+                              f"batches gathered on the host, pinned, copied to {device} asynchronously")
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
 
