@@ -133,7 +133,7 @@ class TrainPipeline:
         if plan.crop_padding != self.pad:
             raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
         if plan.dataset_size != self.num_examples:
-            raise ValueError(f"plan indexes {plan.dataset_size} images, the dataset has {self.num_examples}")
+            raise ValueError(f"plan covers {plan.dataset_size} images, the dataset has {self.num_examples}")
         plan_slices = (plan.order.astype(np.int64), plan.crop_offsets.astype(np.int32), plan.flips.astype(bool))
         dataset = tf.data.Dataset.from_tensor_slices(plan_slices)
         dataset = dataset.batch(plan.batch_size, drop_remainder=plan.drop_last)
