@@ -33,7 +33,8 @@ _PEER_ERRORS = ("connection closed", "connection reset", "connection refused", "
                 "collective", "gloo", "terminated", "failed to connect", "barrier")
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object file's contents; None when it is missing, unreadable or not an object."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -52,7 +53,7 @@ def _own_error(raw: dict[str, Any] | None, log: Path) -> str | None:
 def culprit(run: GroupRun, out_paths: list[Path]) -> tuple[int, str]:
     """(index in ``run.ranks`` of the replica that caused the failure, what happened to it)."""
     ranks = run.outcome.ranks
-    raws = [_read(path) for path in out_paths]
+    raws = [read_json_object(path) for path in out_paths]
     for i, outcome in enumerate(ranks):
         if outcome.signal_name and not outcome.killed_by_parent:
             return i, f"killed by {outcome.signal_name}"
@@ -83,7 +84,7 @@ def result_from_group(spec: RunSpec, run: GroupRun, out_paths: list[Path], timeo
 
     ``out_paths``: each local rank's OUT.json (rank 0's is the result; the others write one on failure).
     """
-    outcome, raw = run.outcome, _read(out_paths[0])
+    outcome, raw = run.outcome, read_json_object(out_paths[0])
     usable = isinstance(raw, dict) and raw.get("run_id") == spec.run_id() and raw.get("status") in STATUSES
     tail_index = 0
     if outcome.interrupted:

@@ -25,7 +25,7 @@ from common.distributed import configuration_label
 from common.errors import UserError
 from common.registry import worker_command
 from common.results import STATUSES, RunResult, write_json_atomic
-from compare.group_result import result_from_group
+from compare.group_result import read_json_object, result_from_group
 from compare.launch import GroupRun, Launch, launch_local, local_ranks
 from compare.process import ProcessOutcome, run_process, stderr_tail, worker_env
 
@@ -129,14 +129,6 @@ def _bare(spec: RunSpec, status: str, error: str) -> RunResult:
                      status=status, error=error, spec=spec.to_dict())
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
-
-
 @dataclass
 class Launched:
     """One launch: how it ended, rank 0's OUT.json, the log to quote, and a group's judged result."""
@@ -209,7 +201,7 @@ class Runner:
             argv = [sys.executable, *worker_command(spec.backend), task, str(spec_path), str(out_path)]
             outcome = run_process(argv, log_path=log_path, timeout_s=self.timeout_s, on_event=on_event,
                                   env=self.env)
-            return Launched(outcome, _read_json(out_path), log_path)
+            return Launched(outcome, read_json_object(out_path), log_path)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -232,7 +224,7 @@ class Runner:
         result = result_from_group(spec, group, out_paths, self.timeout_s)
         culprit_log = next((Path(row["log"]) for row in result.distributed["ranks"]
                             if row["exit_code"] and row["exit_code"] == result.exit_code), group.log_paths[0])
-        return Launched(_group_summary(group, result), _read_json(out_paths[0]), culprit_log, result)
+        return Launched(_group_summary(group, result), read_json_object(out_paths[0]), culprit_log, result)
 
     def _rank_log(self, name: str):
         return lambda rank: self.store.log_path(name if rank == 0 else f"{name}.rank{rank}")
@@ -290,7 +282,7 @@ class Runner:
         folder = Path(spec.checkpoint_dir)
         marker = folder / CHECKPOINT_SPEC
         current = _comparable(spec.to_dict())
-        if folder.exists() and (self.force or _read_json(marker) != current):
+        if folder.exists() and (self.force or read_json_object(marker) != current):
             shutil.rmtree(folder, ignore_errors=True)
         write_json_atomic(marker, current)
 
