@@ -119,6 +119,7 @@ class RunSpec:
     nnodes: int = 1  # hosts taking part; world size = nproc * nnodes replicas, one per process
     lr_scaling: str = "none"  # one of LR_SCALING: peak LR as given, or x world size ("linear")
     collective_timeout_s: float = 300.0  # a collective waiting longer than this ends the run (seconds)
+    final_weights_path: str | None = None  # the worker saves the final canonical weights here (.npz); None: not kept
     recipe: Recipe = field(default_factory=Recipe)  # recipe.batch_size is PER REPLICA (global = x world size)
 
     def __post_init__(self) -> None:

@@ -31,6 +31,7 @@ from common.init import initial_weights
 from common.loop import LoopState, final_report, train
 from common.manifest import allocator_setting, collect_manifest
 from common.results import RunResult, write_json_atomic
+from common.weights import save_weights
 
 EVENT_PREFIX = "DUALBENCH_EVENT "
 _PROCESS_START = time.perf_counter()
@@ -123,6 +124,9 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
         result.confusion_matrix, result.per_class = report["confusion_matrix"], report["per_class"]
     if loop.status == "diverged":
         result.error = f"loss became NaN/inf at step {loop.diverged_step}"
+    if loop.status == "ok" and spec.final_weights_path and replica.is_chief:  # what `dualbench export` exports
+        result.final_weights_sha256 = save_weights(spec.final_weights_path, backend.get_weights(model))
+        result.final_weights_file = spec.final_weights_path
     return result
 
 
@@ -204,6 +208,16 @@ def _step_parity_task(backend_name: str, args: argparse.Namespace) -> int:
     return run_step_parity_request(backend_name, args.request, args.out)
 
 
+def _deploy_task(task: str) -> Callable[[str, argparse.Namespace], int]:
+    def handler(backend_name: str, args: argparse.Namespace) -> int:
+        from common.deploy_worker import TASK_HANDLERS, run_task
+
+        return run_task(TASK_HANDLERS[task], backend_name, args.request, args.out)
+    return handler
+
+
+_DEPLOY_ARGUMENTS = [("request", "JSON request written by compare.export"), ("out", "where to write the result JSON")]
+
 # task -> (handler(backend_name, args), help, [(argument, help), ...])
 Task = tuple[Callable[[str, argparse.Namespace], int], str, list[tuple[str, str]]]
 TASKS: dict[str, Task] = {
@@ -220,6 +234,14 @@ TASKS: dict[str, Task] = {
     "step-parity": (_step_parity_task, "K training steps, free and replayed from another side's states",
                     [("request", "folder with request.json (cases) and the other side's <case>.free.npz"),
                      ("out", "folder for <case>.free.npz / <case>.replay.npz")]),
+    # dualbench export (common.deploy_worker): one converter, verifier or server per process
+    "export-reference": (_deploy_task("export-reference"), "the framework's eval logits of given weights",
+                         _DEPLOY_ARGUMENTS),
+    "export": (_deploy_task("export"), "write one artifact in one format", _DEPLOY_ARGUMENTS),
+    "export-verify": (_deploy_task("export-verify"), "one artifact's logits in its own runtime",
+                      _DEPLOY_ARGUMENTS),
+    "export-serve": (_deploy_task("export-serve"), "one serving latency/throughput measurement",
+                     _DEPLOY_ARGUMENTS),
 }
 
 

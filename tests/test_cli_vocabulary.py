@@ -78,7 +78,7 @@ def test_every_field_validation_error_carries_its_field_and_maps_to_its_flag(cls
     checked = {f.name for f in dataclasses.fields(cls)} - {"nesterov", "augment", "drop_last", "decay_bn_and_bias",
                                                           "mean", "model", "backend", "data",
                                                           "channels_last", "deterministic", "allow_tf32",
-                                                          "checkpoint_dir", "recipe"}
+                                                          "checkpoint_dir", "final_weights_path", "recipe"}
     assert checked == set(BAD_FIELD_VALUES[cls])
 
 
@@ -120,7 +120,7 @@ def test_parity_init_takes_the_same_choices_as_run_init_and_backends_help_is_not
     commands = _visible_options(build_parser())
     init = {cmd: next(a for a in actions if "--init" in a.option_strings).choices
             for cmd, actions in commands.items() if any("--init" in a.option_strings for a in actions)}
-    assert set(init) == {"dualbench run", "dualbench parity", "dualbench scale"}  # scale takes run's options
+    assert {"dualbench run", "dualbench parity", "dualbench export", "dualbench scale"} <= set(init)  # scale takes run's options
     assert all(tuple(choices) == INIT_SCHEMES for choices in init.values())
     backends = next(a for a in commands["dualbench run"] if "--backends" in a.option_strings)
     assert "ABBA" in backends.help and "in run order" not in backends.help
