@@ -190,7 +190,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any
     runner.check_existing(specs)
     _write_manifest(store, specs, dataset, args.target_accuracy)
     pending = runner.pending(specs)
-    interrupted, progress = False, None
+    interrupted, failed, progress = False, False, None
     try:
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread (embedded use): Ctrl-C handling still works
@@ -207,6 +207,9 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: the current worker was stopped; rendering what finished", file=sys.stderr)
+    except BaseException:
+        failed = True  # e.g. a follower refused: tell the others briefly, never wait the full rendezvous
+        raise
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
@@ -215,7 +218,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any
         if launch.nnodes > 1 and not interrupted:
             from compare.rendezvous import finish_followers
 
-            finish_followers(launch)  # the other hosts stop waiting for the next launch
+            finish_followers(launch, after_error=failed)  # the other hosts stop waiting for the next launch
     if store.load_rows():
         from compare.report import render_and_print
 

@@ -35,6 +35,7 @@ from compare.launch import GRACE_S, Cluster, GroupRun, Launch, free_ports, start
 from compare.process import RankOutcome, stderr_tail, worker_env
 
 RENDEZVOUS_TIMEOUT_S = 600.0  # how long a host waits for the others to reach the next launch
+FINISH_AFTER_ERROR_S = 15.0  # host 0 ending on an error: how long it waits to tell the followers
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
@@ -62,10 +63,11 @@ def _reachable_address(master_addr: str) -> str:
             return socket.gethostname()
 
 
-def _meet_followers(launch: Launch) -> list[tuple[socket.socket, dict[str, Any]]]:
+def _meet_followers(launch: Launch,
+                    timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> list[tuple[socket.socket, dict[str, Any]]]:
     """Host 0: accept one connection per follower; (connection, hello) ordered by node rank."""
     server = socket.create_server(("", launch.master_port), reuse_port=False)
-    server.settimeout(RENDEZVOUS_TIMEOUT_S)
+    server.settimeout(timeout_s)
     followers = []
     try:
         while len(followers) < launch.nnodes - 1:
@@ -73,7 +75,7 @@ def _meet_followers(launch: Launch) -> list[tuple[socket.socket, dict[str, Any]]
                 conn, _ = server.accept()
             except socket.timeout:
                 raise UserError(f"only {len(followers) + 1} of {launch.nnodes} hosts reached "
-                                f"{launch.master_addr}:{launch.master_port} within {RENDEZVOUS_TIMEOUT_S:g} s: "
+                                f"{launch.master_addr}:{launch.master_port} within {timeout_s:g} s: "
                                 "start dualbench on every host with the same flags") from None
             followers.append((conn, _receive(conn, RENDEZVOUS_TIMEOUT_S)))
     finally:
@@ -131,9 +133,19 @@ def _file_report(run: GroupRun, report: dict[str, Any], hello: dict[str, Any],
             run.outcome.first_failure = len(run.ranks) - 1
 
 
-def finish_followers(launch: Launch) -> None:
-    """Host 0, after its last launch: tell every follower to exit."""
-    for conn, _hello in _meet_followers(launch):
+def finish_followers(launch: Launch, *, after_error: bool = False) -> None:
+    """Host 0, after its last launch: tell every follower to exit.
+
+    After an error (a follower that refused has exited already) host 0 waits only briefly and
+    never raises over the error that ended it.
+    """
+    try:
+        followers = _meet_followers(launch, FINISH_AFTER_ERROR_S if after_error else RENDEZVOUS_TIMEOUT_S)
+    except (UserError, OSError):
+        if after_error:
+            return
+        raise
+    for conn, _hello in followers:
         _send(conn, {"finished": True})
         conn.close()
 
@@ -166,7 +178,8 @@ def follow(store: Any, specs: list[RunSpec], launch: Launch, *, timeout_s: float
                 return 0
             spec = RunSpec.from_dict(job["spec"])
             own = mine.get(spec.run_id())
-            if own is None or own.to_dict() != {**spec.to_dict(), "checkpoint_dir": own.checkpoint_dir}:
+            where = {"checkpoint_dir": own.checkpoint_dir, "final_weights_path": own.final_weights_path} if own else {}
+            if own is None or own.to_dict() != {**spec.to_dict(), **where}:  # where files go may differ
                 _send(conn, {"refuse": "its flags differ from this host's (start every host with the same flags)"})
                 raise UserError(f"host 0 asked for {spec.run_id()}, which this host's flags do not give: "
                                 "start every host with the same flags")
