@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 
 from common.config import RunSpec
+from common.distributed import Replica
 from common.sampler import EpochPlan
 
 
@@ -52,6 +53,20 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]:
         """Library versions that matter for this backend (framework, CUDA, cuDNN...)."""
+
+    def replica(self) -> Replica:
+        """This process's place in the run, after ``setup`` (common.distributed).
+
+        ``setup`` joins the framework's own engine when ``spec.world_size > 1``
+        (torch.distributed + DDP; tf.distribute MultiWorkerMirroredStrategy), from the
+        environment the launcher gave (torchrun's variables; TF_CONFIG). Then models are
+        built under the engine, the train step averages gradients over the replicas and
+        returns the GLOBAL mean loss and correct count, and ``audit`` adds the
+        data-parallel rows (common.distributed.audit_settings).
+        """
+
+    def finish(self) -> None:
+        """Leave the engine after a last barrier (every rank reached the end); no-op for one process."""
 
     def fallback_notes(self) -> list[str]:
         """One line per thing this process could not apply as asked (a thread pool that had

@@ -20,6 +20,7 @@ WEIGHT_DECAY_MODES = ("coupled_l2", "decoupled")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16", "fp16")
 INIT_SCHEMES = ("torch_default", "he_normal_fan_out", "glorot_uniform")
+LR_SCALING = ("none", "linear")  # data-parallel LR rule: as given, or x world size (Goyal et al. 2017)
 # Execution modes per backend. "auto": the configuration measured fastest (and correct) on this
 # machine by compare.tune (cached per machine); "best": the fixed fallback (common.execution.FALLBACK).
 BACKEND_MODES = {
@@ -117,8 +118,12 @@ class RunSpec:
     warmup_steps: int = 5  # steps excluded from throughput (after the compile step)
     max_steps_per_epoch: int | None = None  # cap steps per epoch (smoke tests, bench)
     checkpoint_dir: str | None = None  # per-epoch checkpoints here; resume if present
+    nproc: int = 1  # data-parallel processes per host (each framework's own engine when the world is > 1)
+    nnodes: int = 1  # hosts taking part; world size = nproc * nnodes replicas, one per process
+    lr_scaling: str = "none"  # one of LR_SCALING: peak LR as given, or x world size ("linear")
+    collective_timeout_s: float = 300.0  # a collective waiting longer than this ends the run (seconds)
     final_weights_path: str | None = None  # the worker saves the final canonical weights here (.npz); None: not kept
-    recipe: Recipe = field(default_factory=Recipe)
+    recipe: Recipe = field(default_factory=Recipe)  # recipe.batch_size is PER REPLICA (global = x world size)
 
     def __post_init__(self) -> None:
         modes = BACKEND_MODES.get(self.backend)
@@ -136,6 +141,18 @@ class RunSpec:
         for name in ("warmup_steps", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", name)
+        _positive("nproc", self.nproc)
+        _positive("nnodes", self.nnodes)
+        _positive("collective_timeout_s", self.collective_timeout_s)
+        _one_of("lr_scaling", self.lr_scaling, LR_SCALING)
+        if self.world_size > 1 and not self.recipe.drop_last:
+            # DDP and tf.distribute average per-replica means: replicas need equal batches
+            raise ConfigError("a data-parallel run needs drop_last (equal per-replica batches)", "nproc")
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel replicas (processes) in the run."""
+        return self.nproc * self.nnodes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -155,8 +172,9 @@ class RunSpec:
         return cls(**raw, recipe=Recipe(**recipe_raw), execution=execution)
 
     def run_id(self) -> str:
-        """Stable identifier of this run inside a results folder."""
-        return f"{self.model}__{self.backend}__seed{self.seed}"
+        """Stable identifier of this run inside a results folder (``__worldN`` for data-parallel runs)."""
+        base = f"{self.model}__{self.backend}__seed{self.seed}"
+        return base if self.world_size == 1 else f"{base}__world{self.world_size}"
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...], what: str | None = None) -> None:

@@ -25,6 +25,13 @@ What is timed, and where the clock is read:
   the end of its last step), so every epoch's share holds both or none.
 * The loss is read to the host after the clock stops (a NaN/inf loss ends the
   run with status ``diverged``); no other host round trip in the hot loop.
+
+Data-parallel runs (``replica.world_size > 1``, common.distributed): every process
+runs this loop on its shard of the global plan; the step returns the GLOBAL mean
+loss and correct count, and images are counted per global batch, so images/s is
+the whole run's throughput as seen from each replica's clock. Only the chief
+(replica 0) evaluates, with its own BN statistics; the others go on to the
+next collective, which waits for it.
 """
 from __future__ import annotations
 
@@ -37,8 +44,8 @@ from typing import Any, Callable
 import numpy as np
 
 from common.config import RunSpec
+from common.distributed import Replica, global_plan, lr_factor, replica_plan, single_process
 from common.metrics import classification_report, cross_entropy, median_ci, percentile
-from common.sampler import epoch_plan
 from common.schedules import lr_at
 
 
@@ -120,24 +127,29 @@ def evaluate(backend: Any, eval_step: Callable, result: LoopResult) -> np.ndarra
 def train(backend: Any, train_step: Callable, eval_step: Callable, spec: RunSpec, num_train: int,
           test_labels: np.ndarray, *, state: LoopState | None = None,
           on_epoch_end: Callable[[LoopState], None] | None = None,
-          on_step: Callable[[int, int, float], None] | None = None) -> LoopResult:
-    """Train for ``spec.recipe.epochs`` epochs (continuing from ``state``) and evaluate after each."""
-    recipe = spec.recipe
+          on_step: Callable[[int, int, float], None] | None = None,
+          replica: Replica | None = None) -> LoopResult:
+    """Train for ``spec.recipe.epochs`` epochs (continuing from ``state``) and evaluate after each.
+
+    ``replica``: this process's place in a data-parallel run (None: a single process).
+    """
+    recipe, replica = spec.recipe, replica or single_process()
     result = LoopResult(state=state or LoopState())
-    first_plan = _plan(spec, 0, num_train)
+    first_plan = global_plan(spec, 0, num_train)
     steps_per_epoch = min(first_plan.num_batches, spec.max_steps_per_epoch or first_plan.num_batches)
     skip = 1 + spec.warmup_steps  # compile step + warm-up steps, counted from this process's start
+    schedule = _Schedule(spec, steps_per_epoch)
     while result.state.epoch < recipe.epochs:
-        plan = first_plan if result.state.epoch == 0 else _plan(spec, result.state.epoch, num_train)
-        epoch = _train_epoch(backend, train_step, recipe, plan, steps_per_epoch, skip, result, on_step)
+        plan = first_plan if result.state.epoch == 0 else global_plan(spec, result.state.epoch, num_train)
+        epoch = _train_epoch(backend, train_step, schedule, plan, replica, steps_per_epoch, skip, result, on_step)
         if epoch is None:
             return result  # diverged
         train_time, loss_sum, correct, seen = epoch
         result.state.train_time_s += train_time
-        logits = evaluate(backend, eval_step, result)
+        logits = evaluate(backend, eval_step, result) if replica.is_chief else None
         result.final_logits = logits
         result.state.epoch += 1
-        lr_last = lr_at(recipe, max(result.state.global_step - 1, 0), steps_per_epoch)
+        lr_last = schedule(max(result.state.global_step - 1, 0))
         result.state.epochs.append(_epoch_row(result.state, logits, test_labels, loss_sum, correct, seen,
                                               train_time, lr_last))
         if on_epoch_end is not None:
@@ -145,21 +157,36 @@ def train(backend: Any, train_step: Callable, eval_step: Callable, spec: RunSpec
     return result
 
 
-def _train_epoch(backend: Any, train_step: Callable, recipe: Any, plan: Any, steps_per_epoch: int, skip: int,
-                 result: LoopResult, on_step: Callable[[int, int, float], None] | None
-                 ) -> tuple[float, float, float, int] | None:
-    """One epoch of training steps: (train_time_s, loss_sum, correct, seen), None if the loss diverged."""
+class _Schedule:
+    """The learning rate the loop feeds both sides at a global step (common.schedules x lr_factor)."""
+
+    def __init__(self, spec: RunSpec, steps_per_epoch: int):
+        self.recipe, self.steps_per_epoch, self.factor = spec.recipe, steps_per_epoch, lr_factor(spec)
+
+    def __call__(self, step: int) -> float:
+        lr = lr_at(self.recipe, step, self.steps_per_epoch)
+        return lr if self.factor == 1.0 else lr * self.factor
+
+
+def _train_epoch(backend: Any, train_step: Callable, schedule: _Schedule, plan: Any, replica: Replica,
+                 steps_per_epoch: int, skip: int, result: LoopResult,
+                 on_step: Callable[[int, int, float], None] | None) -> tuple[float, float, float, int] | None:
+    """One epoch of training steps: (train_time_s, loss_sum, correct, seen), None if the loss diverged.
+
+    ``plan`` is the global plan: this replica trains on its shard, and counts every step's
+    global batch (the step returns the global mean loss and correct count).
+    """
     loss_sum, correct, seen = 0.0, 0.0, 0
     whole_epoch_steady = result.process_steps >= skip
     backend.synchronize()
     epoch_start = time.perf_counter()
     steady_start = epoch_start if whole_epoch_steady else None
     last_step_end = epoch_start
-    batches = backend.train_batches(plan)  # building the epoch's pipeline is training time
+    batches = backend.train_batches(replica_plan(plan, replica))  # building the pipeline is training time
     # islice: a capped epoch never fetches a batch past its last step
     steps = itertools.islice(zip(batches, plan.batch_sizes()), steps_per_epoch)
     for index, ((images, labels), size) in enumerate(steps):
-        lr = lr_at(recipe, result.state.global_step, steps_per_epoch)
+        lr = schedule(result.state.global_step)
         backend.synchronize()  # the batch's own device work ends here, outside the step's window
         t0 = time.perf_counter()
         loss, n_correct = train_step(images, labels, lr)
@@ -187,15 +214,18 @@ def _train_epoch(backend: Any, train_step: Callable, recipe: Any, plan: Any, ste
     return epoch_end - epoch_start, loss_sum, correct, seen
 
 
-def _epoch_row(state: LoopState, logits: np.ndarray, test_labels: np.ndarray, loss_sum: float, correct: float,
-               seen: int, train_time: float, lr_last: float) -> dict[str, Any]:
-    """One entry of RunResult.epochs (``state.epoch`` already counts the epoch just finished)."""
+def _epoch_row(state: LoopState, logits: np.ndarray | None, test_labels: np.ndarray, loss_sum: float,
+               correct: float, seen: int, train_time: float, lr_last: float) -> dict[str, Any]:
+    """One entry of RunResult.epochs (``state.epoch`` already counts the epoch just finished).
+
+    ``logits`` None: this replica did not evaluate (only the chief does); test figures are None.
+    """
     return {
         "epoch": state.epoch,
         "train_loss": loss_sum / max(seen, 1),
         "train_accuracy": correct / max(seen, 1),
-        "test_loss": cross_entropy(logits, test_labels),
-        "test_accuracy": float((logits.argmax(axis=1) == test_labels).mean()),
+        "test_loss": cross_entropy(logits, test_labels) if logits is not None else None,
+        "test_accuracy": float((logits.argmax(axis=1) == test_labels).mean()) if logits is not None else None,
         "wall_s": state.train_time_s,  # cumulative training time at this evaluation
         "train_time_s": train_time,
         "images": seen,
@@ -216,8 +246,3 @@ def _close(batches: Any) -> None:
     if close is not None:
         close()
 
-
-def _plan(spec: RunSpec, epoch: int, num_train: int):
-    r = spec.recipe
-    return epoch_plan(spec.seed, epoch, num_train, r.batch_size, drop_last=r.drop_last,
-                      augment=r.augment, crop_padding=r.crop_padding)

@@ -16,6 +16,12 @@ made per step (compare.step_parity runs the processes):
 Both directions run (torch replays TensorFlow's states and vice versa). The
 free runs of both sides are kept too, as a figure of how far fp32 noise
 carries, never as a pass/fail gate. Framework-free: only the Backend protocol.
+
+Data-parallel cases (``case["nproc"]`` > 1) run in every rank of a launch
+(compare.launch): each rank trains its shard of the global batch under its
+framework's engine and records ITS state (the weights agree across ranks, BN
+statistics are replica-local), in ``<case>.rank<r>.*.npz`` for r > 0; a replay
+rank r loads the other framework's rank-r states.
 """
 from __future__ import annotations
 
@@ -28,8 +34,8 @@ import numpy as np
 from common.architectures import ArchSpec, arch_spec
 from common.config import Recipe, RunSpec
 from common.data import Dataset
+from common.distributed import global_plan, replica_plan
 from common.init import initial_weights
-from common.sampler import epoch_plan
 from common.schedules import lr_at
 
 SLOTS = {"sgd": ("momentum",), "adam": ("m", "v"), "adamw": ("m", "v")}  # optimizer slot prefixes
@@ -80,23 +86,25 @@ def full_optimizer_state(state: dict[str, np.ndarray], weights: dict[str, np.nda
     return full
 
 
-def _spec(case: dict[str, Any], backend_name: str) -> RunSpec:
+def case_spec(case: dict[str, Any], backend_name: str) -> RunSpec:
+    """The RunSpec a backend runs a case with (``case["nproc"]`` processes, per-replica batch)."""
     return RunSpec(model=case["model"], backend=backend_name, device="cpu", threads=case.get("threads", 2),
-                   deterministic=True, mode=case["modes"][backend_name], recipe=case_recipe(case, backend_name))
+                   seed=case.get("seed", 0), deterministic=True, mode=case["modes"][backend_name],
+                   nproc=case.get("nproc", 1), collective_timeout_s=case.get("collective_timeout_s", 300.0),
+                   recipe=case_recipe(case, backend_name))
 
 
 def _prepare(backend: Any, case: dict[str, Any]) -> tuple[Any, Any, list, ArchSpec, Recipe]:
-    """setup -> model with the case's initial weights -> its K batches -> train step."""
-    spec, arch = _spec(case, backend.name), case_arch(case)
+    """setup -> model with the case's initial weights -> its K batches (this replica's shard) -> train step."""
+    spec, arch = case_spec(case, backend.name), case_arch(case)
     recipe = spec.recipe
     backend.setup(spec)
     model = backend.build_model(case["model"], 10, arch.in_shape, bn_momentum=recipe.bn_momentum,
                                 bn_epsilon=recipe.bn_epsilon, dropout=recipe.dropout)
     backend.set_weights(model, initial_weights(arch, recipe.init_scheme, case.get("seed", 0)))
-    dataset = learnable_dataset(case["hw"], recipe.batch_size * case["steps"])
+    dataset = learnable_dataset(case["hw"], recipe.batch_size * spec.world_size * case["steps"])
     backend.attach_data(dataset, spec)
-    plan = epoch_plan(case.get("seed", 0), 0, len(dataset.train_labels), recipe.batch_size,
-                      augment=recipe.augment, crop_padding=recipe.crop_padding)
+    plan = replica_plan(global_plan(spec, 0, len(dataset.train_labels)), backend.replica())
     batches = list(backend.train_batches(plan))
     return model, backend.make_train_step(model, spec), batches, arch, recipe
 
@@ -159,7 +167,8 @@ def load_states(path: Path) -> tuple[list[dict[str, np.ndarray]], list[float]]:
 def run_step_parity_request(backend_name: str, request: str, out: str) -> int:
     """The ``step-parity`` worker task.
 
-    REQUEST/request.json: ``{"cases": [...], "replay_from": backend name or null}``.
+    REQUEST/request.json: ``{"cases": [...], "replay_from": backend name or null}`` (a case with
+    ``"replay": false`` gets its free run only).
     Writes OUT/<case>.free.npz (this backend's free run) and, when
     ``replay_from`` is set, OUT/<case>.replay.npz (steps made from that
     backend's free-run states, read from REQUEST/<case>.free.npz).
@@ -170,10 +179,20 @@ def run_step_parity_request(backend_name: str, request: str, out: str) -> int:
     spec = json.loads((request_dir / "request.json").read_text())
     backend = get_backend(backend_name)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if spec["cases"]:
+        backend.setup(case_spec(spec["cases"][0], backend_name))  # joins the engine: this process's rank
+    rank = backend.replica().rank
     for case in spec["cases"]:
         if spec.get("free_run", True):
-            save_states(out_dir / f"{case['name']}.free.npz", *free_run(backend, case))
-        if spec.get("replay_from"):
-            states, _ = load_states(request_dir / f"{case['name']}.free.npz")
-            save_states(out_dir / f"{case['name']}.replay.npz", *replay(backend, case, states))
+            states, losses = free_run(backend, case)
+            save_states(out_dir / state_file(case["name"], rank, "free"), states, losses)
+        if spec.get("replay_from") and case.get("replay", True):
+            states, _ = load_states(request_dir / state_file(case["name"], rank, "free"))
+            save_states(out_dir / state_file(case["name"], rank, "replay"), *replay(backend, case, states))
+    backend.finish()
     return 0
+
+
+def state_file(case_name: str, rank: int, kind: str) -> str:
+    """``<case>.<kind>.npz`` (rank 0 and single processes), ``<case>.rank<r>.<kind>.npz`` for rank r > 0."""
+    return f"{case_name}.{kind}.npz" if rank == 0 else f"{case_name}.rank{rank}.{kind}.npz"

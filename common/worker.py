@@ -6,6 +6,11 @@ The worker writes its RunResult atomically to OUT.json (also on failure, with
 the status and a one-line error) and reports progress on stdout as lines
 ``DUALBENCH_EVENT {json}`` that the runner turns into progress bars.
 Host peak RSS is filled in by the parent from ``os.wait4``.
+
+In a data-parallel run every rank runs the same task under its framework's
+engine (``Backend.setup`` joins it, ``Backend.finish`` leaves it after a last
+barrier); only the chief (rank 0) reports progress, writes checkpoints and
+writes OUT.json. The other ranks' stdout and stderr go to their own logs.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any, Callable
 from common.architectures import arch_spec
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import RunSpec
+from common.distributed import lr_factor
 from common.errors import UserError
 from common.init import initial_weights
 from common.loop import LoopState, final_report, train
@@ -64,7 +70,7 @@ def build(backend: Any, spec: RunSpec) -> dict[str, Any]:
     train_step = backend.make_train_step(model, spec)
     settings = {**backend.audit(model, train_step), **common_settings(spec, dataset)}
     return {"effective": effective, "dataset": dataset, "arch": arch, "model": model,
-            "train_step": train_step, "settings": settings}
+            "train_step": train_step, "settings": settings, "replica": backend.replica()}
 
 
 def execute(backend: Any, spec: RunSpec) -> RunResult:
@@ -73,10 +79,16 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
                        spec=spec.to_dict())
     built = build(backend, spec)
     effective, dataset, arch = built["effective"], built["dataset"], built["arch"]
-    model, train_step = built["model"], built["train_step"]
+    model, train_step, replica = built["model"], built["train_step"], built["replica"]
     eval_step = backend.make_eval_step(model)
     state = _resume(backend, model, train_step, spec)
     result.settings = built["settings"]
+    result.world_size, result.engine = replica.world_size, replica.engine
+    if replica.world_size > 1:
+        result.distributed = {**replica.to_dict(), "nproc": spec.nproc, "nnodes": spec.nnodes,
+                              "per_replica_batch_size": spec.recipe.batch_size,
+                              "global_batch_size": spec.recipe.batch_size * replica.world_size,
+                              "lr_scaling": spec.lr_scaling, "lr_factor": lr_factor(spec)}
     result.trainable_params = backend.trainable_param_count(model)
     result.buffers = backend.buffer_count(model)
     result.macs_per_image = arch.macs()
@@ -87,11 +99,14 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
     result.manifest = collect_manifest(versions=backend.versions(), effective=effective,
                                        data_fingerprint=dataset.fingerprint, data_spec=spec.data,
                                        train_images=len(dataset.train_labels),
-                                       test_images=len(dataset.test_labels))
+                                       test_images=len(dataset.test_labels), replica=replica.to_dict())
     result.startup_s = time.perf_counter() - _PROCESS_START
-    emit("ready", run_id=result.run_id, epochs=spec.recipe.epochs, settings=result.settings)
+    if replica.is_chief:
+        emit("ready", run_id=result.run_id, epochs=spec.recipe.epochs, settings=result.settings)
 
     def on_epoch_end(loop_state: LoopState) -> None:
+        if not replica.is_chief:
+            return  # the chief's checkpoint and progress speak for the run
         if spec.checkpoint_dir:
             save_checkpoint(spec.checkpoint_dir, backend.get_weights(model), train_step.optimizer_state(),
                             loop_state, spec.run_id())
@@ -99,7 +114,7 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
 
     backend.reset_peak_memory()
     loop = train(backend, train_step, eval_step, spec, len(dataset.train_labels), dataset.test_labels,
-                 state=state, on_epoch_end=on_epoch_end)
+                 state=state, on_epoch_end=on_epoch_end, replica=replica)
     result.device_peak_bytes = backend.peak_device_memory_bytes()
     result.manifest["fallbacks"] = backend.fallback_notes()  # setup, data and any during training
     result.status, result.diverged_step = loop.status, loop.diverged_step
@@ -113,7 +128,7 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
         result.confusion_matrix, result.per_class = report["confusion_matrix"], report["per_class"]
     if loop.status == "diverged":
         result.error = f"loss became NaN/inf at step {loop.diverged_step}"
-    if loop.status == "ok" and spec.final_weights_path:  # what `dualbench export` exports, never retraining
+    if loop.status == "ok" and spec.final_weights_path and replica.is_chief:  # what `dualbench export` exports
         result.final_weights_sha256 = save_weights(spec.final_weights_path, backend.get_weights(model))
         result.final_weights_file = spec.final_weights_path
     return result
@@ -147,10 +162,15 @@ def run_training(backend_name: str, spec_path: str, out_path: str, audit_only: b
     try:
         backend = get_backend(backend_name)
         if audit_only:
-            write_json_atomic(out_path, {"run_id": spec.run_id(), "status": "ok",
-                                         "settings": build(backend, spec)["settings"]})
+            settings = build(backend, spec)["settings"]
+            backend.finish()
+            if backend.replica().is_chief:
+                write_json_atomic(out_path, {"run_id": spec.run_id(), "status": "ok", "settings": settings})
             return 0
         result = execute(backend, spec)
+        backend.finish()  # a last barrier: every rank got here (a failed peer fails this rank too)
+        if not backend.replica().is_chief:
+            return 0
         code = 0
     except Exception as exc:  # recorded, never lost: the parent reads OUT.json
         status = "oom" if backend is not None and backend.is_out_of_memory(exc) else "error"

@@ -20,6 +20,7 @@ COMMANDS = {
     "report": ("compare.cmd_report", "re-render tables, report and plots from runs.jsonl"),
     "list": ("compare.cmd_list", "list models, backends and dataset SPECs"),
     "data": ("compare.cmd_data", "dataset utilities: `data prepare --data SPEC`"),
+    "scale": ("compare.cmd_scale", "data-parallel runs at several process counts and the scaling table"),
     "export": ("compare.cmd_export", "export every trained model, verify each artifact, measure serving"),
 }
 

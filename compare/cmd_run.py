@@ -12,6 +12,7 @@ tables, plots, report.md/.html. Exit codes: 0 all runs ok, 1 some run failed,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from typing import Any
@@ -19,14 +20,14 @@ from typing import Any
 from common.config import RunSpec
 from common.errors import ConfigError
 from compare import options
-from compare.runner import plan_runs
+from compare.runner import plan_world_runs
 
 # pandas / matplotlib / tqdm are imported inside the functions that use them, so that
 # building the CLI parser (every `dualbench` command, even `list`) stays fast
 
 
-def register(parser: argparse.ArgumentParser) -> None:
-    """Options of `dualbench run`."""
+def register(parser: argparse.ArgumentParser, nproc_default: str = "1") -> None:
+    """Options of `dualbench run` (and of `dualbench scale`, which changes the --nproc default)."""
     options.add_selection_options(parser)
     parser.add_argument("--seeds", default="0",
                         help="comma-separated seeds, e.g. 0,1,2; a seed pairs the frameworks' runs (same initial "
@@ -35,9 +36,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     options.add_recipe_options(parser)
     options.add_spec_options(parser)
     options.add_tune_options(parser)
+    options.add_distributed_options(parser, nproc_default)
+    parser.add_argument("--target-accuracy", type=float, default=None, metavar="FRACTION",
+                        help="test accuracy in (0, 1] for the scaling table's time-to-target column "
+                             "(default: none, the column stays n/a)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="seconds per worker before its process group is killed, status timeout "
-                             "(default: no limit)")
+                        help="seconds per worker (per group of ranks in a data-parallel run) before its process "
+                             "groups are killed, status timeout (default: no limit)")
     parser.add_argument("--out", required=True, help="results folder (created; reruns resume in it); required")
     parser.add_argument("--force", action="store_true",
                         help="rerun runs that are already ok in --out (default: skip them)")
@@ -55,18 +60,22 @@ def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
     """Every run's validated RunSpec, in ABBA execution order."""
     models, backends = options.parse_selection(args)
     seeds = options.parse_seeds(args.seeds)
+    nprocs = options.parse_nprocs(args.nproc)
     modes = options.parse_modes(args.mode, backends)
     recipe = options.build_recipe(args)
     shared = options.spec_kwargs(args)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     options.check_tune_budget(args)
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        raise ConfigError(f"--target-accuracy is a fraction in (0, 1], got {args.target_accuracy:g} "
+                          "(e.g. 0.8 for 80%)")
     specs = []
-    for model, seed, backend in plan_runs(models, backends, seeds):
-        checkpoint = None
+    for model, seed, backend, nproc in plan_world_runs(models, backends, seeds, nprocs):
+        spec = options.make_spec(model, backend, seed, modes[backend], recipe, shared, nproc=nproc)
         if args.checkpoint:
-            checkpoint = str(store.checkpoint_dir(f"{model}__{backend}__seed{seed}").resolve())
-        specs.append(options.make_spec(model, backend, seed, modes[backend], recipe, shared, checkpoint))
+            spec = dataclasses.replace(spec, checkpoint_dir=str(store.checkpoint_dir(spec.run_id()).resolve()))
+        specs.append(spec)
     return specs
 
 
@@ -91,11 +100,16 @@ def resolve_executions(args: argparse.Namespace, specs: list[RunSpec], dataset: 
     """Every spec with its execution configuration (--mode auto: cache or search); tuning.json written."""
     from compare.tune_resolve import AUTO_SEARCH_MIN_STEPS, Resolver, planned_steps
 
+    from common.execution import requested
+
+    single = [s for s in specs if s.world_size == 1]  # the search measures one process per candidate
     seeds = len({s.seed for s in specs})
-    steps = planned_steps(specs[0], len(dataset.train_labels), seeds)
+    steps = planned_steps(single[0], len(dataset.train_labels), seeds) if single else 0
     resolver = Resolver(dataset, retune=args.retune, search_if_missing=steps >= AUTO_SEARCH_MIN_STEPS,
                         budget_s=args.tune_budget_s)
-    resolved = resolver.resolve(specs)
+    resolved = [resolver.resolve_one(s) if s.world_size == 1 else
+                dataclasses.replace(s, execution=requested(s).replace(
+                    source="fallback (data-parallel: the search measures single processes)")) for s in specs]
     store.write_json("tuning.json", {"planned_steps_per_backend_model": steps,
                                      "search_min_steps": AUTO_SEARCH_MIN_STEPS, "cache": str(resolver.cache.path),
                                      "fingerprint": resolver.cache.fingerprint, "resolutions": resolver.summary()})
@@ -105,10 +119,21 @@ def resolve_executions(args: argparse.Namespace, specs: list[RunSpec], dataset: 
     return resolved
 
 
-def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any) -> None:
+def check_global_batches(specs: list[RunSpec], n_train: int) -> None:
+    """Every data-parallel run needs at least one global batch (per-process batch x world size)."""
+    for spec in specs:
+        global_batch = spec.recipe.batch_size * spec.world_size
+        if global_batch > n_train:
+            raise ConfigError(f"--batch-size {spec.recipe.batch_size} x {spec.world_size} processes = a global "
+                              f"batch of {global_batch}, more than the {n_train} training images: lower "
+                              "--batch-size or --nproc")
+
+
+def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any, target_accuracy: float | None) -> None:
     from common.manifest import collect_manifest
 
-    store.write_json("manifest.json", collect_manifest(
+    extra = {"target_accuracy": target_accuracy} if target_accuracy is not None else {}
+    store.write_json("manifest.json", collect_manifest(**extra,
         command=options.command_for([s.to_dict() for s in specs], str(store.root)),
         argv=sys.argv, data_spec=specs[0].data, data_fingerprint=dataset.fingerprint,
         train_images=int(len(dataset.train_labels)), test_images=int(len(dataset.test_labels)),
@@ -170,24 +195,30 @@ def main(args: argparse.Namespace) -> int:
 
     store = ResultsStore(args.out)
     specs = build_specs(args, store)
+    launch = options.launch_from_args(args)
     store.ensure_writable()
+    if launch.node_rank > 0:  # another host's ranks: follow host 0's launches, write no results
+        from compare.rendezvous import follow
+
+        return follow(store, specs, launch, timeout_s=args.timeout)
     with store.exclusive():  # one run per results folder
-        return _run(args, store, specs)
+        return _run(args, store, specs, launch)
 
 
-def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> int:
+def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any) -> int:
     from compare.runner import Runner
 
     seeds = sorted({s.seed for s in specs}, key=[s.seed for s in specs].index)
     dataset = validate_dataset(specs[0], seeds)
+    check_global_batches(specs, len(dataset.train_labels))
     from compare.progress import Progress
 
     specs = resolve_executions(args, specs, dataset, store)
-    runner = Runner(store, timeout_s=args.timeout, force=args.force)
+    runner = Runner(store, timeout_s=args.timeout, force=args.force, launch=launch)
     runner.check_existing(specs)
-    _write_manifest(store, specs, dataset)
+    _write_manifest(store, specs, dataset, args.target_accuracy)
     pending = runner.pending(specs)
-    interrupted, progress = False, None
+    interrupted, failed, progress = False, False, None
     try:
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread (embedded use): Ctrl-C handling still works
@@ -204,11 +235,18 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> int:
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: the current worker was stopped; rendering what finished", file=sys.stderr)
+    except BaseException:
+        failed = True  # e.g. a follower refused: tell the others briefly, never wait the full rendezvous
+        raise
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
         if progress is not None:
             progress.close()
+        if launch.nnodes > 1 and not interrupted:
+            from compare.rendezvous import finish_followers
+
+            finish_followers(launch, after_error=failed)  # the other hosts stop waiting for the next launch
     if store.load_rows():
         from compare.report import render_and_print
 

@@ -20,7 +20,7 @@ import dataclasses
 import os
 from typing import Any
 
-from common.config import (BACKEND_MODES, INIT_SCHEMES, OPTIMIZERS, PRECISIONS, SCHEDULES,
+from common.config import (BACKEND_MODES, INIT_SCHEMES, LR_SCALING, OPTIMIZERS, PRECISIONS, SCHEDULES,
                            WEIGHT_DECAY_MODES, Recipe, RunSpec)
 from common.errors import ConfigError
 from common.registry import check_backend, parse_models
@@ -40,7 +40,8 @@ SPEC_FLAGS = {
     "--data": "data", "--device": "device", "--precision": "precision", "--threads": "threads",
     "--deterministic": "deterministic", "--allow-tf32": "allow_tf32", "--train-subset": "train_subset",
     "--test-subset": "test_subset", "--measure-warmup-steps": "warmup_steps",
-    "--max-steps-per-epoch": "max_steps_per_epoch",
+    "--max-steps-per-epoch": "max_steps_per_epoch", "--nnodes": "nnodes", "--lr-scaling": "lr_scaling",
+    "--collective-timeout": "collective_timeout_s",
 }
 SWITCHES_OFF = ("--no-nesterov", "--no-augment")  # store_false: given = the field is False
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}
@@ -53,7 +54,8 @@ def _dest(flag: str) -> str:
 
 def field_flags() -> dict[str, str]:
     """Recipe / RunSpec field -> the flag that sets it (what a ConfigError about that field names)."""
-    flags: dict[str, str] = {"seed": "--seeds", "mode": "--mode", "channels_last": "--channels-last"}
+    flags: dict[str, str] = {"seed": "--seeds", "mode": "--mode", "channels_last": "--channels-last",
+                             "nproc": "--nproc"}
     for flag, fields in [*RECIPE_FLAGS.items(), *SPEC_FLAGS.items()]:
         for name in (fields if isinstance(fields, tuple) else (fields,)):
             flags[name] = flag
@@ -140,6 +142,62 @@ def add_tune_options(parser: argparse.ArgumentParser) -> None:
 def check_tune_budget(args: argparse.Namespace) -> None:
     if args.tune_budget_s <= 0:
         raise ConfigError(f"--tune-budget-s must be a positive number of seconds, got {args.tune_budget_s:g}")
+
+
+def add_distributed_options(parser: argparse.ArgumentParser, nproc_default: str = "1") -> None:
+    """Data-parallel runs on each framework's own engine (README "Scale-out"); the same flags on every host."""
+    p = parser.add_argument
+    p("--nproc", default=nproc_default, metavar="N[,N...]",
+      help="data-parallel processes per host, or a list (1,2,4) to run each; --batch-size is per process, the "
+           f"global batch is that x the world size (default {nproc_default})")
+    p("--nnodes", type=int, default=None, metavar="HOSTS",
+      help="hosts taking part; start dualbench on each with the same flags (default 1)")
+    p("--node-rank", type=int, default=0, metavar="R",
+      help="this host's index among --nnodes; host 0 writes the results (default 0)")
+    p("--master-addr", default=None, metavar="HOST",
+      help="address of host 0, reachable from every host (default 127.0.0.1)")
+    p("--master-port", type=int, default=None, metavar="PORT",
+      help="one host: torch's store port, replaced when busy (default: a free one); several hosts: where "
+           "they meet (required)")
+    p("--lr-scaling", choices=LR_SCALING, default=None,
+      help="learning rate of a data-parallel run: none (as given) or linear (x world size) (default "
+           f"{_default(RunSpec, 'lr_scaling')})")
+    p("--collective-timeout", type=float, default=None, metavar="SECONDS",
+      help="seconds a collective may wait for the other replicas before the run fails (default "
+           f"{_default(RunSpec, 'collective_timeout_s'):g})")
+
+
+def parse_nprocs(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] (positive, distinct)."""
+    values: list[int] = []
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        if not part.isdigit() or int(part) < 1:
+            raise ConfigError(f"--nproc takes positive integers like 1,2,4; got {part!r}", "nproc")
+        if int(part) in values:
+            raise ConfigError(f"--nproc lists {part} twice", "nproc")
+        values.append(int(part))
+    if not values:
+        raise ConfigError("no process count given; try --nproc 2", "nproc")
+    return values
+
+
+def launch_from_args(args: argparse.Namespace) -> Any:
+    """compare.launch.Launch from the host flags, checked (one line naming the fix otherwise)."""
+    from compare.launch import Launch
+
+    nnodes = 1 if args.nnodes is None else args.nnodes
+    if nnodes < 1 or not 0 <= args.node_rank < nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} must be in 0..{nnodes - 1} (fix --node-rank or --nnodes)")
+    if args.master_port is not None and not 0 < args.master_port < 65536:
+        raise ConfigError(f"--master-port {args.master_port} is not a port number (1-65535)")
+    if nnodes > 1 and (args.master_addr is None or args.master_port is None):
+        raise ConfigError("--nnodes > 1 needs --master-addr HOST --master-port PORT (host 0's address, "
+                          "the same on every host)")
+    if nnodes > 1 and getattr(args, "checkpoint", False):
+        raise ConfigError("--checkpoint with --nnodes > 1 is not supported (every host would need host 0's "
+                          "checkpoint files): drop --checkpoint")
+    return Launch(nnodes=nnodes, node_rank=args.node_rank, master_addr=args.master_addr or "127.0.0.1",
+                  master_port=args.master_port)
 
 
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
@@ -264,11 +322,11 @@ def spec_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_spec(model: str, backend: str, seed: int, mode: str, recipe: Recipe, shared: dict[str, Any],
-              checkpoint_dir: str | None = None) -> RunSpec:
+              checkpoint_dir: str | None = None, nproc: int = 1) -> RunSpec:
     """One validated RunSpec (ConfigError names the flag to fix)."""
     try:
         return RunSpec(model=model, backend=backend, seed=seed, mode=mode, recipe=recipe,
-                       checkpoint_dir=checkpoint_dir, **shared)
+                       checkpoint_dir=checkpoint_dir, nproc=nproc, **shared)
     except ConfigError as exc:
         raise name_the_flag(exc) from None
 
@@ -287,8 +345,11 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     models = list(dict.fromkeys(s["model"] for s in specs))
     backends = list(dict.fromkeys(s["backend"] for s in specs))
     seeds = sorted({int(s["seed"]) for s in specs})
+    nprocs = list(dict.fromkeys(int(s.get("nproc", 1)) for s in specs))
     words = ["dualbench", "run", "--models", ",".join(models), "--backends", ",".join(backends),
              "--seeds", ",".join(map(str, seeds))]
+    if nprocs != [1]:
+        words += ["--nproc", ",".join(map(str, nprocs))]
     modes = {s["backend"]: s.get("mode", "auto") for s in specs}
     if set(modes.values()) != {"auto"}:
         distinct = set(modes.values())
@@ -297,7 +358,7 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     for flag, name in SPEC_FLAGS.items():
         value = first.get(name, defaults[name])
         if value != defaults[name]:
-            words += [flag] if isinstance(value, bool) else [flag, str(value)]
+            words += [flag] if isinstance(value, bool) else [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     channels = first.get("channels_last")
     if channels is not None:
         words += ["--channels-last", "on" if channels else "off"]

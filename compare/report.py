@@ -19,8 +19,10 @@ from compare import plots, tune_report
 from compare.deployment import report_blocks
 from compare.document import Block, to_html, to_markdown
 from compare.options import command_for
+from compare.scaling import has_scaling, scaling_blocks, scaling_table
 from compare.store import ResultsStore
-from compare.tables import audit_frame, build_tables, ordered_backends, ordered_models, runs_table
+from compare.tables import (as_configurations, audit_frame, build_tables, ordered_backends, ordered_models,
+                            runs_table)
 
 SPEC_SETTINGS = ("data", "device", "precision", "threads", "channels_last", "deterministic", "allow_tf32",
                  "train_subset", "test_subset", "warmup_steps", "max_steps_per_epoch")
@@ -124,8 +126,8 @@ def _title(results: list[RunResult]) -> str:
 
 
 def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], plot_paths: list[Path],
-                   store: ResultsStore) -> list[Block]:
-    """The report, as blocks (rendered to Markdown and HTML)."""
+                   store: ResultsStore, scaling: list[Block] | None = None) -> list[Block]:
+    """The report, as blocks (rendered to Markdown and HTML); ``scaling``: compare.scaling's section."""
     models, backends = ordered_models(results), ordered_backends(results)
     manifest = store.load_manifest()
     audit = audit_models(store, results)
@@ -157,6 +159,7 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                    "memory. The accuracy difference (points) is tested as acc_test says: a paired t test over "
                    "the seeds both frameworks ran, Welch's interval only where runs do not pair."),
         Block("table", table=tables["head_to_head"]),
+        *(scaling or []),
         Block("h2", "Runs"),
         Block("table", table=runs_table(results)),
     ]
@@ -230,9 +233,10 @@ def _audit_blocks(audit: dict[str, Any]) -> list[Block]:
 
 def render_all(store: ResultsStore) -> list[Path]:
     """Tables, plots and reports for the folder; returns every path written."""
-    results = store.load_runs()
-    if not results:
+    runs = store.load_runs()
+    if not runs:
         raise UserError(f"no results in {store.runs_path}: run `dualbench run --out {store.root} ...` first")
+    results = as_configurations(runs)  # per model and world size
     tables = build_tables(results)
     written: list[Path] = []
     for name in ("summary", "head_to_head", "curves", "per_class"):
@@ -240,6 +244,12 @@ def render_all(store: ResultsStore) -> list[Path]:
     resolutions = _read_json(store.root / "tuning.json").get("resolutions") or []
     if resolutions:  # the search table, beside tuning.json (which keeps every record in full)
         written += store.write_table("tuning", tune_report.search_frame(resolutions), parquet=False)
+    scaling: list[Block] = []
+    if has_scaling(runs):
+        target = store.load_manifest().get("target_accuracy")
+        table = scaling_table(runs, target)
+        written += store.write_table("scaling", table)
+        scaling = scaling_blocks(runs, table, store.plots_dir, store.root, target)
     failures_csv = store.root / "failures.csv"
     if not tables["failures"].empty:
         written += store.write_table("failures", tables["failures"], parquet=False)
@@ -248,7 +258,8 @@ def render_all(store: ResultsStore) -> list[Path]:
     plot_paths = plots.render_plots(results, tables, store.plots_dir, ordered_models(results),
                                     ordered_backends(results))
     written += plot_paths
-    blocks = build_document(results, tables, plot_paths, store)
+    blocks = build_document(results, tables, plot_paths, store, scaling)
+    written += [block.path for block in scaling if block.path is not None]
     written.append(store.write_text("report.md", to_markdown(blocks)))
     written.append(store.write_text("report.html", to_html(blocks, _title(results))))
     return written

@@ -6,6 +6,11 @@ torch's state; torch replays every TensorFlow step from TensorFlow's state.
 ``step_rows`` compares each replayed step with the original one made from the
 same state (the pass/fail criterion); ``trajectory_rows`` compares the two
 free runs (a figure of how far fp32 noise carries, never a gate).
+
+Data-parallel cases (``nproc`` > 1: torch DDP against tf.distribute
+MultiWorkerMirroredStrategy) run each phase as a launch of ``nproc`` ranks
+(compare.launch, the runner's own launcher); every rank's states come back, so
+the per-replica BN statistics are compared replica by replica.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from common.config import Recipe
 from common.registry import worker_command
 from common.optim_reference import ReferenceOptimizer, decays
 from common.schedules import lr_at
-from common.step_parity import case_arch, case_recipe, load_states
+from common.step_parity import case_arch, case_recipe, case_spec, load_states, state_file
 
 BACKENDS = ("torch", "tensorflow")
 # Per-step criteria (fp32, TF32 off, determinism on), see step_rows. Loss, BN statistics and the update
@@ -64,7 +69,11 @@ def make_case(base: str, steps: int = _STEPS, **changes: Any) -> dict[str, Any]:
     return case
 
 
-def _run(backend: str, request_dir: Path, out_dir: Path, timeout: float) -> None:
+def _run(backend: str, request_dir: Path, out_dir: Path, timeout: float, case: dict[str, Any]) -> None:
+    """One phase: a worker process, or ``case["nproc"]`` ranks of a data-parallel launch."""
+    if case.get("nproc", 1) > 1:
+        _run_ranks(backend, request_dir, out_dir, timeout, case)
+        return
     command = [sys.executable, *worker_command(backend), "step-parity", str(request_dir), str(out_dir)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -72,26 +81,52 @@ def _run(backend: str, request_dir: Path, out_dir: Path, timeout: float) -> None
         raise RuntimeError(f"{backend} step-parity worker failed (exit {proc.returncode}):\n{tail}")
 
 
+def _run_ranks(backend: str, request_dir: Path, out_dir: Path, timeout: float, case: dict[str, Any]) -> None:
+    from compare.launch import launch_local
+    from compare.process import stderr_tail, worker_env
+
+    logs = out_dir.parent / f"{out_dir.name}-{backend}-logs"
+    run = launch_local(case_spec(case, backend), lambda rank: ["step-parity", str(request_dir), str(out_dir)],
+                       lambda rank: logs / f"rank{rank}.log", worker_env(), timeout_s=timeout)
+    failed = [(rank, o) for rank, o in zip(run.ranks, run.outcome.ranks) if o.returncode != 0]
+    if failed or run.outcome.timed_out:
+        tails = "\n".join(f"rank {rank} (exit {o.returncode}, {o.signal_name or 'no signal'}):\n"
+                          + stderr_tail(logs / f"rank{rank}.log", 15) for rank, o in failed)
+        raise RuntimeError(f"{backend} step-parity ranks failed:\n{tails}")
+
+
 def run_cases(cases: list[dict[str, Any]], timeout: float = 1800) -> dict[str, dict[str, Any]]:
-    """Free runs and replays of every case in both directions: {case: {"free": {...}, "replay": {...}}}."""
+    """Free runs and replays of every case in both directions: {case: {"free": {...}, "replay": {...}}}.
+
+    The cases of one call share their process count (``nproc``); with several ranks the result
+    is rank 0's, and ``"ranks"`` holds every rank's ({"free", "replay"} each, by rank).
+    """
+    nprocs = {case.get("nproc", 1) for case in cases}
+    if len(nprocs) != 1:
+        raise ValueError(f"the cases of one run_cases call share nproc, got {sorted(nprocs)}")
+    world = nprocs.pop()
     with tempfile.TemporaryDirectory(prefix="dualbench-step-parity-") as tmp:
         root = Path(tmp)
         torch_free, tf_out, torch_replay = root / "torch_free", root / "tf", root / "torch_replay"
         torch_free.mkdir()
         (torch_free / "request.json").write_text(json.dumps({"cases": cases}))
-        _run("torch", torch_free, torch_free, timeout)
+        _run("torch", torch_free, torch_free, timeout, cases[0])
         (torch_free / "request.json").write_text(json.dumps({"cases": cases, "replay_from": "torch"}))
-        _run("tensorflow", torch_free, tf_out, timeout)  # tf: free run + replay of torch's states
+        _run("tensorflow", torch_free, tf_out, timeout, cases[0])  # tf: free run + replay of torch's states
         (tf_out / "request.json").write_text(json.dumps({"cases": cases, "replay_from": "tensorflow",
                                                           "free_run": False}))
-        _run("torch", tf_out, torch_replay, timeout)
+        _run("torch", tf_out, torch_replay, timeout, cases[0])
         out = {}
         for case in cases:
             name = case["name"]
-            out[name] = {"free": {"torch": load_states(torch_free / f"{name}.free.npz"),
-                                  "tensorflow": load_states(tf_out / f"{name}.free.npz")},
-                         "replay": {"tensorflow": load_states(tf_out / f"{name}.replay.npz"),  # from torch's
-                                    "torch": load_states(torch_replay / f"{name}.replay.npz")}}  # from tf's
+            replayed = case.get("replay", True)  # False: free runs only
+            ranks = [{"free": {"torch": load_states(torch_free / state_file(name, rank, "free")),
+                               "tensorflow": load_states(tf_out / state_file(name, rank, "free"))},
+                      "replay": {"tensorflow": load_states(tf_out / state_file(name, rank, "replay")),  # torch's
+                                 "torch": load_states(torch_replay / state_file(name, rank, "replay"))  # tf's
+                                 } if replayed else {}}
+                     for rank in range(world)]
+            out[name] = {**ranks[0], "ranks": ranks} if world > 1 else ranks[0]
     return out
 
 

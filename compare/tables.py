@@ -6,6 +6,7 @@ measured never shows up as 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from common.architectures import ARCHITECTURES
+from common.distributed import configuration_label
 from common.registry import REAL_BACKENDS
 from common.results import RunResult
 from compare import stats
@@ -43,11 +45,35 @@ CURVE_COLUMNS = ["model", "backend", "seed", "status", "epoch", "train_loss", "t
 FAILURE_COLUMNS = ["run_id", "status", "exit_code", "error"]
 
 
+def as_configurations(results: Iterable[RunResult]) -> list[RunResult]:
+    """The runs with a data-parallel run's model named by its configuration ("resnet20 (world 2)").
+
+    Every table, figure and audit entry is per model AND world size: runs of different
+    sizes are different configurations, never pooled or paired across sizes (the scaling
+    table, compare.scaling, puts the sizes side by side).
+    """
+    out = []
+    for r in results:
+        label = configuration_label(r.model, r.world_size or 1)
+        already = r.model.endswith(f" (world {r.world_size})")  # idempotent
+        out.append(r if label == r.model or already else dataclasses.replace(r, model=label))
+    return out
+
+
 def ordered_models(results: Iterable[RunResult]) -> list[str]:
-    """Models in registry order (unknown names after, in first-seen order)."""
+    """Models in registry order (unknown names after, in first-seen order); a model's data-parallel
+    configurations right after it, by world size."""
+    results = list(results)
     seen = list(dict.fromkeys(r.model for r in results))
-    known = [m for m in ARCHITECTURES if m in seen]
-    return known + [m for m in seen if m not in known]
+    worlds = {r.model: r.world_size or 1 for r in results}
+    order = list(ARCHITECTURES)
+
+    def key(name: str) -> tuple[int, int, int]:
+        base = name.split(" (world ")[0]
+        return (order.index(base) if base in order else len(order), seen.index(name) if base not in order else 0,
+                worlds.get(name, 1))
+
+    return sorted(seen, key=key)
 
 
 def ordered_backends(results: Iterable[RunResult]) -> list[str]:
@@ -265,7 +291,8 @@ def per_class_table(results: list[RunResult]) -> pd.DataFrame:
 
 
 def build_tables(results: list[RunResult]) -> dict[str, pd.DataFrame]:
-    """All tables by name (the file stem they are written to)."""
+    """All tables by name (the file stem they are written to), per configuration (``as_configurations``)."""
+    results = as_configurations(results)
     return {"summary": summary_table(results), "head_to_head": head_to_head_table(results),
             "curves": curves_table(results), "per_class": per_class_table(results),
             "failures": failures_table(results)}

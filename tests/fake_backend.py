@@ -12,10 +12,12 @@ rises on the synthetic dataset. The canonical initial weights the worker loads
 (which is what a checkpoint stores and a resume loads back).
 
 Misbehaviour, from ``DUALBENCH_FAKE_FAULT`` = "TARGET:KIND[@STEP];...":
-TARGET is ``*``, ``seedN``, a backend name, or ``backend/seedN``; KIND is
+TARGET is ``*``, ``seedN``, a backend name, ``backend/seedN`` or ``rankN`` (one process of a
+data-parallel launch); KIND is
 ``segfault`` (SIGSEGV at training step STEP, default 1), ``hang`` (sleeps at
 that step), ``diverge`` (NaN loss at that step), ``error`` (RuntimeError),
-``oom`` (MemoryError -> status oom), ``oombatch@N`` (MemoryError in every step when
+``oom`` (MemoryError -> status oom), ``bind`` (rank 0 of a data-parallel launch binds MASTER_PORT
+at setup, as torch's TCPStore does, and fails like it when the port is taken), ``oombatch@N`` (MemoryError in every step when
 the batch size is >= N: an out-of-memory boundary for `dualbench bench`), ``slow`` (0.2 s per step), ``asym``
 (reports bn_epsilon 1e-3 in the audit), ``wrong=KEY`` (reports a different value of audit key KEY),
 ``fallback`` (notes a fallback) or ``audit_segfault`` (SIGSEGV while auditing). Faults in training steps
@@ -29,6 +31,11 @@ training step sleeps ``FAKE_STEP_S`` divided by the speed-ups that
 configuration (``mode=compile:x3`` makes compile three times as fast); ``wrong``
 shifts that configuration's logits and losses, so the correctness gate must
 exclude it. Without the variable a step does not sleep.
+
+Data-parallel launches (``--nproc N``): each process reads its rank from torchrun's
+variables (what compare.launch gives a non-TensorFlow backend) and trains its shard
+alone: the fake has no engine and no collectives. It exercises the launcher, the
+watchdog and the chief-only writing, never gradient averaging.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ import numpy as np
 from common.backend import residency_summary
 from common.audit import decay_settings, fallbacks_text, normalization_text
 from common.config import RunSpec
+from common.distributed import Replica, single_process
 from common.execution import ExecutionConfig, requested
 from common.sampler import EpochPlan, normalize_reference, plan_batch_reference
 from compare.tune import Dimension, SearchSpace
@@ -80,6 +88,8 @@ def tune_effects(config: ExecutionConfig) -> tuple[float, bool]:
 def faults_for(spec: RunSpec) -> dict[str, int]:
     """{kind: step} of the faults in $DUALBENCH_FAKE_FAULT that target this run."""
     targets = {"*", f"seed{spec.seed}", spec.backend, f"{spec.backend}/seed{spec.seed}"}
+    if spec.world_size > 1:
+        targets.add(f"rank{os.environ.get('RANK', '0')}")
     found = {}
     for item in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
         target, _, kind = item.partition(":")
@@ -178,6 +188,11 @@ class FakeBackend:
 
     def setup(self, spec: RunSpec) -> dict[str, Any]:
         self.spec, self.name = spec, spec.backend
+        if "bind" in faults_for(spec) and spec.world_size > 1 and os.environ.get("RANK") == "0":
+            import socket
+
+            self._store = socket.socket()  # held for the process's life, like a store's listening socket
+            self._store.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))  # OSError: Address already in use
         log = os.environ.get(LAUNCH_LOG_ENV)
         if log:
             task = next((t for t in ("audit", "tune") if t in sys.argv[2:3]), "train")
@@ -188,6 +203,16 @@ class FakeBackend:
 
     def versions(self) -> dict[str, str]:
         return {"fake": "1.0", "numpy": np.__version__}
+
+    def replica(self) -> Replica:
+        if self.spec.world_size == 1:
+            return single_process()
+        world = int(os.environ["WORLD_SIZE"])
+        return Replica(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]),
+                       engine="fake (no collectives)", hosts=(single_process().hosts[0],) * world)
+
+    def finish(self) -> None:
+        pass
 
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
                     bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> FakeModel:

@@ -23,6 +23,7 @@ BAD_FLAG_VALUES = {
     "--data": "folder:/nonexistent",
     "--device": "tpu", "--precision": "fp8", "--threads": "0", "--train-subset": "0", "--test-subset": "-3",
     "--measure-warmup-steps": "-1", "--max-steps-per-epoch": "0",
+    "--nnodes": "0", "--lr-scaling": "sqrt", "--collective-timeout": "0",
 }
 SWITCHES = {"--no-nesterov", "--no-augment", "--decay-bn-and-bias", "--deterministic", "--allow-tf32"}
 # A value each dataclass field rejects (the field the ConfigError must carry).
@@ -34,7 +35,8 @@ BAD_FIELD_VALUES = {
              "std": (0.2, 0.0, 0.2), "step_gamma": 0.0, "step_milestones": (0.5, 1.5), "onecycle_pct_start": 1.0,
              "final_lr_fraction": -0.1},
     RunSpec: {"device": "tpu", "mode": "warp", "precision": "fp8", "threads": 0, "train_subset": 0, "test_subset": 0,
-              "warmup_steps": -1, "max_steps_per_epoch": 0, "seed": -1},
+              "warmup_steps": -1, "max_steps_per_epoch": 0, "seed": -1, "nproc": 0, "nnodes": 0,
+              "lr_scaling": "sqrt", "collective_timeout_s": 0.0},
 }
 
 
@@ -119,7 +121,7 @@ def test_parity_init_takes_the_same_choices_as_run_init_and_backends_help_is_not
     commands = _visible_options(build_parser())
     init = {cmd: next(a for a in actions if "--init" in a.option_strings).choices
             for cmd, actions in commands.items() if any("--init" in a.option_strings for a in actions)}
-    assert {"dualbench run", "dualbench parity", "dualbench export"} <= set(init)
+    assert {"dualbench run", "dualbench parity", "dualbench export", "dualbench scale"} <= set(init)  # scale takes run's options
     assert all(tuple(choices) == INIT_SCHEMES for choices in init.values())
     backends = next(a for a in commands["dualbench run"] if "--backends" in a.option_strings)
     assert "ABBA" in backends.help and "in run order" not in backends.help

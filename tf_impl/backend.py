@@ -13,6 +13,7 @@ import os
 # errors). KERAS_BACKEND is set once, in tf_impl/__init__.py.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import contextlib  # noqa: E402
 import re  # noqa: E402
 from typing import Any, Callable, Iterator  # noqa: E402
 
@@ -23,11 +24,12 @@ import tensorflow as tf  # noqa: E402
 from common.audit import decay_settings, fallbacks_text, normalization_text, single_value  # noqa: E402
 from common.backend import residency_summary  # noqa: E402
 from common.config import RunSpec  # noqa: E402
+from common.distributed import Replica, audit_settings, single_process, thread_budget  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.execution import requested  # noqa: E402
-from common.manifest import usable_cores  # noqa: E402
 from common.sampler import EpochPlan, epoch_plan  # noqa: E402
 from tf_impl import data as tf_data  # noqa: E402
+from tf_impl import distributed  # noqa: E402
 from tf_impl import weights as tf_weights  # noqa: E402
 from tf_impl.layers import BatchNorm  # noqa: E402
 from tf_impl.models import create_model  # noqa: E402
@@ -57,17 +59,27 @@ class Backend:
         self._train: tf_data.TrainPipeline | None = None
         self._eval: tf_data.EvalPipeline | None = None
         self._fallbacks: list[str] = []  # what this process could not apply as asked (fallback_notes)
+        self.spec: RunSpec | None = None
+        self.engine: distributed.Engine | None = None  # MultiWorkerMirroredStrategy, in a data-parallel run
 
     # -- environment ---------------------------------------------------------
     def setup(self, spec: RunSpec) -> dict[str, Any]:
         self._fallbacks = []
+        self.spec = spec
         self.device_type, gpu_index = resolve_device(spec.device)
-        self._select_device(gpu_index, spec.device)
+        self._select_device(_replica_gpu(gpu_index, spec), spec.device)
         execution = requested(spec)
-        # TF's defaults: a pool per core for intra-op and inter-op each. Intra-op: set explicitly (the
-        # same count as torch); inter-op: the execution configuration's (0 = TF's default).
-        self._fallbacks += _set_threads(spec.threads or usable_cores(), execution.inter_op_threads or 0)
-        self.data_threads = execution.data_threads
+        threads = thread_budget(spec)  # all usable cores, or their share per process
+        # TF's defaults: a pool per core for intra-op and inter-op each. Intra-op: set explicitly (the same
+        # count as torch); inter-op and tf.data's pool: the execution configuration's (0 / None = TF's
+        # default), within the process's share of the cores when several processes share the host.
+        inter, self.data_threads = execution.inter_op_threads, execution.data_threads
+        if spec.world_size > 1:
+            inter, self.data_threads = min(inter or threads, threads), min(self.data_threads or threads, threads)
+        self._fallbacks += _set_threads(threads, inter or 0)
+        if spec.world_size > 1 and self.engine is None:
+            # before any other TF op: the strategy configures the runtime's collectives
+            self.engine = distributed.Engine(spec, self.device_type)
         # TF enables TF32 by default on Ampere+ (torch does not): always set from the spec.
         tf.config.experimental.enable_tensor_float_32_execution(bool(spec.allow_tf32))
         _set_determinism(spec.deterministic)
@@ -123,6 +135,14 @@ class Backend:
             raise UserError(f"--device {requested}: the GPU was hidden earlier in this process; "
                             "run in a fresh process")
 
+    def replica(self) -> Replica:
+        return self.engine.replica if self.engine is not None else single_process()
+
+    def finish(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
     def _device_name(self) -> str:
         if self.device_type == "cpu":
             return "cpu"
@@ -140,8 +160,12 @@ class Backend:
     # -- model ---------------------------------------------------------------
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
                     bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> keras.Model:
-        with tf.device(self.device):
+        with tf.device(self.device), self._scope():
             return create_model(name, num_classes, in_shape, bn_momentum, bn_epsilon, dropout)
+
+    def _scope(self):
+        """The strategy's scope in a data-parallel run (variables mirrored over the workers)."""
+        return self.engine.scope() if self.engine is not None else contextlib.nullcontext()
 
     def trainable_param_count(self, model: keras.Model) -> int:
         return int(sum(np.prod(v.shape) for v in model.trainable_weights))
@@ -187,7 +211,7 @@ class Backend:
 
     def make_train_step(self, model: keras.Model, spec: RunSpec) -> TrainStep:
         return TrainStep(model, model.arch_spec, spec.recipe, device=self.device, precision=self.precision,
-                         mode=self.mode)
+                         mode=self.mode, engine=self.engine)
 
     def make_eval_step(self, model: keras.Model) -> Callable[[Any], Any]:
         return EvalStep(model, device=self.device, mode=self.mode)
@@ -207,7 +231,15 @@ class Backend:
                 "inter_op_threads": settings["inter_op_threads"], "onednn": settings["onednn"],
                 "data_threads": self._data_threads(), "device_type": self.device_type,
                 "device": settings["device"], "execution_mode": train_step.mode,
-                "data_format": settings["data_format"], "fallbacks": fallbacks_text(self.fallback_notes())}
+                "data_format": settings["data_format"], "fallbacks": fallbacks_text(self.fallback_notes()),
+                **self._distributed_audit(model, train_step)}
+
+    def _distributed_audit(self, model: keras.Model, train_step: TrainStep) -> dict[str, Any]:
+        if self.engine is None:
+            return {}
+        return audit_settings(self.spec, self.engine.replica, data_threads=self._data_threads(),
+                              gradient_reduction=distributed.gradient_reduction(train_step),
+                              bn_statistics=distributed.bn_statistics(model))
 
     def _pipeline_settings(self) -> dict[str, Any]:
         """Batch size, padding, normalisation and placement read from the built pipelines."""
@@ -253,6 +285,16 @@ class Backend:
         # XLA reports allocation failures as other error types with RESOURCE_EXHAUSTED in the text.
         text = str(error)
         return isinstance(error, tf.errors.OpError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
+
+
+def _replica_gpu(gpu_index: int | None, spec: RunSpec) -> int | None:
+    """A data-parallel worker on GPUs uses the GPU of its local rank (as torch's processes do)."""
+    if spec.world_size == 1 or gpu_index is None:
+        return gpu_index
+    if re.search(r":\d+$", spec.device.strip()):
+        raise UserError(f"--device {spec.device} would put every process on one GPU: use --device cuda "
+                        "(process i of a host uses GPU i)")
+    return distributed.local_rank()
 
 
 def resolve_mode(mode: str, device_type: str) -> str:

@@ -140,8 +140,8 @@ class TrainPipeline:
         """The tf.data pipeline of one epoch (host side, before device placement)."""
         if plan.crop_padding != self.pad:
             raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
-        if len(plan.order) != self.num_examples:
-            raise ValueError(f"plan covers {len(plan.order)} images, the dataset has {self.num_examples}")
+        if plan.dataset_size != self.num_examples:
+            raise ValueError(f"plan covers {plan.dataset_size} images, the dataset has {self.num_examples}")
         plan_slices = (plan.order.astype(np.int64), plan.crop_offsets.astype(np.int32), plan.flips.astype(bool))
         dataset = tf.data.Dataset.from_tensor_slices(plan_slices)
         dataset = dataset.batch(plan.batch_size, drop_remainder=plan.drop_last)

@@ -15,9 +15,19 @@ step on inf/NaN gradients).
 
 Execution modes: "eager" runs the step as plain Python (op by op); "graph"
 wraps it in ``tf.function``; "xla" in ``tf.function(jit_compile=True)``.
+
+Data-parallel (``engine``, tf_impl.distributed): a custom loop, ``strategy.run``
+of the same per-replica step inside a ``tf.function`` (under XLA only the
+per-replica step is jit-compiled; the collectives stay outside). Keras's
+optimizer SUMS the gradients over replicas, so each replica's mean loss is
+divided by the replica count before its gradient, exactly once (the loss is our
+own function, not a Keras loss that would scale it again): the mean gradient.
+Loss and correct count are summed over replicas in one reduce, as on the torch
+side, so the step returns the global mean loss.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import keras
@@ -180,18 +190,26 @@ class TrainStep:
     """
 
     def __init__(self, model: keras.Model, arch: ArchSpec, recipe: Recipe, *, device: str = "/CPU:0",
-                 precision: str = "fp32", mode: str = "graph"):
+                 precision: str = "fp32", mode: str = "graph", engine=None):
         self.model, self.arch, self.recipe = model, arch, recipe
+        self.engine = engine  # tf_impl.distributed.Engine of a data-parallel run, else None
+        self.strategy = engine.strategy if engine is not None else None
+        self.loss_divisor = engine.replica.world_size if engine is not None else 1  # see the module docstring
         self.device, self.precision, self.mode = device, precision, mode
         self.variables = list(model.trainable_variables)
         self.variable_names = trainable_variable_names(model, arch)
         self.loss = TrainingLoss(recipe.label_smoothing, num_classes=int(model.output_shape[-1]))
-        self.optimizer = build_optimizer(recipe, self.variable_names, precision)
-        self.inner_optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        with tf.device(device):
+        # under the strategy, the Keras optimizer must be created in its scope (it binds it at __init__)
+        with tf.device(device), (engine.scope() if engine is not None else contextlib.nullcontext()):
+            self.optimizer = build_optimizer(recipe, self.variable_names, precision)
             self.optimizer.build(self.variables)
+        self.inner_optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         self.trace_count = 0  # Python side effect: counts traces in graph/xla modes
-        self._step = compile_function(self._train_step, mode)
+        if engine is None:
+            self._step = compile_function(self._train_step, mode)
+        else:
+            self._replica_step_fn = compile_function(self._replica_step, "xla") if mode == "xla" else self._replica_step
+            self._step = compile_function(self._distributed_step, "eager" if mode == "eager" else "graph")
 
     @property
     def loss_scaling(self) -> str | None:
@@ -202,12 +220,23 @@ class TrainStep:
         with tf.GradientTape() as tape, BatchNorm.using(_BN_IMPLEMENTATION[self.mode]):
             logits = self.model(images, training=True)
             loss = self.loss(logits, labels)
-            scaled = self.optimizer.scale_loss(loss)  # identity unless fp16 loss scaling
+            replica_share = loss if self.loss_divisor == 1 else loss / self.loss_divisor
+            scaled = self.optimizer.scale_loss(replica_share)  # identity unless fp16 loss scaling
         gradients = tape.gradient(scaled, self.variables)
         self.optimizer.apply(gradients, self.variables)  # unscales (fp16) and skips non-finite steps
         predictions = tf.argmax(logits, axis=-1, output_type=tf.int64)
         correct = tf.reduce_sum(tf.cast(tf.equal(predictions, tf.cast(labels, tf.int64)), tf.int32))
         return loss, correct
+
+    def _replica_step(self, images, labels):
+        loss, correct = self._train_step(images, labels)
+        return tf.stack([loss, tf.cast(correct, tf.float32)])
+
+    def _distributed_step(self, images, labels):
+        """Every replica's step on its own batch, then (mean loss, correct count) over all replicas."""
+        per_replica = self.strategy.run(self._replica_step_fn, args=(images, labels))
+        totals = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return totals[0] / self.loss_divisor, totals[1]
 
     def __call__(self, images, labels, lr: float):
         # Assigning the LR variable here, outside the traced function, never retraces it.

@@ -19,10 +19,11 @@ from torch import nn
 from common.audit import decay_settings, fallbacks_text, normalization_text, single_value
 from common.backend import residency_summary
 from common.config import RunSpec
+from common.distributed import Replica, audit_settings, single_process, thread_budget
 from common.errors import UserError
 from common.execution import requested
-from common.manifest import usable_cores
 from common.sampler import EpochPlan
+from torch_impl import distributed
 from torch_impl import weights as weight_io
 from torch_impl.data import EvalPipeline, TrainPipeline
 from torch_impl.models import create_model
@@ -66,6 +67,20 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
+def _replica_device(device: torch.device, spec: RunSpec) -> torch.device:
+    """A data-parallel process on CUDA uses the GPU of its local rank (torchrun's convention)."""
+    if spec.world_size == 1 or device.type != "cuda":
+        return device
+    if re.search(r":\d+$", spec.device.strip()):
+        raise UserError(f"--device {spec.device} would put every process on one GPU: use --device cuda "
+                        "(process i of a host uses GPU i)")
+    index = distributed.local_rank()
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--nproc {spec.nproc} needs {spec.nproc} GPUs on this host, PyTorch sees "
+                        f"{torch.cuda.device_count()}: lower --nproc or use --device cpu")
+    return torch.device(f"cuda:{index}")
+
+
 class Backend:
     """PyTorch implementation of common.backend.Backend."""
 
@@ -78,10 +93,13 @@ class Backend:
         self._train: TrainPipeline | None = None
         self._eval: EvalPipeline | None = None
         self._fallbacks: list[str] = []  # what this process could not apply as asked (fallback_notes)
+        self.spec: RunSpec | None = None
+        self.engine: distributed.Engine | None = None  # torch.distributed, in a data-parallel run
 
     # -- environment ---------------------------------------------------------
     def setup(self, spec: RunSpec) -> dict[str, Any]:
-        self.device = resolve_device(spec.device)
+        self.spec = spec
+        self.device = _replica_device(resolve_device(spec.device), spec)
         execution = requested(spec)
         self.mode = resolve_mode(execution.mode, self.device)
         self.channels_last = bool(execution.channels_last)
@@ -90,9 +108,15 @@ class Backend:
         if spec.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError(f"--precision bf16: {torch.cuda.get_device_name(self.device)} has no bfloat16 "
                             "support: use --precision fp16 or fp32")
-        torch.set_num_threads(spec.threads or usable_cores())
-        if execution.inter_op_threads is not None:  # None: torch's default (one per core)
-            self._set_interop_threads(execution.inter_op_threads)
+        threads = thread_budget(spec)  # all usable cores, or their share per process
+        torch.set_num_threads(threads)
+        inter = execution.inter_op_threads  # None: torch's default (one per core)
+        if spec.world_size > 1:  # within the process's share of the cores
+            inter = min(inter or threads, threads)
+        if inter is not None:
+            self._set_interop_threads(inter)
+        if spec.world_size > 1 and self.engine is None:
+            self.engine = distributed.Engine(spec, self.device)
         # torch's defaults: TF32 off for matmuls but ON for cuDNN convs; both set explicitly.
         torch.backends.cuda.matmul.allow_tf32 = spec.allow_tf32
         torch.backends.cudnn.allow_tf32 = spec.allow_tf32
@@ -133,6 +157,14 @@ class Backend:
         except metadata.PackageNotFoundError:
             pass
         return versions
+
+    def replica(self) -> Replica:
+        return self.engine.replica if self.engine is not None else single_process()
+
+    def finish(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
 
     def _device_type(self) -> str:
         return "gpu" if self.device.type == "cuda" else "cpu"
@@ -196,7 +228,7 @@ class Backend:
 
     def make_train_step(self, model: nn.Module, spec: RunSpec) -> TrainStep:
         return TrainStep(model, model.arch_spec, spec.recipe, device=self.device, precision=self.precision,
-                         mode=self.mode)
+                         mode=self.mode, engine=self.engine)
 
     def make_eval_step(self, model: nn.Module) -> Callable[[Any], Any]:
         return EvalStep(model, device=self.device, precision=self.precision, mode=self.mode)
@@ -221,7 +253,16 @@ class Backend:
                 "device_type": self._device_type(), "device": self._device_name(),
                 "execution_mode": train_step.mode,
                 "data_format": "NCHW channels_last" if weight_io._uses_channels_last(model) else "NCHW",
-                "fallbacks": fallbacks_text(self.fallback_notes())}
+                "fallbacks": fallbacks_text(self.fallback_notes()), **self._distributed_audit(train_step)}
+
+    def _distributed_audit(self, train_step: TrainStep) -> dict[str, Any]:
+        if self.engine is None:
+            return {}
+        wrapped = train_step.forward_model
+        return audit_settings(self.spec, self.engine.replica, data_threads=torch.get_num_threads(),  # batches are built in the step's thread
+                              
+                              gradient_reduction=distributed.gradient_reduction(wrapped),
+                              bn_statistics=distributed.bn_statistics(wrapped))
 
     def _pipeline_settings(self) -> dict[str, Any]:
         """Batch size, padding, normalisation and placement read from the built pipelines."""

@@ -94,8 +94,8 @@ class TrainPipeline:
         """``(images, labels)`` for every batch of ``plan``, in order (uint8 NHWC if ``raw``)."""
         if plan.crop_padding != self.pad:
             raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
-        if len(plan.order) != len(self.labels):
-            raise ValueError(f"plan covers {len(plan.order)} images, the dataset has {len(self.labels)}")
+        if plan.dataset_size != len(self.labels):
+            raise ValueError(f"plan covers {plan.dataset_size} images, the dataset has {len(self.labels)}")
         where = self.io.storage_device
         # One host -> device copy of the epoch's plan; per batch only slicing.
         order = torch.from_numpy(plan.order.astype(np.int64)).to(where)
