@@ -264,7 +264,8 @@ def test_onednn_switch_reaches_the_tensorflow_worker_and_is_read_back(tmp_path, 
         execution = ExecutionConfig("graph", onednn=onednn, malloc_tuning=False, source="test")
         spec = RunSpec(model="seed_cnn", backend="tensorflow", data="synthetic:64,32", device="cpu",
                        recipe=Recipe(batch_size=16, eval_batch_size=16), execution=execution)
-        outcome, raw, _ = runner.launch(spec, audit_only=True)
+        launched = runner.launch(spec, audit_only=True)
+        outcome, raw = launched.outcome, launched.raw
         assert outcome.returncode == 0, raw
         seen[onednn] = raw["settings"]
     assert seen[False]["onednn"] is False and seen[True]["onednn"] is True
