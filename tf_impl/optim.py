@@ -46,9 +46,8 @@ FP16_GROWTH_STEPS = 2000  # finite steps before the loss scale doubles (GradScal
 EXECUTION_MODES = ("eager", "graph", "xla")
 # BatchNorm kernel per execution mode (see tf_impl.layers.BatchNorm.implementation): TF's fused
 # kernel where TF runs it (fastest, accurate), composed two-pass ops under XLA (XLA's lowering of
-# the fused op uses a one-pass variance that fails parity). benchmarks/tf_bn_kernels.py, resnet20
-# train b128, 2 cores, median of 2 rounds (2026-11-23 19:43 UTC): graph fused 651 / composed 436
-# img/s; xla composed 331 / fused 316 img/s - the accurate choice is also the faster one in both modes.
+# the fused op uses a one-pass variance that fails parity). That the accurate choice is also the
+# faster one in each mode is measured by benchmarks/tf_bn_kernels.py (figures in the README).
 _BN_IMPLEMENTATION = {"eager": "fused", "graph": "fused", "xla": "composed"}
 
 
