@@ -259,8 +259,8 @@ class Backend:
         if self.engine is None:
             return {}
         wrapped = train_step.forward_model
-        return audit_settings(self.spec, self.engine.replica, data_threads=torch.get_num_threads(),  # batches are built in the step's thread
-                              
+        # torch builds batches in the step's thread: its input pipeline uses the intra-op pool
+        return audit_settings(self.spec, self.engine.replica, data_threads=torch.get_num_threads(),
                               gradient_reduction=distributed.gradient_reduction(wrapped),
                               bn_statistics=distributed.bn_statistics(wrapped))
 
