@@ -61,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
     from compare.tune_resolve import Resolver
 
     specs, dataset = build_specs(args)
-    resolver = Resolver(dataset, retune=args.retune, search_if_missing=True, budget_s=args.tune_budget_s,
+    resolver = Resolver(dataset, retune=args.retune, search_if_missing=True, complete_partial=True,
+                        budget_s=args.tune_budget_s,
                         quick=args.quick)
     resolver.resolve(specs)
     records = resolver.summary()

@@ -22,7 +22,8 @@ numbers as the framework's reference configuration:
    graph (allocator, oneDNN kernels, tf.data's pool: ``per_model=False``)
    are searched for the first model of a backend and inherited by the next,
    which starts from that model's choice;
-5. a search stops trying new candidates after ``budget_s`` seconds.
+5. a search does not start a candidate that would end after ``budget_s``
+   seconds (elapsed time + the median duration of its processes so far).
 
 benchmarks/tune_check.py checks the choice against an exhaustive measurement.
 """
@@ -59,7 +60,7 @@ LOSER_FRACTION = 0.7  # a challenger below this fraction of the incumbent stops 
 FORWARD_RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 UPDATE_RTOL = {"fp32": 1e-2, "bf16": 1e-1, "fp16": 1e-1}
 GATE_STEPS, WARMUP_STEPS, TIMED_STEPS = 3, 1, 8  # per candidate process (gate steps include the compile step)
-DEFAULT_BUDGET_S = 90.0  # per (backend, model) search
+DEFAULT_BUDGET_S = 70.0  # per (backend, model) search
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ class Search:
         self.candidates: list[Candidate] = []
         self.started = 0.0
         self.device_type: str | None = None
+        self.durations: list[float] = []  # wall seconds of each candidate process (startup included)
 
     # -- measuring ------------------------------------------------------------------
     def _pinned(self, config: ExecutionConfig) -> ExecutionConfig:
@@ -228,7 +230,9 @@ class Search:
 
     def _run(self, candidate: Candidate, stop_below: float | None = None) -> Candidate:
         self.log(f"  tune {self.base.backend} {self.base.model}: {candidate.config.label()} ({candidate.role})")
+        began = time.monotonic()
         result = self.measure(candidate.config, stop_below)
+        self.durations.append(time.monotonic() - began)
         if result.get("status") != "ok" or not result.get("images_per_sec"):
             candidate.status, candidate.reason = "failed", str(result.get("error") or "no measurement")[:300]
             return candidate
@@ -289,6 +293,11 @@ class Search:
             values.append(value)
         return values
 
+    def _over_budget(self) -> bool:
+        """Whether one more candidate process would end after the budget (its cost: the median so far)."""
+        typical = float(np.median(self.durations)) if self.durations else 0.0
+        return time.monotonic() - self.started + typical > self.budget_s
+
     def _try_dimension(self, dimension: Dimension, incumbent: Candidate) -> Candidate:
         for value in self._values(dimension, incumbent):
             config = incumbent.config.replace(**{dimension.field: value})
@@ -296,7 +305,7 @@ class Search:
             if challenger is None:
                 challenger = Candidate(config, f"{dimension.field}={value}")
                 self.candidates.append(challenger)
-                if time.monotonic() - self.started > self.budget_s:
+                if self._over_budget():
                     challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:g} s) spent"
                     continue
                 self._run(challenger, stop_below=incumbent.score * LOSER_FRACTION)

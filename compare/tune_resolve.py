@@ -78,10 +78,12 @@ class Resolver:
 
     def __init__(self, dataset: Any, *, retune: bool = False, search_if_missing: bool = False,
                  budget_s: float = DEFAULT_BUDGET_S, cache: TuningCache | None = None, quick: bool = False,
+                 complete_partial: bool = False,
                  search_factory: Callable[..., Search] = Search,
                  log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)):
         self.dataset, self.retune, self.search_if_missing = dataset, retune, search_if_missing
         self.budget_s, self.quick, self.log = budget_s, quick, log
+        self.complete_partial = complete_partial  # dualbench tune: redo a search its budget cut short
         self.cache = cache if cache is not None else TuningCache()
         self.search_factory = search_factory
         self.records: dict[str, dict[str, Any]] = {}  # search key -> resolution record
@@ -107,8 +109,9 @@ class Resolver:
 
     def _decide(self, spec: RunSpec, key: str) -> dict[str, Any]:
         cached = None if self.retune else self.cache.get(key)
-        # a search the budget cut short is used, but redone where a search would run anyway
-        if cached and cached.get("choice") and (cached.get("complete", True) or not self.search_if_missing):
+        # a search the budget cut short is used by runs (they never pay for a search twice); `dualbench tune`
+        # searches it again
+        if cached and cached.get("choice") and (cached.get("complete", True) or not self.complete_partial):
             config = _config(cached["choice"], f"auto: cached search of {cached.get('searched_utc', '?')}")
             return self._note(spec, "cache", config, cached)
         if not (self.retune or self.search_if_missing):
@@ -137,8 +140,8 @@ class Resolver:
         if not record.get("complete", True):
             skipped = sum(row["status"] == "skipped" for row in record["rows"])
             self.log(f"tuning {spec.backend} / {spec.model}: the {self.budget_s:g} s budget ran out with {skipped} "
-                     "candidate(s) untried (a busy machine?); the choice is kept but searched again by the next "
-                     "run that searches (or raise --tune-budget-s)")
+                     "candidate(s) untried (a busy machine?); runs use the choice, `dualbench tune` searches again "
+                     "(raise --tune-budget-s for a complete search)")
         return record
 
     def _inherited(self, spec: RunSpec, key: str) -> tuple[Any, str] | None:

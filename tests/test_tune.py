@@ -98,7 +98,24 @@ def test_the_budget_stops_new_candidates_and_pins_are_never_varied(fake_env):
     assert not any(row["role"].startswith("channels_last") for row in record["rows"])
 
 
-def test_a_search_cut_short_by_its_budget_is_used_but_redone_where_a_search_would_run(fake_env, tmp_path):
+def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, monkeypatch):
+    """Each candidate process 'takes' 10 s of a fake clock: with 25 s, the third would end at 30 s."""
+    clock = [0.0]
+    monkeypatch.setattr(tune.time, "monotonic", lambda: clock[0])
+
+    class TimedSearch(ScriptedSearch):
+        def measure(self, config, stop_below):
+            clock[0] += 10.0
+            return super().measure(config, stop_below)
+
+    search = TimedSearch(_spec(), {}, budget_s=25.0)
+    record = search.run()
+    ran = [row for row in record["rows"] if row["status"] != "skipped"]
+    assert len(ran) == 2 and len(search.calls) == 2  # ended at 20 s; a start at 20 s would end at 30 s
+    assert record["elapsed_s"] <= 25.0 and record["complete"] is False
+
+
+def test_a_search_cut_short_by_its_budget_is_used_by_runs_and_redone_by_tune(fake_env, tmp_path):
     def factory(base, **kwargs):
         return ScriptedSearch(base, {"compile": 2.0}, **{**kwargs, "budget_s": 1e-9})
 
@@ -111,7 +128,11 @@ def test_a_search_cut_short_by_its_budget_is_used_but_redone_where_a_search_woul
     assert short_run.searches == 0 and spec.execution.source.startswith("auto: cached search")
     long_run = _resolver(tmp_path, search_if_missing=True, cache=cache, search_factory=factory)
     long_run.resolve([_spec()])
-    assert long_run.searches == 1
+    assert long_run.searches == 0  # a run that would search uses the partial choice: cached runs never pay
+    tune_command = _resolver(tmp_path, search_if_missing=True, complete_partial=True, cache=cache,
+                             search_factory=factory)
+    tune_command.resolve([_spec()])
+    assert tune_command.searches == 1
 
 
 def test_gate_failures_use_tolerances_relative_to_the_reference():

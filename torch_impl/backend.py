@@ -123,7 +123,9 @@ class Backend:
         if spec.deterministic and self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         # warn_only: an op without a deterministic kernel warns instead of aborting the run.
-        torch.use_deterministic_algorithms(spec.deterministic, warn_only=True)
+        if spec.deterministic or torch.are_deterministic_algorithms_enabled():
+            # (the call imports torch's compiler stack, ~2 s per process: skipped when it changes nothing)
+            torch.use_deterministic_algorithms(spec.deterministic, warn_only=True)
         torch.backends.cudnn.deterministic = spec.deterministic
         torch.backends.cudnn.benchmark = not spec.deterministic  # autotuned conv algorithms (fixed shapes)
         torch.manual_seed(spec.seed)  # dropout masks (CPU and every CUDA device)
