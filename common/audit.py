@@ -8,7 +8,7 @@ execution mode) and are listed for the reader.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 MUST_MATCH = (
     "init_scheme",  # initial weights: common.init scheme (loaded into both)
@@ -30,6 +30,8 @@ MUST_MATCH = (
     "deterministic",
     "intra_op_threads",
     "batch_size",
+    "augmentation",  # what the built training pipeline applies: random crop (pad), horizontal flip
+    "input_normalization",  # per-channel mean/std held by the built pipelines
     "data_fingerprint",
     "sampler_seed",
     "device_type",  # cpu | gpu
@@ -43,6 +45,27 @@ NATIVE = (
     "loss_scaling",  # fp16 only
 )
 AUDIT_KEYS = MUST_MATCH + NATIVE
+
+
+def normalization_text(mean: Sequence[float], std: Sequence[float]) -> str:
+    """Per-channel mean/std as text, 6 significant digits (the float32 values the pipelines hold)."""
+    def fmt(values: Sequence[float]) -> str:
+        return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
+    return f"mean {fmt(mean)} std {fmt(std)}"
+
+
+def pipeline_settings(train: Any, evaluation: Any) -> dict[str, Any]:
+    """``augmentation`` and ``input_normalization`` read back from a backend's built pipelines.
+
+    ``train``/``evaluation`` expose ``augmentation()`` / ``normalization()`` (torch_impl.data and
+    tf_impl.data alike). Normalisation that differs between the two pipelines is reported as
+    "mixed ...", which compare_settings flags.
+    """
+    if train is None or evaluation is None:
+        return {}
+    texts = {normalization_text(*train.normalization()), normalization_text(*evaluation.normalization())}
+    normalization = texts.pop() if len(texts) == 1 else f"mixed {sorted(texts)}"
+    return {"augmentation": train.augmentation(), "input_normalization": normalization}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -66,7 +89,8 @@ def compare_settings(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
         missing = any(v == "<not reported>" for v in distinct)
         row = {"setting": key, **values,
                "kind": "must match" if key in MUST_MATCH else "framework-native"}
-        row["asymmetry"] = key in MUST_MATCH and (not equal or missing)
+        mixed = any(isinstance(v, str) and v.startswith("mixed ") for v in distinct)
+        row["asymmetry"] = key in MUST_MATCH and (not equal or missing or mixed)
         rows.append(row)
     return rows
 

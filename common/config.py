@@ -25,6 +25,8 @@ BACKEND_MODES = {
 }
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of CIFAR-10 train, in [0, 1]
 CIFAR_STD = (0.2470, 0.2435, 0.2616)  # per-channel std of CIFAR-10 train, in [0, 1]
+# Recipe fields whose default depends on the dataset (common.data.defaults fills those a user did not set)
+DATA_DEFAULT_FIELDS = ("crop_padding", "horizontal_flip", "mean", "std")
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,13 @@ class Recipe:
     bn_epsilon: float = 1e-5  # added to the variance in BatchNorm
     dropout: float | None = None  # dropout rate of models that have a dropout layer; None = the architecture's
     init_scheme: str = "torch_default"  # one of INIT_SCHEMES (common.init)
-    augment: bool = True  # random pad-and-crop plus horizontal flip
-    crop_padding: int = 4  # pixels of zero padding before the random crop
-    mean: tuple[float, float, float] = CIFAR_MEAN  # normalisation mean per channel, in [0, 1]
-    std: tuple[float, float, float] = CIFAR_STD  # normalisation std per channel, in [0, 1]
+    augment: bool = True  # random pad-and-crop, plus a horizontal flip where horizontal_flip
+    crop_padding: int = 4  # pixels of zero padding before the random crop (dataset default: side / 8)
+    horizontal_flip: bool = True  # mirror half of the crops at random (dataset default: off for digits)
+    mean: tuple[float, ...] = CIFAR_MEAN  # normalisation mean per channel, in [0, 1]
+    std: tuple[float, ...] = CIFAR_STD  # normalisation std per channel, in [0, 1]
+    defaults_source: str = ""  # whose defaults filled defaulted_fields ("" = this dataclass's own, CIFAR-10's)
+    defaulted_fields: tuple[str, ...] = ()  # DATA_DEFAULT_FIELDS that took the dataset's default, not a flag
 
     def __post_init__(self) -> None:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
@@ -88,6 +93,9 @@ class Recipe:
             raise ConfigError(f"crop_padding must be >= 0, got {self.crop_padding}")
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise ConfigError("mean and std need one value per channel, std > 0")
+        unknown = sorted(set(self.defaulted_fields) - set(DATA_DEFAULT_FIELDS))
+        if unknown:
+            raise ConfigError(f"defaulted_fields may only name {', '.join(DATA_DEFAULT_FIELDS)}, got {unknown}")
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,9 @@ class RunSpec:
     warmup_steps: int = 5  # steps excluded from throughput (after the compile step)
     max_steps_per_epoch: int | None = None  # cap steps per epoch (smoke tests, bench)
     checkpoint_dir: str | None = None  # per-epoch checkpoints here; resume if present
+    final_weights_path: str | None = None  # the worker saves the final canonical weights here (.npz); None: not kept
+    eval_every_steps: int | None = None  # also evaluate every this many optimiser steps (None: epoch ends only)
+    target_accuracy: float | None = None  # test accuracy in (0, 1] whose first crossing is timed (time to accuracy)
     recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:
@@ -119,7 +130,9 @@ class RunSpec:
         _one_of("precision", self.precision, PRECISIONS)
         if self.threads is not None:
             _positive("threads", self.threads)
-        for name in ("train_subset", "test_subset", "max_steps_per_epoch"):
+        if self.target_accuracy is not None and not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError(f"target_accuracy is a fraction in (0, 1], got {self.target_accuracy}")
+        for name in ("train_subset", "test_subset", "max_steps_per_epoch", "eval_every_steps"):
             value = getattr(self, name)
             if value is not None:
                 _positive(name, value)
@@ -138,7 +151,7 @@ class RunSpec:
     def from_dict(cls, raw: dict[str, Any]) -> "RunSpec":
         raw = dict(raw)
         recipe_raw = dict(raw.pop("recipe", {}) or {})
-        for key in ("step_milestones", "mean", "std"):
+        for key in ("step_milestones", "mean", "std", "defaulted_fields"):
             if key in recipe_raw:
                 recipe_raw[key] = tuple(recipe_raw[key])
         return cls(**raw, recipe=Recipe(**recipe_raw))

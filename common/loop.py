@@ -25,6 +25,14 @@ What is timed, and where the clock is read:
   the end of its last step), so every epoch's share holds both or none.
 * The loss is read to the host after the clock stops (a NaN/inf loss ends the
   run with status ``diverged``); no other host round trip in the hot loop.
+* Evaluations: after every epoch and, with ``spec.eval_every_steps`` S, after every
+  S-th optimiser step inside an epoch. A mid-epoch evaluation is a pause: its wall
+  time (synchronized before and after) is taken out of the epoch's training time and
+  out of the steady-state window. Each evaluation records the cumulative training
+  wall-clock at that point (``wall_s``: compile step, pipeline build/teardown and
+  steps included, evaluation and process start-up excluded), which is what time to
+  accuracy reads (DAWNBench / MLPerf), and the throughput of the steps since the
+  previous evaluation (``LoopState.evaluations``, ``EVALUATION_KEYS``).
 """
 from __future__ import annotations
 
@@ -50,6 +58,32 @@ class LoopState:
     global_step: int = 0  # optimiser steps completed
     train_time_s: float = 0.0  # cumulative training wall time (evaluation excluded)
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # every evaluation, in order (EVALUATION_KEYS)
+
+
+# One row per evaluation: where (step; epoch as a fraction), the test metrics, the training metrics and
+# throughput of the steps since the previous evaluation, the training clock, and the memory peaks so far.
+EVALUATION_KEYS = ("step", "epoch", "epoch_end", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                   "wall_s", "lr", "images_per_sec", "step_ms", "eval_s", "host_peak_rss_bytes",
+                   "device_peak_bytes")
+
+
+@dataclass
+class _Interval:
+    """Training since the previous evaluation (the figures of the next evaluation row)."""
+
+    wall_s: float  # cumulative training time at the previous evaluation
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    images: int = 0
+    step_times_s: list[float] = field(default_factory=list)  # this process's steps after its compile step
+
+    def add(self, loss: float, correct: float, size: int, step_s: float | None) -> None:
+        self.loss_sum += loss * size
+        self.correct += correct
+        self.images += size
+        if step_s is not None:
+            self.step_times_s.append(step_s)
 
 
 @dataclass
@@ -67,6 +101,7 @@ class LoopResult:
     eval_time_s: float = 0.0
     final_logits: np.ndarray | None = None
     process_steps: int = 0  # training steps run by this process (its first is the compile step)
+    interval: "_Interval | None" = None  # training since the last evaluation
 
     def record_step(self, skip: int, elapsed_s: float, batch_size: int) -> None:
         """Count one step of this process: the first is the compile step; after the first ``skip``, steady state."""
@@ -120,21 +155,40 @@ def evaluate(backend: Any, eval_step: Callable, result: LoopResult) -> np.ndarra
 def train(backend: Any, train_step: Callable, eval_step: Callable, spec: RunSpec, num_train: int,
           test_labels: np.ndarray, *, state: LoopState | None = None,
           on_epoch_end: Callable[[LoopState], None] | None = None,
-          on_step: Callable[[int, int, float], None] | None = None) -> LoopResult:
-    """Train for ``spec.recipe.epochs`` epochs (continuing from ``state``) and evaluate after each."""
+          on_step: Callable[[int, int, float], None] | None = None,
+          memory: Callable[[], dict[str, Any]] | None = None) -> LoopResult:
+    """Train for ``spec.recipe.epochs`` epochs (continuing from ``state``) and evaluate after each.
+
+    ``memory``: called after every evaluation (outside the clocks); its dict (host and device
+    peaks so far) goes into the evaluation's row.
+    """
     recipe = spec.recipe
     result = LoopResult(state=state or LoopState())
-    first_plan = _plan(spec, 0, num_train)
+    result.interval = _Interval(wall_s=result.state.train_time_s)
+    first_plan = plan_for(spec, 0, num_train)
     steps_per_epoch = min(first_plan.num_batches, spec.max_steps_per_epoch or first_plan.num_batches)
     skip = 1 + spec.warmup_steps  # compile step + warm-up steps, counted from this process's start
+
+    def evaluation(wall_s: float, epoch_end: bool) -> tuple[np.ndarray, float]:
+        """Evaluate now (a pause of the training clock); returns the logits and the pause's length."""
+        backend.synchronize()
+        started = time.perf_counter()
+        logits = evaluate(backend, eval_step, result)
+        backend.synchronize()
+        paused = time.perf_counter() - started
+        result.state.evaluations.append(_evaluation_row(result, logits, test_labels, wall_s, paused, epoch_end,
+                                                        recipe, steps_per_epoch, memory))
+        return logits, paused
+
     while result.state.epoch < recipe.epochs:
-        plan = first_plan if result.state.epoch == 0 else _plan(spec, result.state.epoch, num_train)
-        epoch = _train_epoch(backend, train_step, recipe, plan, steps_per_epoch, skip, result, on_step)
+        plan = first_plan if result.state.epoch == 0 else plan_for(spec, result.state.epoch, num_train)
+        epoch = _train_epoch(backend, train_step, recipe, plan, steps_per_epoch, skip, result, on_step,
+                             spec.eval_every_steps, evaluation)
         if epoch is None:
             return result  # diverged
         train_time, loss_sum, correct, seen = epoch
         result.state.train_time_s += train_time
-        logits = evaluate(backend, eval_step, result)
+        logits, _ = evaluation(result.state.train_time_s, True)
         result.final_logits = logits
         result.state.epoch += 1
         lr_last = lr_at(recipe, max(result.state.global_step - 1, 0), steps_per_epoch)
@@ -145,16 +199,45 @@ def train(backend: Any, train_step: Callable, eval_step: Callable, spec: RunSpec
     return result
 
 
+def _evaluation_row(result: LoopResult, logits: np.ndarray, test_labels: np.ndarray, wall_s: float,
+                    eval_s: float, epoch_end: bool, recipe: Any, steps_per_epoch: int,
+                    memory: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
+    """One entry of LoopState.evaluations; starts the next interval."""
+    state, interval = result.state, result.interval
+    step = state.global_step
+    trained_s = wall_s - interval.wall_s
+    row = {
+        "step": step, "epoch": step / steps_per_epoch, "epoch_end": epoch_end,
+        "train_loss": interval.loss_sum / interval.images if interval.images else None,
+        "train_accuracy": interval.correct / interval.images if interval.images else None,
+        "test_loss": cross_entropy(logits, test_labels),
+        "test_accuracy": float((logits.argmax(axis=1) == test_labels).mean()),
+        "wall_s": wall_s, "lr": lr_at(recipe, max(step - 1, 0), steps_per_epoch),
+        "images_per_sec": interval.images / trained_s if trained_s > 0 and interval.images else None,
+        "step_ms": 1000 * float(np.median(interval.step_times_s)) if interval.step_times_s else None,
+        "eval_s": eval_s, "host_peak_rss_bytes": None, "device_peak_bytes": None,
+    }
+    row.update(memory() if memory is not None else {})
+    result.interval = _Interval(wall_s=wall_s)
+    return row
+
+
 def _train_epoch(backend: Any, train_step: Callable, recipe: Any, plan: Any, steps_per_epoch: int, skip: int,
-                 result: LoopResult, on_step: Callable[[int, int, float], None] | None
+                 result: LoopResult, on_step: Callable[[int, int, float], None] | None,
+                 eval_every: int | None = None, evaluation: Callable[[float, bool], Any] | None = None
                  ) -> tuple[float, float, float, int] | None:
-    """One epoch of training steps: (train_time_s, loss_sum, correct, seen), None if the loss diverged."""
+    """One epoch of training steps: (train_time_s, loss_sum, correct, seen), None if the loss diverged.
+
+    Mid-epoch evaluations (every ``eval_every`` global steps, not after the epoch's last step,
+    whose evaluation the caller makes) are paused out of the epoch's time and the steady window.
+    """
     loss_sum, correct, seen = 0.0, 0.0, 0
     whole_epoch_steady = result.process_steps >= skip
     backend.synchronize()
     epoch_start = time.perf_counter()
     steady_start = epoch_start if whole_epoch_steady else None
     last_step_end = epoch_start
+    paused = paused_before_steady = 0.0  # evaluation time inside this epoch, in total / before steady_start
     batches = backend.train_batches(plan)  # building the epoch's pipeline is training time
     # islice: a capped epoch never fetches a batch past its last step
     steps = itertools.islice(zip(batches, plan.batch_sizes()), steps_per_epoch)
@@ -169,22 +252,29 @@ def _train_epoch(backend: Any, train_step: Callable, recipe: Any, plan: Any, ste
         result.state.global_step += 1
         result.record_step(skip, last_step_end - t0, size)
         if result.process_steps == skip:
-            steady_start = last_step_end  # pipeline-inclusive clock starts after warm-up
+            steady_start, paused_before_steady = last_step_end, paused  # pipeline-inclusive clock starts
         if not math.isfinite(loss_value):
             result.status, result.diverged_step = "diverged", result.state.global_step
             _close(batches)
             return None
+        step_correct = float(backend.to_numpy(n_correct))
         loss_sum += loss_value * size
-        correct += float(backend.to_numpy(n_correct))
+        correct += step_correct
         seen += size
+        result.interval.add(loss_value, step_correct, size,
+                            last_step_end - t0 if result.process_steps > 1 else None)
         if on_step is not None:
             on_step(result.state.epoch, index, loss_value)
+        if eval_every and result.state.global_step % eval_every == 0 and index < steps_per_epoch - 1:
+            wall = result.state.train_time_s + (last_step_end - epoch_start - paused)
+            paused += evaluation(wall, False)[1]
     _close(batches)  # teardown is training time, like the build (see the module docstring)
     backend.synchronize()
     epoch_end = time.perf_counter()
     if steady_start is not None:
-        result.steady_wall_s += (epoch_end if whole_epoch_steady else last_step_end) - steady_start
-    return epoch_end - epoch_start, loss_sum, correct, seen
+        window_end = epoch_end if whole_epoch_steady else last_step_end
+        result.steady_wall_s += window_end - steady_start - (paused - paused_before_steady)
+    return epoch_end - epoch_start - paused, loss_sum, correct, seen
 
 
 def _epoch_row(state: LoopState, logits: np.ndarray, test_labels: np.ndarray, loss_sum: float, correct: float,
@@ -217,7 +307,8 @@ def _close(batches: Any) -> None:
         close()
 
 
-def _plan(spec: RunSpec, epoch: int, num_train: int):
+def plan_for(spec: RunSpec, epoch: int, num_train: int):
+    """The sampler's plan of ``epoch`` with the recipe's batching and augmentation."""
     r = spec.recipe
     return epoch_plan(spec.seed, epoch, num_train, r.batch_size, drop_last=r.drop_last,
-                      augment=r.augment, crop_padding=r.crop_padding)
+                      augment=r.augment, crop_padding=r.crop_padding, horizontal_flip=r.horizontal_flip)

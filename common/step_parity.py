@@ -96,7 +96,8 @@ def _prepare(backend: Any, case: dict[str, Any]) -> tuple[Any, Any, list, ArchSp
     dataset = learnable_dataset(case["hw"], recipe.batch_size * case["steps"])
     backend.attach_data(dataset, spec)
     plan = epoch_plan(case.get("seed", 0), 0, len(dataset.train_labels), recipe.batch_size,
-                      augment=recipe.augment, crop_padding=recipe.crop_padding)
+                      augment=recipe.augment, crop_padding=recipe.crop_padding,
+                      horizontal_flip=recipe.horizontal_flip)
     batches = list(backend.train_batches(plan))
     return model, backend.make_train_step(model, spec), batches, arch, recipe
 

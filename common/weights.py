@@ -10,9 +10,14 @@ transposed square kernel is the classic way two "identical" models differ.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+
 import numpy as np
 
 from common.architectures import ArchSpec, LayerSpec
+from common.results import write_bytes_atomic
 
 
 class WeightLayoutError(ValueError):
@@ -30,6 +35,38 @@ def check_weights(spec: ArchSpec, weights: dict[str, np.ndarray]) -> None:
         got = tuple(np.shape(weights[name]))
         if got != shape:
             raise WeightLayoutError(f"{spec.model}: {name} has shape {got}, expected {shape}")
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as the bytes of an .npz file (uncompressed; loads back bit for bit)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def save_weights(path: str | os.PathLike, weights: dict[str, np.ndarray]) -> str:
+    """Write canonical weights to ``path`` (.npz) atomically; returns the file's SHA-256 (hex)."""
+    data = npz_bytes({name: np.asarray(value, np.float32) for name, value in weights.items()})
+    write_bytes_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(path: str | os.PathLike, sha256: str | None = None) -> dict[str, np.ndarray]:
+    """Canonical weights saved by ``save_weights``; WeightLayoutError if ``sha256`` is given and differs."""
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise WeightLayoutError(f"{path}: SHA-256 differs from the one recorded when it was written "
+                                "(the file was changed or corrupted)")
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
 
 
 def to_torch(layer: LayerSpec, param: str, value: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from common.init import initial_weights
 from common.loop import LoopState, final_report, train
 from common.manifest import allocator_setting, collect_manifest
 from common.results import RunResult, write_json_atomic
+from common.weights import save_weights
 
 EVENT_PREFIX = "DUALBENCH_EVENT "
 _PROCESS_START = time.perf_counter()
@@ -43,13 +44,27 @@ def common_settings(spec: RunSpec, dataset: Any) -> dict[str, Any]:
             "host_allocator": allocator_setting()}
 
 
+def memory_probe(backend: Any) -> Callable[[], dict[str, Any]]:
+    """Host peak RSS of this process and the device allocator peak so far (evaluation rows, TensorBoard)."""
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+
+    def probe() -> dict[str, Any]:
+        return {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+                "device_peak_bytes": backend.peak_device_memory_bytes()}
+    return probe
+
+
 def build(backend: Any, spec: RunSpec) -> dict[str, Any]:
     """Everything before training: setup, data, model with the initial weights, steps, audit."""
     from common.data import load_dataset
+    from common.data.defaults import check_channels
 
     effective = backend.setup(spec)
     dataset = load_dataset(spec.data, train_subset=spec.train_subset, test_subset=spec.test_subset,
                            subset_seed=spec.seed, progress=False)
+    check_channels(spec.recipe, dataset.in_shape)
     arch = arch_spec(spec.model, dataset.num_classes, dataset.in_shape)
     model = backend.build_model(spec.model, dataset.num_classes, dataset.in_shape,
                                 bn_momentum=spec.recipe.bn_momentum, bn_epsilon=spec.recipe.bn_epsilon,
@@ -94,10 +109,10 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
 
     backend.reset_peak_memory()
     loop = train(backend, train_step, eval_step, spec, len(dataset.train_labels), dataset.test_labels,
-                 state=state, on_epoch_end=on_epoch_end)
+                 state=state, on_epoch_end=on_epoch_end, memory=memory_probe(backend))
     result.device_peak_bytes = backend.peak_device_memory_bytes()
     result.status, result.diverged_step = loop.status, loop.diverged_step
-    result.epochs = loop.state.epochs
+    result.epochs, result.evaluations = loop.state.epochs, loop.state.evaluations
     result.step_times_s, result.step_batch_sizes = loop.step_times_s, loop.step_batch_sizes
     for key, value in loop.summary().items():
         setattr(result, key, value)
@@ -107,6 +122,9 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
         result.confusion_matrix, result.per_class = report["confusion_matrix"], report["per_class"]
     if loop.status == "diverged":
         result.error = f"loss became NaN/inf at step {loop.diverged_step}"
+    if loop.status == "ok" and spec.final_weights_path:  # what `dualbench export` exports, never retraining
+        result.final_weights_sha256 = save_weights(spec.final_weights_path, backend.get_weights(model))
+        result.final_weights_file = spec.final_weights_path
     return result
 
 

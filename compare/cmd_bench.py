@@ -67,9 +67,14 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
         args.data = f"synthetic:{n_train},{n_test}"
     base = default_base(data=args.data, device=args.device, threads=args.threads,
                         warmup_steps=args.warmup_steps, channels_last=options.CHANNELS_LAST[args.channels_last])
-    from common.data import load_dataset
+    from dataclasses import replace
 
-    train_images = len(load_dataset(args.data, progress=False).train_labels)  # fails here, once, if missing
+    from common.data import load_dataset
+    from common.data.defaults import apply_defaults, dataset_defaults
+
+    full = load_dataset(args.data, progress=False)  # fails here, once, if missing
+    base = replace(base, recipe=apply_defaults(base.recipe, dataset_defaults(args.data, full), {}))
+    train_images = len(full.train_labels)
     if train_images < window:
         # Each epoch start rebuilds the pipeline (tf.data: a new graph and prefetch); in real training that
         # is amortised over a whole epoch, here it would land inside the timed steps.

@@ -10,6 +10,7 @@ tables, plots, report.md/.html. Exit codes: 0 all runs ok, 1 some run failed,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from typing import Any
@@ -29,6 +30,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     options.add_recipe_options(parser)
     options.add_spec_options(parser)
+    options.add_evaluation_options(parser)
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per worker before its process group is killed (status timeout)")
     parser.add_argument("--out", required=True, help="results folder (created; reruns resume in it)")
@@ -55,6 +57,21 @@ def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
             checkpoint = str(store.checkpoint_dir(f"{model}__{backend}__seed{seed}").resolve())
         specs.append(options.make_spec(model, backend, seed, modes[backend], recipe, shared, checkpoint))
     return specs
+
+
+def apply_data_defaults(specs: list[RunSpec], args: argparse.Namespace) -> list[RunSpec]:
+    """Every spec with the dataset's augmentation/normalisation defaults in the fields no flag set.
+
+    Loads the full dataset (cached) in this process: the defaults of an unknown dataset are
+    statistics of its whole training split, the same for every seed's subset.
+    """
+    from common.data import load_dataset
+    from common.data.defaults import apply_defaults, dataset_defaults
+
+    full = load_dataset(specs[0].data, progress=sys.stderr.isatty())
+    defaults = dataset_defaults(specs[0].data, full)
+    recipe = apply_defaults(specs[0].recipe, defaults, options.explicit_recipe_fields(args))
+    return [dataclasses.replace(spec, recipe=recipe) for spec in specs]
 
 
 def validate_dataset(spec: RunSpec, seeds: list[int]) -> Any:
@@ -137,6 +154,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> int:
     from compare.runner import Runner
 
     seeds = sorted({s.seed for s in specs}, key=[s.seed for s in specs].index)
+    specs = apply_data_defaults(specs, args)
     dataset = validate_dataset(specs[0], seeds)
     from compare.progress import Progress
 

@@ -25,9 +25,10 @@ RECIPE_FLAGS = {
     "wd_mode": "weight_decay_mode", "momentum": "momentum", "nesterov": "nesterov",
     "label_smoothing": "label_smoothing", "init": "init_scheme", "bn_momentum": "bn_momentum",
     "bn_epsilon": "bn_epsilon", "adam_epsilon": "adam_epsilon", "no_augment": "augment",
+    "crop_padding": "crop_padding", "hflip": "horizontal_flip", "mean": "mean", "std": "std",
 }
 SPEC_FLAGS = ("data", "device", "precision", "threads", "deterministic", "allow_tf32", "train_subset",
-              "test_subset", "warmup_steps", "max_steps_per_epoch")
+              "test_subset", "warmup_steps", "max_steps_per_epoch", "eval_every_steps", "target_accuracy")
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}
 DEFAULT_BACKENDS = "torch,tensorflow"
 
@@ -90,6 +91,38 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     p("--adam-epsilon", type=float, default=None, help=f"Adam/AdamW epsilon (default {r.adam_epsilon})")
     p("--no-augment", dest="no_augment", action="store_false", default=None,
       help="no random crop / flip (the sampler still fixes the order)")
+    p("--crop-padding", type=int, default=None, metavar="PX",
+      help="zero padding before the random crop, pixels (default: per dataset, an eighth of the side)")
+    p("--hflip", type=_on_off, default=None, metavar="{on,off}",
+      help="random horizontal flips (default: per dataset; off for MNIST digits)")
+    p("--mean", type=_floats, default=None, metavar="M[,M,M]",
+      help="normalisation mean per channel in [0, 1] (default: the dataset's training-set mean)")
+    p("--std", type=_floats, default=None, metavar="S[,S,S]",
+      help="normalisation std per channel (default: the dataset's training-set std)")
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """Time to accuracy: evaluations within epochs and the target accuracy."""
+    p = parser.add_argument
+    p("--eval-every-steps", type=int, default=None, metavar="S",
+      help="also evaluate every S optimiser steps (default: at epoch ends only); evaluation is never "
+           "counted as training time")
+    p("--target-accuracy", type=float, default=None, metavar="A",
+      help="test accuracy in (0, 1] for time to accuracy: the training wall-clock at the first evaluation "
+           "that reaches it (DAWNBench / MLPerf)")
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _flag(dest: str) -> str:
@@ -107,10 +140,17 @@ def _name_the_flag(exc: ConfigError, fields_to_flags: dict[str, str]) -> ConfigE
     return exc
 
 
+def explicit_recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """{Recipe field: value} of every field the user set on the command line (they win over
+    the per-dataset defaults of common.data.defaults)."""
+    return {field: getattr(args, dest) for dest, field in RECIPE_FLAGS.items() if getattr(args, dest, None) is not None}
+
+
 def build_recipe(args: argparse.Namespace) -> Recipe:
     """The Recipe from the recipe options (dataclass defaults for options not given)."""
-    given = {field: getattr(args, dest) for dest, field in RECIPE_FLAGS.items()
-             if getattr(args, dest, None) is not None}
+    given = explicit_recipe_fields(args)
+    if len({"mean", "std"} & set(given)) == 1:  # one of the pair: checked per dataset by apply_defaults
+        given.pop("mean", None), given.pop("std", None)
     try:
         return Recipe(**given)
     except ConfigError as exc:
@@ -188,6 +228,28 @@ def make_spec(model: str, backend: str, seed: int, mode: str, recipe: Recipe, sh
         raise _name_the_flag(exc, flags) from None
 
 
+def _recipe_words(recipe: dict[str, Any]) -> list[str]:
+    """Flags for the recipe fields that differ from Recipe's defaults and were not per-dataset defaults."""
+    words, recipe_defaults = [], Recipe()
+    defaulted = set(recipe.get("defaulted_fields") or ())  # the same data fills them again
+    for dest, field_name in RECIPE_FLAGS.items():
+        value = recipe.get(field_name, getattr(recipe_defaults, field_name))
+        default = getattr(recipe_defaults, field_name)
+        if isinstance(default, tuple):
+            value = tuple(value)
+        if field_name in defaulted or value == default:
+            continue
+        if dest in ("nesterov", "no_augment"):  # store_false switches
+            words.append("--no-nesterov" if dest == "nesterov" else "--no-augment")
+        elif dest == "hflip":
+            words += ["--hflip", "on" if value else "off"]
+        elif isinstance(value, tuple):
+            words += [_flag(dest), ",".join(f"{v:g}" for v in value)]
+        else:
+            words += [_flag(dest), str(value)]
+    return words
+
+
 def parse_selection(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(models, backends) from --models / --backends."""
     return parse_models(args.models), parse_backends(args.backends)
@@ -216,14 +278,7 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     channels = first.get("channels_last")
     if channels is not None:
         words += ["--channels-last", "on" if channels else "off"]
-    recipe, recipe_defaults = first.get("recipe", {}), Recipe()
-    for dest, field_name in RECIPE_FLAGS.items():
-        value = recipe.get(field_name, getattr(recipe_defaults, field_name))
-        if value != getattr(recipe_defaults, field_name):
-            if dest in ("nesterov", "no_augment"):  # store_false switches
-                words.append("--no-nesterov" if dest == "nesterov" else "--no-augment")
-            else:
-                words += [_flag(dest), str(value)]
+    words += _recipe_words(first.get("recipe", {}))
     if first.get("checkpoint_dir"):
         words.append("--checkpoint")
     if out:

@@ -49,7 +49,8 @@ def plan_runs(models: list[str], backends: list[str], seeds: list[int]) -> list[
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
     """A stored or current spec as JSON values, without fields that do not change results."""
     clean = json.loads(json.dumps(spec, sort_keys=True))
-    clean.pop("checkpoint_dir", None)
+    for where in ("checkpoint_dir", "final_weights_path"):  # where files go, not how the run trains
+        clean.pop(where, None)
     return clean
 
 
@@ -215,13 +216,21 @@ class Runner:
         write_json_atomic(marker, current)
 
     def run_one(self, spec: RunSpec) -> RunResult:
-        """Run one spec in a worker and upsert its RunResult; re-raises KeyboardInterrupt after recording."""
+        """Run one spec in a worker and upsert its RunResult; re-raises KeyboardInterrupt after recording.
+
+        The worker saves the run's final weights to OUT/weights/<run_id>.npz (the result
+        records that path, relative to OUT, and the file's SHA-256).
+        """
+        weights_path = self.store.weights_path(spec.run_id())
+        spec = dataclasses.replace(spec, final_weights_path=str(weights_path.resolve()))
         if spec.checkpoint_dir:
             self._prepare_checkpoint(spec)
         if self.progress:
             self.progress.start_run(spec.run_id(), spec.recipe.epochs)
         outcome, raw, log_path = self.launch(spec, on_event=self.progress.event if self.progress else None)
         result = result_from_outcome(spec, outcome, raw, log_path, self.timeout_s)
+        if result.final_weights_file:
+            result.final_weights_file = weights_path.relative_to(self.store.root).as_posix()
         previous = {r.get("run_id"): r for r in self.store.load_rows()}.get(spec.run_id())
         if not (outcome.interrupted and previous and previous.get("status") == "ok"):
             self.store.upsert_run(result)  # UserError (old file intact) if the write fails

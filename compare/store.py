@@ -9,6 +9,7 @@ Layout::
     OUT/report.md, report.html  the report (compare.report)
     OUT/plots/*.png             figures (compare.plots)
     OUT/logs/<run_id>.log       each worker's stderr
+    OUT/weights/<run_id>.npz    each ok run's final canonical weights (what `dualbench export` exports)
     OUT/checkpoints/<run_id>/   per-epoch checkpoints while a run is unfinished (--checkpoint)
     OUT/.lock                   held by the `dualbench run` writing here (one at a time)
 
@@ -115,6 +116,10 @@ class ResultsStore:
 
     def checkpoint_dir(self, run_id: str) -> Path:
         return self.root / "checkpoints" / run_id
+
+    def weights_path(self, run_id: str) -> Path:
+        """Where a run's final canonical weights are kept (.npz)."""
+        return self.root / "weights" / f"{run_id}.npz"
 
     def log_path(self, name: str) -> Path:
         return self.logs_dir / f"{name}.log"

@@ -34,7 +34,8 @@ import numpy as np
 
 from common.backend import residency_summary
 from common.config import RunSpec
-from common.sampler import EpochPlan, normalize_reference, plan_batch_reference
+from common.audit import normalization_text
+from common.sampler import EpochPlan, augmentation_text, normalize_reference, plan_batch_reference
 
 FAULT_ENV = "DUALBENCH_FAKE_FAULT"
 LAUNCH_LOG_ENV = "DUALBENCH_FAKE_LAUNCH_LOG"
@@ -210,6 +211,9 @@ class FakeBackend:
             "deterministic": spec.deterministic, "intra_op_threads": spec.threads or 1, "device_type": "cpu",
             "device": "cpu", "execution_mode": spec.mode, "data_format": "NHWC", "inter_op_threads": 1,
             "loss_scaling": None,
+            # the fake has no pipelines of its own: what it applies is the recipe's plan (plan_batch_reference)
+            "augmentation": augmentation_text(r.crop_padding, r.augment, r.augment and r.horizontal_flip),
+            "input_normalization": normalization_text(r.mean, r.std),
         }
         faults = faults_for(spec)
         if "asym" in faults:

@@ -21,6 +21,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from common.audit import pipeline_settings  # noqa: E402
 from common.backend import residency_summary  # noqa: E402
 from common.config import Recipe, RunSpec  # noqa: E402
 from common.errors import UserError  # noqa: E402
@@ -165,7 +166,9 @@ class Backend:
     def attach_data(self, dataset: Any, spec: RunSpec) -> None:
         recipe = spec.recipe
         self._train = tf_data.TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
-                                            crop_padding=recipe.crop_padding, mean=recipe.mean, std=recipe.std)
+                                            crop_padding=recipe.crop_padding, mean=recipe.mean, std=recipe.std,
+                                            random_crop=recipe.augment,
+                                            horizontal_flip=recipe.augment and recipe.horizontal_flip)
         self._eval = tf_data.EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
                                           batch_size=recipe.eval_batch_size, mean=recipe.mean, std=recipe.std)
 
@@ -204,7 +207,9 @@ class Backend:
                 "deterministic": settings["deterministic"], "intra_op_threads": settings["intra_op_threads"],
                 "inter_op_threads": settings["inter_op_threads"], "device_type": self.device_type,
                 "device": settings["device"], "execution_mode": train_step.mode,
-                "data_format": settings["data_format"], "loss_scaling": train_step.loss_scaling}
+                "data_format": settings["data_format"], "loss_scaling": train_step.loss_scaling,
+                **pipeline_settings(self._train, self._eval)}
+
 
     # -- measurement ---------------------------------------------------------
     def synchronize(self) -> None:

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from common.sampler import EpochPlan
+from common.sampler import EpochPlan, augmentation_text, check_plan
 
 
 
@@ -42,6 +42,10 @@ class _Placement:
         self.on_gpu = "GPU" in device.upper()
         self.mean = tf.constant(mean, tf.float32)
         self.std = tf.constant(std, tf.float32)
+
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """(mean, std) per channel as this pipeline holds them (read back for the fairness audit)."""
+        return self.mean.numpy().tolist(), self.std.numpy().tolist()
 
     def deliver(self, dataset: tf.data.Dataset) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         """Iterate ``dataset`` prefetched on the compute device."""
@@ -76,9 +80,11 @@ class TrainPipeline:
     """Training batches of an EpochPlan: gather + pad-and-crop + flip + normalise, batched."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, crop_padding: int,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], random_crop: bool = True,
+                 horizontal_flip: bool = True):
         self.io = _Placement(device, mean, std)
         self.pad = int(crop_padding)
+        self.random_crop, self.horizontal_flip = bool(random_crop), bool(horizontal_flip)
         self.height, self.width = int(images.shape[1]), int(images.shape[2])
         self.num_examples = len(labels)
         pad = ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0))
@@ -89,10 +95,17 @@ class TrainPipeline:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return {"train_images": _held(self.images), "train_labels": _held(self.labels)}
 
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """(mean, std) per channel as this pipeline holds them."""
+        return self.io.normalization()
+
+    def augmentation(self) -> str:
+        """What this pipeline was built to apply (common.sampler.augmentation_text), for the audit."""
+        return augmentation_text(self.pad, self.random_crop, self.horizontal_flip)
+
     def _dataset(self, plan: EpochPlan, raw: bool = False) -> tf.data.Dataset:
         """The tf.data pipeline of one epoch (host side, before device placement)."""
-        if plan.crop_padding != self.pad:
-            raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
+        check_plan(plan, self.pad, self.random_crop, self.horizontal_flip)
         if len(plan.order) != self.num_examples:
             raise ValueError(f"plan covers {len(plan.order)} images, the dataset has {self.num_examples}")
         plan_slices = (plan.order.astype(np.int64), plan.crop_offsets.astype(np.int32), plan.flips.astype(bool))
@@ -134,6 +147,10 @@ class EvalPipeline:
     def held_arrays(self) -> dict[str, tuple[str, int]]:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return {"test_images": _held(self.images), "test_labels": _held(self.labels)}
+
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """(mean, std) per channel as this pipeline holds them."""
+        return self.io.normalization()
 
     def _dataset(self, raw: bool = False) -> tf.data.Dataset:
         dataset = tf.data.Dataset.range(self.num_examples).batch(self.batch_size)

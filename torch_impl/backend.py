@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.audit import pipeline_settings
 from common.backend import residency_summary
 from common.config import RunSpec
 from common.errors import UserError
@@ -184,7 +185,8 @@ class Backend:
         r = spec.recipe
         normalisation = {"mean": r.mean, "std": r.std, "channels_last": self.channels_last}
         self._train = TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
-                                    crop_padding=r.crop_padding, **normalisation)
+                                    crop_padding=r.crop_padding, random_crop=r.augment,
+                                    horizontal_flip=r.augment and r.horizontal_flip, **normalisation)
         self._eval = EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
                                   batch_size=r.eval_batch_size, **normalisation)
 
@@ -222,7 +224,8 @@ class Backend:
                 "device_type": self._device_type(), "device": self._device_name(),
                 "execution_mode": train_step.mode,
                 "data_format": "NCHW channels_last" if weight_io._uses_channels_last(model) else "NCHW",
-                "loss_scaling": train_step.loss_scaling}
+                "loss_scaling": train_step.loss_scaling, **pipeline_settings(self._train, self._eval)}
+
 
     # -- measurement ---------------------------------------------------------
     def synchronize(self) -> None:

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from common.sampler import EpochPlan
+from common.sampler import EpochPlan, augmentation_text, check_plan
 
 _DEVICE_RESIDENT_MAX_BYTES = 2 << 30  # keep the uint8 dataset on the GPU up to this size
 
@@ -50,6 +50,10 @@ class _Normalizer:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """(mean, std) per channel as this pipeline holds them (read back for the fairness audit)."""
+        return self.mean.cpu().tolist(), self.std.cpu().tolist()
+
     def finish(self, images: torch.Tensor, labels: torch.Tensor, raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.to_device(images), self.to_device(labels)
         if raw:
@@ -69,9 +73,11 @@ class TrainPipeline:
     """Training batches of an EpochPlan: gather + pad-and-crop + flip + normalise, batched."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device, *,
-                 crop_padding: int, mean: Sequence[float], std: Sequence[float], channels_last: bool):
+                 crop_padding: int, mean: Sequence[float], std: Sequence[float], channels_last: bool,
+                 random_crop: bool = True, horizontal_flip: bool = True):
         self.io = _Normalizer(images, device, mean, std, channels_last)
         self.pad = int(crop_padding)
+        self.random_crop, self.horizontal_flip = bool(random_crop), bool(horizontal_flip)
         self.height, self.width = images.shape[1], images.shape[2]
         pad = ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0))
         self.images = torch.from_numpy(np.pad(images, pad)).to(self.io.storage_device)
@@ -84,10 +90,17 @@ class TrainPipeline:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return dict(self._held)
 
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """(mean, std) per channel as this pipeline holds them."""
+        return self.io.normalization()
+
+    def augmentation(self) -> str:
+        """What this pipeline was built to apply (common.sampler.augmentation_text), for the audit."""
+        return augmentation_text(self.pad, self.random_crop, self.horizontal_flip)
+
     def batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images, labels)`` for every batch of ``plan``, in order (uint8 NHWC if ``raw``)."""
-        if plan.crop_padding != self.pad:
-            raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
+        check_plan(plan, self.pad, self.random_crop, self.horizontal_flip)
         if len(plan.order) != len(self.labels):
             raise ValueError(f"plan covers {len(plan.order)} images, the dataset has {len(self.labels)}")
         where = self.io.storage_device
@@ -121,6 +134,10 @@ class EvalPipeline:
     def held_arrays(self) -> dict[str, tuple[str, int]]:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return dict(self._held)
+
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """(mean, std) per channel as this pipeline holds them."""
+        return self.io.normalization()
 
     def batches(self, raw: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.labels), self.batch_size):
