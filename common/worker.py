@@ -96,6 +96,7 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
     result.class_names = list(dataset.class_names)
     result.manifest = collect_manifest(versions=backend.versions(), effective=effective,
                                        data_fingerprint=dataset.fingerprint, data_spec=spec.data,
+                                       data_verification=dataset.verification,
                                        train_images=len(dataset.train_labels),
                                        test_images=len(dataset.test_labels))
     result.startup_s = time.perf_counter() - _PROCESS_START
@@ -201,6 +202,12 @@ def _step_parity_task(backend_name: str, args: argparse.Namespace) -> int:
     return run_step_parity_request(backend_name, args.request, args.out)
 
 
+def _retrieval_task(backend_name: str, args: argparse.Namespace) -> int:
+    from common.retrieval import run_retrieval_request
+
+    return run_retrieval_request(backend_name, args.request, args.out)
+
+
 # task -> (handler(backend_name, args), help, [(argument, help), ...])
 Task = tuple[Callable[[str, argparse.Namespace], int], str, list[tuple[str, str]]]
 TASKS: dict[str, Task] = {
@@ -214,6 +221,9 @@ TASKS: dict[str, Task] = {
     "parity": (_parity_task, "forward outputs for given weights (common.parity)",
                [("request", "folder with request.json, images.npy, <model>.weights.npz"),
                 ("out", "folder for <model>.npz / <model>.json")]),
+    "retrieval": (_retrieval_task, "embed a finished run's test and training splits; retrieval metrics",
+                  [("request", "JSON: {'spec': RunSpec dict, 'weights': .npz, 'cross': {name: .npz}}"),
+                   ("out", "folder for metrics.json, queries.npy, cross_<name>.npy")]),
     "step-parity": (_step_parity_task, "K training steps, free and replayed from another side's states",
                     [("request", "folder with request.json (cases) and the other side's <case>.free.npz"),
                      ("out", "folder for <case>.free.npz / <case>.replay.npz")]),

@@ -19,6 +19,7 @@ COMMANDS = {
     "report": ("compare.cmd_report", "re-render tables, report and plots from runs.jsonl"),
     "list": ("compare.cmd_list", "list models, backends and dataset SPECs"),
     "data": ("compare.cmd_data", "dataset utilities: `data prepare --data SPEC`"),
+    "retrieval": ("compare.cmd_retrieval", "image retrieval (recall@k, mAP@R) with every run's final weights"),
 }
 
 

@@ -39,6 +39,12 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="refuse to train (exit 2) when the fairness audit finds an asymmetry")
     parser.add_argument("--checkpoint", "--resume-epochs", dest="checkpoint", action="store_true",
                         help="checkpoint every epoch under OUT/checkpoints/<run_id>; a killed run resumes there")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="TensorBoard logs of every run under DIR/<model>/<backend>/seed<k>, the same tags and "
+                             "steps for both frameworks (open both with `tensorboard --logdir DIR`)")
+    parser.add_argument("--retrieval", action="store_true",
+                        help="after training, image retrieval with each run's final weights: recall@1/5/10, mAP@R "
+                             "and the cross-framework agreement of the embeddings (as `dualbench retrieval OUT`)")
 
 
 def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
@@ -91,11 +97,17 @@ def validate_dataset(spec: RunSpec, seeds: list[int]) -> Any:
     return dataset
 
 
-def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any) -> None:
+def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any, args: argparse.Namespace) -> None:
+    import shlex
+
     from common.manifest import collect_manifest
 
+    extra = (["--tensorboard", args.tensorboard] if args.tensorboard else []) + (
+        ["--retrieval"] if args.retrieval else [])
+    command = options.command_for([s.to_dict() for s in specs], str(store.root))
     store.write_json("manifest.json", collect_manifest(
-        command=options.command_for([s.to_dict() for s in specs], str(store.root)),
+        command=command + (" " + shlex.join(extra) if extra else ""), tensorboard_dir=args.tensorboard,
+        retrieval=bool(args.retrieval), data_verification=dataset.verification,
         argv=sys.argv, data_spec=specs[0].data, data_fingerprint=dataset.fingerprint,
         train_images=int(len(dataset.train_labels)), test_images=int(len(dataset.test_labels)),
         models=list(dict.fromkeys(s.model for s in specs)),
@@ -135,6 +147,20 @@ def _strict_check(audit: dict[str, Any]) -> None:
                           "fix them or drop --strict")
 
 
+def _after_runs(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> None:
+    """TensorBoard logs of the runs skipped as already done; retrieval with every run's final weights."""
+    ids = {s.run_id() for s in specs}
+    results = [r for r in store.load_runs() if r.run_id in ids]
+    if args.tensorboard:
+        from compare.tensorboard import write_all
+
+        write_all(args.tensorboard, results)
+    if args.retrieval:
+        from compare.retrieval import run_retrieval
+
+        run_retrieval(store, results, timeout_s=args.timeout)
+
+
 def _raise_interrupt(signum, frame):  # SIGTERM (CI cancel, kill): stop the worker like Ctrl-C does
     raise KeyboardInterrupt
 
@@ -146,6 +172,10 @@ def main(args: argparse.Namespace) -> int:
     store = ResultsStore(args.out)
     specs = build_specs(args, store)
     store.ensure_writable()
+    if args.tensorboard:
+        from compare.tensorboard import check_writable
+
+        check_writable(args.tensorboard)  # fails now, not after hours of training
     with store.exclusive():  # one run per results folder
         return _run(args, store, specs)
 
@@ -160,7 +190,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> int:
 
     runner = Runner(store, timeout_s=args.timeout, force=args.force)
     runner.check_existing(specs)
-    _write_manifest(store, specs, dataset)
+    _write_manifest(store, specs, dataset, args)
     pending = runner.pending(specs)
     interrupted, progress = False, None
     try:
@@ -174,7 +204,13 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> int:
             if args.strict:
                 _strict_check(audit)
         progress = runner.progress = Progress(len(specs))  # bars start after the audit table is printed
+        if args.tensorboard:
+            from compare.tensorboard import write_all
+
+            runner.on_result = lambda result: write_all(args.tensorboard, [result])
         runner.run_all(specs)
+        progress.close()
+        _after_runs(args, store, specs)
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: the current worker was stopped; rendering what finished", file=sys.stderr)

@@ -124,6 +124,7 @@ class Runner:
         self.progress = progress
         self.launches = 0
         self.env = worker_env()
+        self.on_result: Any = None  # called with every finished run's RunResult once it is stored
 
     # -- resume -----------------------------------------------------------------
     def check_existing(self, specs: list[RunSpec]) -> None:
@@ -234,6 +235,8 @@ class Runner:
         previous = {r.get("run_id"): r for r in self.store.load_rows()}.get(spec.run_id())
         if not (outcome.interrupted and previous and previous.get("status") == "ok"):
             self.store.upsert_run(result)  # UserError (old file intact) if the write fails
+        if self.on_result is not None:
+            self.on_result(result)
         if result.status == "ok" and spec.checkpoint_dir:
             shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
         if self.progress:

@@ -17,7 +17,8 @@ TARGET is ``*``, ``seedN``, a backend name, or ``backend/seedN``; KIND is
 that step), ``diverge`` (NaN loss at that step), ``error`` (RuntimeError),
 ``oom`` (MemoryError -> status oom), ``oombatch@N`` (MemoryError in every step when
 the batch size is >= N: an out-of-memory boundary for `dualbench bench`), ``slow`` (0.2 s per step), ``asym``
-(reports bn_epsilon 1e-3 in the audit) or ``audit_segfault`` (SIGSEGV while auditing). Faults in training steps never fire in
+(reports bn_epsilon 1e-3 in the audit), ``audit_segfault`` (SIGSEGV while auditing) or ``embedshift``
+(embeddings 1% larger: two frameworks that disagree on identical weights). Faults in training steps never fire in
 ``audit`` workers, which build but do not train.
 
 ``DUALBENCH_FAKE_LAUNCH_LOG``: each worker appends "audit|train RUN_ID PID" there.
@@ -169,6 +170,10 @@ class FakeBackend:
 
     def predict(self, model: FakeModel, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
         return model.logits(images_nhwc_float32).astype(np.float32)
+
+    def embed(self, model: FakeModel, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        features = pooled_features(images_nhwc_float32).astype(np.float32)  # what the fake's classifier reads
+        return features * np.float32(1.01) if "embedshift" in faults_for(self.spec) else features
 
     def layer_outputs(self, model: FakeModel, images_nhwc_float32: np.ndarray, training: bool = False):
         return {"fake": self.predict(model, images_nhwc_float32)}

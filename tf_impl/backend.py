@@ -157,6 +157,10 @@ class Backend:
         with tf.device(self.device):
             return tf_weights.predict(model, images_nhwc_float32, training)
 
+    def embed(self, model: keras.Model, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        with tf.device(self.device):
+            return tf_weights.embed(model, images_nhwc_float32)
+
     def layer_outputs(self, model: keras.Model, images_nhwc_float32: np.ndarray,
                       training: bool = False) -> dict[str, np.ndarray]:
         with tf.device(self.device):

@@ -176,6 +176,9 @@ class Backend:
     def predict(self, model: nn.Module, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
         return weight_io.predict(model, images_nhwc_float32, training)
 
+    def embed(self, model: nn.Module, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        return weight_io.embed(model, images_nhwc_float32)
+
     def layer_outputs(self, model: nn.Module, images_nhwc_float32: np.ndarray,
                       training: bool = False) -> dict[str, np.ndarray]:
         return weight_io.layer_outputs(model, model.arch_spec, images_nhwc_float32, training)

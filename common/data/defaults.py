@@ -132,3 +132,14 @@ def check_channels(recipe: Recipe, in_shape: tuple[int, int, int]) -> None:
     if len(recipe.mean) != channels or len(recipe.std) != channels:
         raise ConfigError(f"the recipe normalises {len(recipe.mean)} channel(s) but the images have {channels}: "
                           "set --mean/--std per channel (dualbench run fills them per dataset)")
+
+
+def defaults_note(recipe: dict[str, Any]) -> str:
+    """One line for the report: which recipe fields took the dataset's defaults, and why those values."""
+    fields = list(recipe.get("defaulted_fields") or [])
+    if not fields:
+        return "none: augmentation and normalisation were set by flags (or by the Recipe's own CIFAR-10 values)"
+    source = recipe.get("defaults_source", "")
+    why = KNOWN[source][3] if source in KNOWN else ("mean/std computed over the training split (x/255, "
+                                                   "population std); horizontal flips on, as for natural images")
+    return f"{', '.join(fields)} from {source}: {why}; crop padding is an eighth of the image side"
