@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.steps, args.warmup = "8,16", 2, 1
-    bench_args = ["--models", args.models, "--backends", args.backends, "--batch-sizes", args.batch_sizes,
-                  "--steps", str(args.steps), "--warmup-steps", str(args.warmup)]
+    bench_args = ["--models", args.models, "--backends", args.backends, "--batch-size", args.batch_sizes,
+                  "--steps", str(args.steps), "--measure-warmup-steps", str(args.warmup)]
     if args.threads:
         bench_args += ["--threads", str(args.threads)]
     rows = dualbench_bench(bench_args, "bench")

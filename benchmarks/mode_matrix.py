@@ -51,9 +51,9 @@ def label(mode: str, channels_last: str | None) -> str:
 
 def run_config(config, args) -> list[dict]:
     backend, mode, channels_last, precision = config
-    bench_args = ["--models", args.models, "--backends", backend, "--mode", mode, "--precisions", precision,
-                  "--batch-sizes", str(args.batch_size), "--phases", "train", "--steps", str(args.steps),
-                  "--warmup-steps", str(args.warmup)]
+    bench_args = ["--models", args.models, "--backends", backend, "--mode", mode, "--precision", precision,
+                  "--batch-size", str(args.batch_size), "--phases", "train", "--steps", str(args.steps),
+                  "--measure-warmup-steps", str(args.warmup)]
     if channels_last is not None:
         bench_args += ["--channels-last", channels_last]
     if args.threads:

@@ -27,8 +27,8 @@ TARGET = 0.9  # pipeline-inclusive / compute-only
 
 
 def run_bench(backend: str, args) -> list[dict]:
-    bench_args = ["--models", args.models, "--backends", backend, "--batch-sizes", str(args.batch_size),
-                  "--phases", "train", "--steps", str(args.steps), "--warmup-steps", str(args.warmup),
+    bench_args = ["--models", args.models, "--backends", backend, "--batch-size", str(args.batch_size),
+                  "--phases", "train", "--steps", str(args.steps), "--measure-warmup-steps", str(args.warmup),
                   "--data", args.data]
     if args.threads:
         bench_args += ["--threads", str(args.threads)]

@@ -78,8 +78,8 @@ def _blas_threads(threads: int | None) -> dict[str, str]:
 
 
 def run_training(backend: str, args) -> list[dict]:
-    bench_args = ["--models", args.models, "--backends", backend, "--batch-sizes", str(args.batch_size),
-                  "--phases", "train", "--steps", str(args.steps), "--warmup-steps", str(args.warmup)]
+    bench_args = ["--models", args.models, "--backends", backend, "--batch-size", str(args.batch_size),
+                  "--phases", "train", "--steps", str(args.steps), "--measure-warmup-steps", str(args.warmup)]
     if args.threads:
         bench_args += ["--threads", str(args.threads)]
     rows = dualbench_bench(bench_args, f"bench-{backend}")

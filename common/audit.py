@@ -1,35 +1,51 @@
 """The fairness audit: effective settings each backend reports, and their comparison.
 
 Backends read these values back from the objects they built (layers,
-optimizer, framework flags), not from the recipe, so a mapping bug shows up
-as an asymmetry. ``MUST_MATCH`` keys make a run unfair when they differ;
-``NATIVE`` keys are expected to differ (each framework's own best layout or
-execution mode) and are listed for the reader.
+optimizer, loss, data pipelines, framework flags), never from the recipe, so a
+mapping bug shows up as an asymmetry. ``MUST_MATCH`` keys make a run unfair
+when they differ; ``NATIVE`` keys are expected to differ (each framework's own
+best layout or execution mode) and are listed for the reader. ``DETAIL_KEYS``
+are long values (lists) kept in audit.json beside the table, not compared.
+
+Helpers shared by both backends (``single_value``, ``decay_settings``,
+``normalization_text``) live here so that the two read-backs summarise the
+same facts the same way.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import hashlib
+from typing import Any, Iterable, Sequence
 
 MUST_MATCH = (
     "init_scheme",  # initial weights: common.init scheme (loaded into both)
-    "bn_momentum",  # torch convention (keras momentum = 1 - this)
-    "bn_epsilon",
+    "trainable_params",  # trainable values in the built model
+    "bn_momentum",  # torch convention (keras momentum = 1 - this), the one value of every BN layer
+    "bn_epsilon",  # the one value of every BN layer
     "bn_running_variance",  # "unbiased" (torch) or "biased" (keras)
     "strided_conv_padding",  # "symmetric" on both
-    "optimizer",
-    "momentum",
+    "dropout",  # rate of the built dropout layer(s); None without one
+    "optimizer",  # update rule of the built optimizer: sgd | adam | adamw (adam with decoupled decay)
+    "momentum",  # SGD momentum (torch semantics)
     "nesterov",
-    "weight_decay",
-    "weight_decay_mode",  # coupled_l2 | decoupled
+    "adam_beta1",  # Adam/AdamW first-moment decay; None for SGD
+    "adam_beta2",  # Adam/AdamW second-moment decay; None for SGD
     "optimizer_epsilon",  # Adam epsilon, added after sqrt(v_hat) (torch placement)
+    "weight_decay",  # the coefficient of the parameters that decay (0.0: none does)
+    "weight_decay_mode",  # coupled_l2 | decoupled; None when no parameter decays
+    "decayed_param_count",  # parameters (tensors) the optimizer decays
+    "decayed_param_digest",  # sha256 of their sorted canonical names (the list: audit.json details)
+    "decay_bn_and_bias",  # whether BN parameters and biases decay (None: nothing decays, or none exist)
     "lr_schedule",  # computed in common.schedules, fed per step
-    "loss",  # "softmax_cross_entropy_from_logits"
-    "label_smoothing",
+    "loss",  # "softmax_cross_entropy_from_logits", named by the loss object the step calls
+    "label_smoothing",  # read from the loss object the step calls
+    "loss_scaling",  # fp16 dynamic loss scaling: initial scale and growth interval; None otherwise
     "precision",  # fp32 | bf16 | fp16 compute dtype
     "tf32",
     "deterministic",
     "intra_op_threads",
-    "batch_size",
+    "batch_size",  # training images per step (common.sampler plans every batch)
+    "eval_batch_size",  # read from the built evaluation pipeline
+    "crop_padding",  # read from the built training pipeline
     "augmentation",  # what the built training pipeline applies: random crop (pad), horizontal flip
     "input_normalization",  # per-channel mean/std held by the built pipelines
     "data_fingerprint",
@@ -42,30 +58,60 @@ NATIVE = (
     "execution_mode",  # eager / compile / graph / xla
     "data_format",  # NCHW, channels_last, NHWC
     "inter_op_threads",
-    "loss_scaling",  # fp16 only
+    "input_pipeline",  # where the dataset lives and how batches reach the device
+    "fallbacks",  # what this process could not apply as asked ("none" when everything was)
 )
 AUDIT_KEYS = MUST_MATCH + NATIVE
+DETAIL_KEYS = ("decayed_param_names",)  # lists kept in audit.json per backend, not compared
+MIXED_PREFIX = "mixed "  # a value that differs between layers: an asymmetry on its own
+
+
+def single_value(values: Iterable[Any]) -> Any:
+    """The one value all layers share; None without layers; "mixed [...]" (flagged) otherwise."""
+    distinct = set(values)
+    if not distinct:
+        return None
+    if len(distinct) == 1:
+        return next(iter(distinct))
+    return f"{MIXED_PREFIX}{sorted(distinct, key=repr)}"
+
+
+def names_digest(names: Iterable[str]) -> str:
+    """First 16 hex digits of the sha256 of the sorted names, one per line."""
+    return hashlib.sha256("\n".join(sorted(names)).encode("utf-8")).hexdigest()[:16]
+
+
+def decay_settings(decayed: Sequence[str], trainable: Sequence[str]) -> dict[str, Any]:
+    """The decay rows from the canonical names a built optimizer decays, out of all trainable ones.
+
+    ``decay_bn_and_bias`` is read from those names: True when every non-kernel
+    parameter (BN gamma/beta, biases) decays, False when none does, None when
+    nothing decays or the model has no such parameter, "mixed ..." otherwise.
+    """
+    others = [n for n in trainable if not n.endswith(".kernel")]
+    decayed_others = [n for n in decayed if not n.endswith(".kernel")]
+    if not decayed or not others:
+        flag: Any = None
+    elif len(decayed_others) == len(others):
+        flag = True
+    elif not decayed_others:
+        flag = False
+    else:
+        flag = f"{MIXED_PREFIX}({len(decayed_others)} of {len(others)} BN/bias parameters decay)"
+    return {"decayed_param_count": len(decayed), "decayed_param_digest": names_digest(decayed),
+            "decay_bn_and_bias": flag, "decayed_param_names": sorted(decayed)}
 
 
 def normalization_text(mean: Sequence[float], std: Sequence[float]) -> str:
-    """Per-channel mean/std as text, 6 significant digits (the float32 values the pipelines hold)."""
+    """Per-channel mean/std as text, 6 significant digits (the float32 values both pipelines hold)."""
     def fmt(values: Sequence[float]) -> str:
         return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
     return f"mean {fmt(mean)} std {fmt(std)}"
 
 
-def pipeline_settings(train: Any, evaluation: Any) -> dict[str, Any]:
-    """``augmentation`` and ``input_normalization`` read back from a backend's built pipelines.
-
-    ``train``/``evaluation`` expose ``augmentation()`` / ``normalization()`` (torch_impl.data and
-    tf_impl.data alike). Normalisation that differs between the two pipelines is reported as
-    "mixed ...", which compare_settings flags.
-    """
-    if train is None or evaluation is None:
-        return {}
-    texts = {normalization_text(*train.normalization()), normalization_text(*evaluation.normalization())}
-    normalization = texts.pop() if len(texts) == 1 else f"mixed {sorted(texts)}"
-    return {"augmentation": train.augmentation(), "input_normalization": normalization}
+def fallbacks_text(notes: Sequence[str]) -> str:
+    """The audit value of a backend's fallback notes."""
+    return "; ".join(notes) if notes else "none"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -74,11 +120,16 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _mixed(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(MIXED_PREFIX)
+
+
 def compare_settings(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per audit key: each backend's value and whether it is an asymmetry.
 
     ``settings`` maps backend name -> its reported settings. A MUST_MATCH key
-    whose values differ, or that a backend failed to report, is flagged.
+    whose values differ, that a backend failed to report, or whose value is
+    mixed across the layers of one model, is flagged.
     """
     backends = sorted(settings)
     rows = []
@@ -89,10 +140,14 @@ def compare_settings(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
         missing = any(v == "<not reported>" for v in distinct)
         row = {"setting": key, **values,
                "kind": "must match" if key in MUST_MATCH else "framework-native"}
-        mixed = any(isinstance(v, str) and v.startswith("mixed ") for v in distinct)
-        row["asymmetry"] = key in MUST_MATCH and (not equal or missing or mixed)
+        row["asymmetry"] = key in MUST_MATCH and (not equal or missing or any(map(_mixed, distinct)))
         rows.append(row)
     return rows
+
+
+def details(settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The DETAIL_KEYS values per backend (for audit.json), e.g. the decayed parameter names."""
+    return {b: {k: s[k] for k in DETAIL_KEYS if k in s} for b, s in settings.items()}
 
 
 def asymmetries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -53,6 +53,14 @@ class Backend(Protocol):
     def versions(self) -> dict[str, str]:
         """Library versions that matter for this backend (framework, CUDA, cuDNN...)."""
 
+    def fallback_notes(self) -> list[str]:
+        """One line per thing this process could not apply as asked (a thread pool that had
+        already started, a data path that is unavailable), with what ran instead.
+
+        Nothing falls back silently: these lines go into the audit (``fallbacks``)
+        and the run's manifest; an empty list means everything applied as asked.
+        """
+
     # -- model ---------------------------------------------------------------
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
                     bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> Any:
@@ -106,7 +114,11 @@ class Backend(Protocol):
     def to_numpy(self, value: Any) -> np.ndarray: ...
 
     def audit(self, model: Any, train_step: TrainStep) -> dict[str, Any]:
-        """Effective settings read back from the built objects (keys: common.audit.AUDIT_KEYS)."""
+        """Effective settings read back from the built objects, never from the recipe.
+
+        Keys: common.audit.AUDIT_KEYS (minus the spec-level ones common.worker adds)
+        plus common.audit.DETAIL_KEYS; call after ``attach_data`` (the pipelines are audited too).
+        """
 
     # -- measurement ---------------------------------------------------------
     def synchronize(self) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from common.audit import fallbacks_text
 from common.config import Recipe, RunSpec
 from common.metrics import median_ci, percentile
 from common.results import write_json_atomic
@@ -136,7 +137,7 @@ def measure(backend: Any, spec: RunSpec, steps: int, phases: tuple[str, ...] = (
               "resolved_mode": built["settings"].get("execution_mode"), "precision": spec.precision,
               "data_format": built["settings"].get("data_format"), "device": built["settings"].get("device"),
               "threads": built["settings"].get("intra_op_threads"), "device_peak_bytes": device_peak,
-              "status": "ok"}
+              "fallbacks": fallbacks_text(backend.fallback_notes()), "status": "ok"}
     return [{**common, **row} for row in rows]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ BACKEND_MODES = {
     "torch": ("best", "eager", "compile"),
     "tensorflow": ("best", "eager", "graph", "xla"),
 }
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|(cuda|gpu)(:\d+)?)$", re.IGNORECASE)  # what both backends accept
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of CIFAR-10 train, in [0, 1]
 CIFAR_STD = (0.2470, 0.2435, 0.2616)  # per-channel std of CIFAR-10 train, in [0, 1]
 # Recipe fields whose default depends on the dataset (common.data.defaults fills those a user did not set)
@@ -71,31 +73,34 @@ class Recipe:
         _one_of("weight_decay_mode", self.weight_decay_mode, WEIGHT_DECAY_MODES)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("init_scheme", self.init_scheme, INIT_SCHEMES)
-        _positive("epochs", self.epochs)
-        _positive("batch_size", self.batch_size)
-        _positive("eval_batch_size", self.eval_batch_size)
-        _positive("lr", self.lr)
-        for name in ("momentum", "adam_beta1", "adam_beta2", "bn_momentum"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {value}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.adam_epsilon <= 0 or self.bn_epsilon <= 0:
-            raise ConfigError("adam_epsilon and bn_epsilon must be > 0")
+        for name in ("epochs", "batch_size", "eval_batch_size", "lr", "adam_epsilon", "bn_epsilon", "step_gamma"):
+            _positive(name, getattr(self, name))
+        for name in ("momentum", "adam_beta1", "adam_beta2", "bn_momentum", "label_smoothing"):
+            _in_unit_interval(name, getattr(self, name))
+        if self.dropout is not None:
+            _in_unit_interval("dropout", self.dropout)
+        for name in ("weight_decay", "crop_padding"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", name)
+        if not 0.0 < self.onecycle_pct_start < 1.0:
+            raise ConfigError(f"onecycle_pct_start must be in (0, 1), got {self.onecycle_pct_start}",
+                              "onecycle_pct_start")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ConfigError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}",
+                              "final_lr_fraction")
+        if any(not 0.0 <= m <= 1.0 for m in self.step_milestones):
+            raise ConfigError(f"step_milestones are fractions of training in [0, 1], got {self.step_milestones}",
+                              "step_milestones")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ConfigError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
-        if self.crop_padding < 0:
-            raise ConfigError(f"crop_padding must be >= 0, got {self.crop_padding}")
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ConfigError("mean and std need one value per channel, std > 0")
+            raise ConfigError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}", "warmup_epochs")
+        if len(self.mean) != len(self.std):
+            raise ConfigError("mean and std need one value per channel", "std")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std must be > 0 per channel, got {self.std}", "std")
         unknown = sorted(set(self.defaulted_fields) - set(DATA_DEFAULT_FIELDS))
         if unknown:
-            raise ConfigError(f"defaulted_fields may only name {', '.join(DATA_DEFAULT_FIELDS)}, got {unknown}")
+            raise ConfigError(f"defaulted_fields may only name {', '.join(DATA_DEFAULT_FIELDS)}, got {unknown}",
+                              "defaulted_fields")
 
 
 @dataclass(frozen=True)
@@ -126,20 +131,19 @@ class RunSpec:
     def __post_init__(self) -> None:
         modes = BACKEND_MODES.get(self.backend)
         if modes is not None:
-            _one_of(f"mode for {self.backend}", self.mode, modes)
+            _one_of("mode", self.mode, modes, what=f"mode for {self.backend}")
         _one_of("precision", self.precision, PRECISIONS)
-        if self.threads is not None:
-            _positive("threads", self.threads)
+        if not DEVICE_PATTERN.match(str(self.device).strip()):
+            raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N, gpu or gpu:N", "device")
         if self.target_accuracy is not None and not 0.0 < self.target_accuracy <= 1.0:
-            raise ConfigError(f"target_accuracy is a fraction in (0, 1], got {self.target_accuracy}")
-        for name in ("train_subset", "test_subset", "max_steps_per_epoch", "eval_every_steps"):
+            raise ConfigError(f"target_accuracy is a fraction in (0, 1], got {self.target_accuracy}", "target_accuracy")
+        for name in ("threads", "train_subset", "test_subset", "max_steps_per_epoch", "eval_every_steps"):
             value = getattr(self, name)
             if value is not None:
                 _positive(name, value)
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        for name in ("warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,11 +165,16 @@ class RunSpec:
         return f"{self.model}__{self.backend}__seed{self.seed}"
 
 
-def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _one_of(name: str, value: Any, allowed: tuple[str, ...], what: str | None = None) -> None:
     if value not in allowed:
-        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+        raise ConfigError(f"unknown {what or name} {value!r}; choose one of: {', '.join(allowed)}", name)
 
 
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        raise ConfigError(f"{name} must be a positive number, got {value!r}", name)
+
+
+def _in_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value}", name)

@@ -10,4 +10,13 @@ class DataError(UserError):
 
 
 class ConfigError(UserError, ValueError):
-    """An option value is out of range or unknown."""
+    """An option value is out of range or unknown.
+
+    ``field``: the Recipe / RunSpec field the value belongs to, when there is
+    one, so the CLI can name the flag that sets it (compare.options) without
+    guessing from the message.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field

@@ -112,6 +112,7 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
     loop = train(backend, train_step, eval_step, spec, len(dataset.train_labels), dataset.test_labels,
                  state=state, on_epoch_end=on_epoch_end, memory=memory_probe(backend))
     result.device_peak_bytes = backend.peak_device_memory_bytes()
+    result.manifest["fallbacks"] = backend.fallback_notes()  # setup, data and any during training
     result.status, result.diverged_step = loop.status, loop.diverged_step
     result.epochs, result.evaluations = loop.state.epochs, loop.state.evaluations
     result.step_times_s, result.step_batch_sizes = loop.step_times_s, loop.step_batch_sizes

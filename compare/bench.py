@@ -23,7 +23,8 @@ from compare.process import run_process, stderr_tail
 
 COLUMNS = ["model", "backend", "mode", "precision", "batch_size", "phase", "measure", "status", "images_per_sec",
            "images_per_sec_ci", "step_time_p50_s", "step_time_p90_s", "compile_s", "host_peak_rss_bytes",
-           "device_peak_bytes", "train_data_on", "host_data_bytes", "device_data_bytes", "resolved_mode", "data_format", "device", "threads", "retry_of", "error"]
+           "device_peak_bytes", "train_data_on", "host_data_bytes", "device_data_bytes", "resolved_mode",
+           "data_format", "device", "threads", "retry_of", "error", "fallbacks"]
 
 
 @dataclass(frozen=True)

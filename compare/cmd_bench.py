@@ -15,22 +15,25 @@ PHASES = ("train", "infer")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    options.add_selection_options(parser)
-    parser.add_argument("--batch-sizes", default="32,128,512", help="comma-separated batch sizes to sweep")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after warm-up)")
-    parser.add_argument("--precisions", default="fp32", help=f"comma list of {', '.join(PRECISIONS)}")
-    parser.add_argument("--phases", default="train,infer", help="comma list of train, infer (default both)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
-    parser.add_argument("--json", action="store_true", help="print a JSON list, one object per measurement")
-    parser.add_argument("--out", default=None, help="also write the table as CSV here")
+    """Options of `dualbench bench`; --batch-size and --precision take lists here (one value is a list too)."""
+    options.add_selection_options(parser, run_order=False)
     p = parser.add_argument
-    p("--data", default=None, help="dataset SPEC feeding the pipeline measurement (default: synthetic images, "
-      "enough that the timed steps stay inside one epoch at the largest batch size)")
-    p("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p("--mode", default="best", help="as for `dualbench run`: one mode or per backend 'torch=compile,...'")
-    p("--threads", type=int, default=None, help="intra-op threads for both frameworks (default: all cores)")
-    p("--channels-last", choices=tuple(options.CHANNELS_LAST), default="auto", help="torch memory format")
-    p("--warmup-steps", type=int, default=5, help="untimed steps after the compile step")
+    p("--batch-size", default="32,128,512", metavar="IMAGES[,IMAGES...]",
+      help="comma-separated batch sizes to sweep, in images per step (default 32,128,512)")
+    options.add_alias(parser, "--batch-sizes", "--batch-size")
+    p("--precision", default="fp32", metavar="PRECISION[,...]",
+      help=f"comma-separated compute precisions among {', '.join(PRECISIONS)} (default fp32)")
+    options.add_alias(parser, "--precisions", "--precision")
+    p("--steps", type=int, default=20, help="timed steps per measurement, after the warm-up steps (default 20)")
+    p("--phases", default="train,infer", help="comma-separated phases among train, infer (default train,infer)")
+    p("--timeout", type=float, default=900, metavar="SECONDS",
+      help="seconds per measurement process before it is killed (default 900)")
+    p("--json", action="store_true", help="print a JSON list, one object per measurement (default: a table)")
+    p("--out", default=None, metavar="CSV", help="also write the table as CSV here (default: not written)")
+    p("--data", default=None, metavar="SPEC",
+      help="dataset SPEC feeding the pipeline measurement (default: synthetic images, enough that the timed "
+           "steps stay inside one epoch at the largest batch size)")
+    options.add_execution_options(parser)
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -54,19 +57,20 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
 def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[str, ...]]:
     """Validate everything before any worker starts."""
     models, backends = options.parse_selection(args)
-    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
-    precisions = _choices(args.precisions, PRECISIONS, "--precisions")
+    batch_sizes = _int_list(args.batch_size, "--batch-size")
+    precisions = _choices(args.precision, PRECISIONS, "--precision")
     phases = _choices(args.phases, PHASES, "--phases")
-    if args.steps <= 0 or args.warmup_steps < 0:
-        raise ConfigError("--steps must be positive and --warmup-steps >= 0")
+    warmup = default_base().warmup_steps if args.measure_warmup_steps is None else args.measure_warmup_steps
+    if args.steps <= 0 or warmup < 0:
+        raise ConfigError("--steps must be positive and --measure-warmup-steps >= 0")
     modes = options.parse_modes(args.mode, backends)
-    window = max(batch_sizes) * (args.steps + args.warmup_steps)  # images the pipeline measure draws
+    window = max(batch_sizes) * (args.steps + warmup)  # images the pipeline measure draws
     if args.data is None:
         n_train = max(2000, -(-window // 1000) * 1000)
         n_test = max(500, -(-max(batch_sizes) // 500) * 500)  # at least one full eval batch
         args.data = f"synthetic:{n_train},{n_test}"
-    base = default_base(data=args.data, device=args.device, threads=args.threads,
-                        warmup_steps=args.warmup_steps, channels_last=options.CHANNELS_LAST[args.channels_last])
+    base = default_base(data=args.data, device=args.device or "auto", threads=args.threads, warmup_steps=warmup,
+                        channels_last=options.CHANNELS_LAST[args.channels_last])
     from dataclasses import replace
 
     from common.data import load_dataset
@@ -101,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(json.loads(frame.to_json(orient="records")), indent=2))
         return 0 if all(r.get("status") in ("ok", "oom") for r in rows) else 1
-    shown = frame.drop(columns=["images_per_sec_ci", "error", "retry_of"]).copy()
+    shown = frame.drop(columns=["images_per_sec_ci", "error", "retry_of", "fallbacks"]).copy()
     shown["host_peak_rss_mib"] = shown.pop("host_peak_rss_bytes") / 2**20
     shown["host_data_mib"] = shown.pop("host_data_bytes") / 2**20  # the dataset's share of the RSS
     device_measured = shown["device_peak_bytes"].notna()
@@ -112,6 +116,9 @@ def main(args: argparse.Namespace) -> int:
     print(shown.to_markdown(index=False, floatfmt=".4g"))
     for (model, backend, precision), largest in largest_fitting_batch(rows).items():
         print(f"largest batch that fits: {model} / {backend} / {precision}: {largest}")
+    for note in dict.fromkeys(f"{r['model']} / {r['backend']}: {r['fallbacks']}" for r in rows
+                              if r.get("fallbacks") not in (None, "none")):
+        print(f"note: could not apply everything as asked: {note}")  # never a silent fallback
     failed = [r for r in rows if r.get("status") not in ("ok", "oom")]
     for row in failed:
         print(f"failed: {row['model']} / {row['backend']} / batch {row['batch_size']}: {row.get('error')}",

@@ -34,14 +34,17 @@ def register(parser: argparse.ArgumentParser) -> None:
                     "class names, image shape, the SHA-256 fingerprint and whether it came from the cache.")
     forms = ", ".join(pattern for pattern, _ in DATASET_SPECS)
     prepare.add_argument("--data", required=True, metavar="SPEC", help=f"dataset SPEC: {forms}")
-    prepare.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
-                         help="keep a stratified subset of N training images")
-    prepare.add_argument("--test-subset", type=_positive_int, default=None, metavar="N",
-                         help="keep a stratified subset of N test images")
-    prepare.add_argument("--seed", type=int, default=0, help="seed of the subset choice (default 0)")
+    prepare.add_argument("--train-subset", type=_positive_int, default=None, metavar="IMAGES",
+                         help="keep a stratified subset of this many training images (default: all)")
+    prepare.add_argument("--test-subset", type=_positive_int, default=None, metavar="IMAGES",
+                         help="keep a stratified subset of this many test images (default: all)")
+    prepare.add_argument("--seeds", default="0",
+                         help="comma-separated seeds of the subset choice, as `dualbench run --seeds`; each "
+                              "subset is prepared (default 0)")
+    prepare.add_argument("--seed", dest="seeds", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     prepare.add_argument("--cache-dir", default=None, metavar="DIR",
                          help="cache root (default: $DUALBENCH_CACHE, else ~/.cache/dualbench)")
-    prepare.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bars on stderr (default: shown)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -52,17 +55,22 @@ def main(args: argparse.Namespace) -> int:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    """Load (decode or read from cache) ``args.data`` and print its summary."""
-    started = time.perf_counter()
-    dataset = load_dataset(args.data, train_subset=args.train_subset, test_subset=args.test_subset,
-                           subset_seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress)
-    elapsed = time.perf_counter() - started
-    for line in summary_lines(dataset, args, elapsed):
-        print(line)
+    """Load (decode or read from cache) ``args.data`` and print its summary, once per seed's subset."""
+    from compare.options import parse_seeds
+
+    seeds = parse_seeds(args.seeds)
+    if not (args.train_subset or args.test_subset):
+        seeds = seeds[:1]  # without a subset the seed chooses nothing
+    for seed in seeds:
+        started = time.perf_counter()
+        dataset = load_dataset(args.data, train_subset=args.train_subset, test_subset=args.test_subset,
+                               subset_seed=seed, cache_dir=args.cache_dir, progress=not args.no_progress)
+        for line in summary_lines(dataset, args, time.perf_counter() - started, seed):
+            print(line)
     return 0
 
 
-def summary_lines(dataset: Dataset, args: argparse.Namespace, elapsed_s: float) -> list[str]:
+def summary_lines(dataset: Dataset, args: argparse.Namespace, elapsed_s: float, seed: int = 0) -> list[str]:
     """The printed summary: header fields, then a per-class count table."""
     height, width, channels = dataset.in_shape
     source = "served from cache" if dataset.from_cache else "decoded from the source and cached"
@@ -76,7 +84,7 @@ def summary_lines(dataset: Dataset, args: argparse.Namespace, elapsed_s: float) 
         f"test         {len(dataset.test_labels)} images",
     ]
     if args.train_subset or args.test_subset:
-        lines.append(f"subset       stratified, seed {args.seed} (train {args.train_subset or 'all'}, "
+        lines.append(f"subset       stratified, seed {seed} (train {args.train_subset or 'all'}, "
                      f"test {args.test_subset or 'all'})")
     if dataset.verification:
         lines.append(f"check        {dataset.verification}")

@@ -4,30 +4,36 @@ from __future__ import annotations
 import argparse
 import json
 
-
-
+from common.config import INIT_SCHEMES
 from common.registry import parse_models
+from compare import options
 from compare.parity import DEFAULT_RTOL, run_parity
 
-SUMMARY_COLUMNS = ["model", "torch_trainable_params", "tf_trainable_params", "spec_trainable_params",
+SUMMARY_COLUMNS = ["model", "seed", "torch_trainable_params", "tf_trainable_params", "spec_trainable_params",
                    "published_params", "torch_buffers", "tf_buffers", "macs_per_image", "round_trip_exact",
                    "max_abs_diff", "max_rel_diff", "first_divergent_layer_eval", "first_divergent_layer_train", "passed"]
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", default="all", help="comma-separated names or globs (default: all)")
-    parser.add_argument("--batch", type=int, default=8, help="images in the probe batch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the probe images")
-    parser.add_argument("--init", default="torch_default", help="init scheme of the shared weights")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                        help=f"max |logit difference| / max |logit| allowed (default {DEFAULT_RTOL:g})")
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--in-shape", default="32,32,3", help="H,W,C of the input")
-    parser.add_argument("--layers", action="store_true", help="print the full per-layer table")
-    parser.add_argument("--json", action="store_true", help="print a JSON list, one object per model")
-    parser.add_argument("--training", action="store_true",
-                        help="also prove training parity step by step (compare.step_parity: each framework "
-                             "makes the other's step from the other's state, 10 steps per case; a few minutes)")
+    """Options of `dualbench parity` (the same names as `dualbench run` where they mean the same)."""
+    p = parser.add_argument
+    p("--models", default="all", help="comma-separated model names or globs (default: all)")
+    p("--batch-size", type=int, default=8, metavar="IMAGES", help="images in the probe batch (default 8)")
+    options.add_alias(parser, "--batch", "--batch-size", type=int)
+    p("--seeds", default="0", help="comma-separated seeds of the shared weights and probe images; each is "
+                                   "checked (default 0)")
+    options.add_alias(parser, "--seed", "--seeds")
+    p("--init", default="torch_default", choices=INIT_SCHEMES,
+      help="initial-weights scheme of the shared weights (default torch_default)")
+    p("--rtol", type=float, default=DEFAULT_RTOL,
+      help=f"largest max |logit difference| / max |logit| allowed (default {DEFAULT_RTOL:g})")
+    p("--num-classes", type=int, default=10, help="classes of the model head (default 10)")
+    p("--in-shape", default="32,32,3", help="H,W,C of the input, in pixels and channels (default 32,32,3)")
+    p("--layers", action="store_true", help="print the full per-layer table (default: diverged layers only)")
+    p("--json", action="store_true", help="print JSON, one object per model and seed (default: tables)")
+    p("--training", action="store_true",
+      help="also prove training parity step by step (compare.step_parity: each framework makes the other's "
+           "step from the other's state, 10 steps per case; a few minutes) (default off)")
 
 
 def _in_shape(text: str) -> tuple[int, int, int]:
@@ -46,10 +52,14 @@ def main(args: argparse.Namespace) -> int:
     from common.errors import ConfigError
 
     models = parse_models(args.models)
-    if args.batch < 2:
-        raise ConfigError("--batch must be at least 2 (training-mode BN needs a batch)")
-    reports = run_parity(models, num_classes=args.num_classes, in_shape=_in_shape(args.in_shape),
-                         batch=args.batch, seed=args.seed, init_scheme=args.init, rtol=args.rtol)
+    if args.batch_size < 2:
+        raise ConfigError("--batch-size must be at least 2 (training-mode BN needs a batch)")
+    in_shape = _in_shape(args.in_shape)
+    reports = []
+    for seed in options.parse_seeds(args.seeds):
+        found = run_parity(models, num_classes=args.num_classes, in_shape=in_shape, batch=args.batch_size,
+                           seed=seed, init_scheme=args.init, rtol=args.rtol)
+        reports += [{"seed": seed, **report} for report in found]
     training = _training_parity(models) if args.training else []
     if args.json:
         print(json.dumps({"forward": [{k: v for k, v in r.items() if not k.startswith("layers_")} for r in reports],
@@ -106,7 +116,7 @@ def _print_tables(reports: list[dict], full_layers: bool) -> None:
     print(summary.to_markdown(index=False))
     directions = [c for c in reports[0] if c.endswith("_max_rel_diff") and c != "max_rel_diff"]
     print("\nLogit max |difference| / max |logit| by BN mode and direction")
-    print(pd.DataFrame(reports)[["model", *directions]].to_markdown(index=False, floatfmt=".2e"))
+    print(pd.DataFrame(reports)[["model", "seed", *directions]].to_markdown(index=False, floatfmt=".2e"))
     rows = [row for r in reports for mode in ("eval", "train") for row in r[f"layers_{mode}"]]
     layers = pd.DataFrame(rows)
     if not full_layers:

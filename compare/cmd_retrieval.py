@@ -8,7 +8,7 @@ from common.errors import UserError
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Options of `dualbench retrieval`."""
-    parser.add_argument("out", help="results folder of a `dualbench run` (runs.jsonl and weights/)")
+    parser.add_argument("out", help="results folder of a `dualbench run` (runs.jsonl and weights/); required")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per retrieval worker before it is killed (default: no limit)")
 

@@ -27,24 +27,34 @@ from compare.runner import plan_runs
 def register(parser: argparse.ArgumentParser) -> None:
     """Options of `dualbench run`."""
     options.add_selection_options(parser)
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seeds, e.g. 0,1,2; a seed pairs the frameworks' runs (same initial "
+                             "weights and data order) (default 0)")
+    options.add_alias(parser, "--seed", "--seeds")
     options.add_recipe_options(parser)
     options.add_spec_options(parser)
     options.add_evaluation_options(parser)
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds per worker before its process group is killed (status timeout)")
-    parser.add_argument("--out", required=True, help="results folder (created; reruns resume in it)")
-    parser.add_argument("--force", action="store_true", help="rerun runs that are already ok in --out")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="seconds per worker before its process group is killed, status timeout "
+                             "(default: no limit)")
+    parser.add_argument("--out", required=True, help="results folder (created; reruns resume in it); required")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun runs that are already ok in --out (default: skip them)")
     parser.add_argument("--strict", action="store_true",
-                        help="refuse to train (exit 2) when the fairness audit finds an asymmetry")
+                        help="refuse to train (exit 2) when the fairness audit finds an asymmetry (default: report it)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the full fairness audit table (default: one summary line unless there is an "
+                             "asymmetry; the table is always in OUT/audit.csv)")
     parser.add_argument("--checkpoint", "--resume-epochs", dest="checkpoint", action="store_true",
-                        help="checkpoint every epoch under OUT/checkpoints/<run_id>; a killed run resumes there")
+                        help="checkpoint every epoch under OUT/checkpoints/<run_id>; a killed run resumes there "
+                             "(default off)")
     parser.add_argument("--tensorboard", default=None, metavar="DIR",
                         help="TensorBoard logs of every run under DIR/<model>/<backend>/seed<k>, the same tags and "
-                             "steps for both frameworks (open both with `tensorboard --logdir DIR`)")
+                             "steps for both frameworks (open both with `tensorboard --logdir DIR`) (default: none)")
     parser.add_argument("--retrieval", action="store_true",
                         help="after training, image retrieval with each run's final weights: recall@1/5/10, mAP@R "
-                             "and the cross-framework agreement of the embeddings (as `dualbench retrieval OUT`)")
+                             "and the cross-framework agreement of the embeddings, as `dualbench retrieval OUT` "
+                             "(default off)")
 
 
 def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
@@ -76,7 +86,10 @@ def apply_data_defaults(specs: list[RunSpec], args: argparse.Namespace) -> list[
 
     full = load_dataset(specs[0].data, progress=sys.stderr.isatty())
     defaults = dataset_defaults(specs[0].data, full)
-    recipe = apply_defaults(specs[0].recipe, defaults, options.explicit_recipe_fields(args))
+    try:
+        recipe = apply_defaults(specs[0].recipe, defaults, options.explicit_recipe_fields(args))
+    except ConfigError as exc:
+        raise options.name_the_flag(exc) from None
     return [dataclasses.replace(spec, recipe=recipe) for spec in specs]
 
 
@@ -115,16 +128,27 @@ def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any, args: argpar
         seeds=sorted({s.seed for s in specs})))
 
 
-def _print_audit(audit: dict[str, Any], warn: bool) -> None:
+def _print_audit(audit: dict[str, Any], csv_path: Any, warn: bool, verbose: bool) -> None:
+    """One summary line, or the full table when there is an asymmetry or ``verbose``; fallbacks always."""
     from compare.tables import audit_frame, to_text
 
     frame = audit_frame(audit)
-    frame["asymmetry"] = ["ASYMMETRY" if flag else "" for flag in frame["asymmetry"]]
-    for column in frame.columns[2:-2]:  # backend value columns: fingerprints are 64 hex digits
-        frame[column] = [v if len(v) <= 24 else v[:16] + "..." for v in frame[column]]
-    print("\nFairness audit (settings each backend built):")
-    print(to_text(frame))
+    found = int(frame["asymmetry"].sum())
+    compared = int((frame["kind"] == "must match").sum())
+    backends = list(dict.fromkeys(b for entry in audit.values() for b in entry.get("backends", [])))
+    print(f"\nFairness audit: {compared} must-match settings compared ({len(audit)} model(s) x "
+          f"{len(backends)} backends), {found} asymmetr{'y' if found == 1 else 'ies'} found; "
+          f"full table: {csv_path}")
+    if found or verbose:
+        frame["asymmetry"] = ["ASYMMETRY" if flag else "" for flag in frame["asymmetry"]]
+        for column in frame.columns[2:-2]:  # backend value columns: fingerprints are 64 hex digits
+            frame[column] = [v if len(v) <= 24 else v[:16] + "..." for v in frame[column]]
+        print(to_text(frame))
     for model, entry in audit.items():
+        row = next((r for r in entry.get("rows", []) if r["setting"] == "fallbacks"), {})
+        for backend in entry.get("backends", []):
+            if row.get(backend) not in (None, "none", "<not reported>"):
+                print(f"note: {model} on {backend} could not apply everything as asked: {row[backend]}")
         for backend, error in (entry.get("failures") or {}).items() if warn else ():
             print(f"warning: the audit worker for {model} on {backend} failed ({error})", file=sys.stderr)
 
@@ -200,7 +224,8 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> int:
     try:
         if pending:  # audit every backend of each model that still has runs to do
             audit = runner.audit([s for s in specs if s.model in {p.model for p in pending}])
-            _print_audit(audit, warn=not args.strict)  # with --strict the error line names failures
+            # with --strict the error line names failures
+            _print_audit(audit, store.audit_csv, warn=not args.strict, verbose=args.verbose)
             if args.strict:
                 _strict_check(audit)
         progress = runner.progress = Progress(len(specs))  # bars start after the audit table is printed

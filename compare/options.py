@@ -1,16 +1,23 @@
-"""Shared CLI options -> validated RunSpec / Recipe (used by `run`, reusable by `bench`).
+"""Shared CLI options -> validated RunSpec / Recipe (used by `run`; `bench` shares the execution ones).
 
 Defaults live in one place, the ``Recipe`` / ``RunSpec`` dataclasses: an option
-the user does not give stays ``None`` here and the dataclass default applies.
-Every value is validated by the dataclasses; their ``ConfigError`` is re-raised
-naming the command-line flag to fix (the CLI prints it as one line, exit 2).
+the user does not give stays ``None`` here and the dataclass default applies
+(the help text shows that default, with its unit). Every value is validated by
+the dataclasses; their ``ConfigError`` carries the field it is about, and is
+re-raised naming the flag that sets that field (the CLI prints it as one
+line, exit 2).
+
+One vocabulary across subcommands: a flag that takes a list in one command
+(``bench --batch-size 32,128``) has the same name where it takes one value
+(``run --batch-size 128``); the measurement warm-up (``--measure-warmup-steps``)
+and the learning-rate warm-up (``--lr-warmup-epochs``) cannot be confused. Old
+spellings still parse (hidden from --help).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-import re
 from typing import Any
 
 from common.config import (BACKEND_MODES, INIT_SCHEMES, OPTIMIZERS, PRECISIONS, SCHEDULES,
@@ -18,104 +25,58 @@ from common.config import (BACKEND_MODES, INIT_SCHEMES, OPTIMIZERS, PRECISIONS, 
 from common.errors import ConfigError
 from common.registry import check_backend, parse_models
 
-# flag dest -> Recipe field (flags not listed here map onto RunSpec fields of the same name)
-RECIPE_FLAGS = {
-    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
-    "schedule": "schedule", "warmup_epochs": "warmup_epochs", "weight_decay": "weight_decay",
-    "wd_mode": "weight_decay_mode", "momentum": "momentum", "nesterov": "nesterov",
-    "label_smoothing": "label_smoothing", "init": "init_scheme", "bn_momentum": "bn_momentum",
-    "bn_epsilon": "bn_epsilon", "adam_epsilon": "adam_epsilon", "no_augment": "augment",
-    "crop_padding": "crop_padding", "hflip": "horizontal_flip", "mean": "mean", "std": "std",
+# flag -> the Recipe field(s) it sets (argparse dest = the flag without dashes, '-' -> '_')
+RECIPE_FLAGS: dict[str, str | tuple[str, ...]] = {
+    "--epochs": "epochs", "--batch-size": "batch_size", "--eval-batch-size": "eval_batch_size", "--lr": "lr",
+    "--optimizer": "optimizer", "--schedule": "schedule", "--lr-warmup-epochs": "warmup_epochs",
+    "--weight-decay": "weight_decay", "--wd-mode": "weight_decay_mode", "--decay-bn-and-bias": "decay_bn_and_bias",
+    "--momentum": "momentum", "--no-nesterov": "nesterov", "--adam-betas": ("adam_beta1", "adam_beta2"),
+    "--adam-epsilon": "adam_epsilon", "--label-smoothing": "label_smoothing", "--dropout": "dropout",
+    "--init": "init_scheme", "--bn-momentum": "bn_momentum", "--bn-epsilon": "bn_epsilon",
+    "--no-augment": "augment", "--crop-padding": "crop_padding", "--hflip": "horizontal_flip", "--mean": "mean",
+    "--std": "std",
 }
-SPEC_FLAGS = ("data", "device", "precision", "threads", "deterministic", "allow_tf32", "train_subset",
-              "test_subset", "warmup_steps", "max_steps_per_epoch", "eval_every_steps", "target_accuracy")
+# flag -> the RunSpec field it sets
+SPEC_FLAGS = {
+    "--data": "data", "--device": "device", "--precision": "precision", "--threads": "threads",
+    "--deterministic": "deterministic", "--allow-tf32": "allow_tf32", "--train-subset": "train_subset",
+    "--test-subset": "test_subset", "--measure-warmup-steps": "warmup_steps",
+    "--max-steps-per-epoch": "max_steps_per_epoch", "--eval-every-steps": "eval_every_steps",
+    "--target-accuracy": "target_accuracy",
+}
+SWITCHES_OFF = ("--no-nesterov", "--no-augment")  # store_false: given = the field is False
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}
 DEFAULT_BACKENDS = "torch,tensorflow"
 
 
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def field_flags() -> dict[str, str]:
+    """Recipe / RunSpec field -> the flag that sets it (what a ConfigError about that field names)."""
+    flags: dict[str, str] = {"seed": "--seeds", "mode": "--mode", "channels_last": "--channels-last"}
+    for flag, fields in [*RECIPE_FLAGS.items(), *SPEC_FLAGS.items()]:
+        for name in (fields if isinstance(fields, tuple) else (fields,)):
+            flags[name] = flag
+    return flags
+
+
 def _default(cls: type, name: str) -> Any:
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return field.default
+    return next(f for f in dataclasses.fields(cls) if f.name == name).default
 
 
-def add_selection_options(parser: argparse.ArgumentParser) -> None:
-    """--models and --backends."""
-    parser.add_argument("--models", required=True,
-                        help="comma-separated model names or globs, or 'all' (see `dualbench list`)")
-    parser.add_argument("--backends", default=DEFAULT_BACKENDS,
-                        help=f"comma-separated backends, in run order (default {DEFAULT_BACKENDS})")
+def add_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """``old`` still parses as ``new`` (same dest and type), hidden from --help."""
+    parser.add_argument(old, dest=_dest(new), help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
 
 
-def add_spec_options(parser: argparse.ArgumentParser) -> None:
-    """Where and how a run executes: data, device, precision, mode, threads, subsets, step caps."""
-    p = parser.add_argument
-    p("--data", default=None, help=f"dataset SPEC (default {_default(RunSpec, 'data')}; see `dualbench list`)")
-    p("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
-    p("--precision", default=None, choices=PRECISIONS, help="compute precision (default fp32)")
-    p("--mode", default="best",
-      help="execution mode: one mode for every backend (e.g. best, eager) or per backend "
-           "'torch=compile,tensorflow=xla'; modes: "
-           + "; ".join(f"{b}: {'/'.join(m)}" for b, m in BACKEND_MODES.items()))
-    p("--threads", type=int, default=None, help="intra-op threads for both frameworks (default: all cores)")
-    p("--deterministic", action="store_true", default=None, help="framework determinism switches (slower)")
-    p("--allow-tf32", action="store_true", default=None, help="allow TensorFloat-32 on Ampere+ GPUs")
-    p("--channels-last", choices=tuple(CHANNELS_LAST), default="auto",
-      help="torch memory format (auto: the backend decides)")
-    p("--train-subset", type=int, default=None, help="stratified training subset size (images)")
-    p("--test-subset", type=int, default=None, help="stratified test subset size (images)")
-    p("--warmup-steps", type=int, default=None,
-      help=f"steps excluded from throughput after the compile step (default {_default(RunSpec, 'warmup_steps')})")
-    p("--max-steps-per-epoch", type=int, default=None, help="cap training steps per epoch (smoke runs)")
-
-
-def add_recipe_options(parser: argparse.ArgumentParser) -> None:
-    """The training recipe; defaults shown are the Recipe dataclass defaults."""
-    p = parser.add_argument
-    r = Recipe()
-    p("--epochs", type=int, default=None, help=f"training epochs (default {r.epochs})")
-    p("--batch-size", type=int, default=None, help=f"images per training step (default {r.batch_size})")
-    p("--lr", type=float, default=None, help=f"peak learning rate (default {r.lr})")
-    p("--optimizer", choices=OPTIMIZERS, default=None, help=f"optimizer (default {r.optimizer})")
-    p("--schedule", choices=SCHEDULES, default=None, help=f"LR schedule (default {r.schedule})")
-    p("--warmup-epochs", type=float, default=None, help=f"linear LR warm-up, epochs (default {r.warmup_epochs})")
-    p("--weight-decay", type=float, default=None, help=f"weight decay coefficient (default {r.weight_decay})")
-    p("--wd-mode", choices=WEIGHT_DECAY_MODES, default=None,
-      help=f"weight-decay semantics (default {r.weight_decay_mode})")
-    p("--momentum", type=float, default=None, help=f"SGD momentum (default {r.momentum})")
-    p("--no-nesterov", dest="nesterov", action="store_false", default=None, help="plain (not Nesterov) momentum")
-    p("--label-smoothing", type=float, default=None, help=f"label smoothing in [0, 1) (default {r.label_smoothing})")
-    p("--init", choices=INIT_SCHEMES, default=None, help=f"initial-weights scheme (default {r.init_scheme})")
-    p("--bn-momentum", type=float, default=None,
-      help=f"BatchNorm momentum, torch convention; Keras gets 1 - m (default {r.bn_momentum})")
-    p("--bn-epsilon", type=float, default=None, help=f"BatchNorm epsilon (default {r.bn_epsilon})")
-    p("--adam-epsilon", type=float, default=None, help=f"Adam/AdamW epsilon (default {r.adam_epsilon})")
-    p("--no-augment", dest="no_augment", action="store_false", default=None,
-      help="no random crop / flip (the sampler still fixes the order)")
-    p("--crop-padding", type=int, default=None, metavar="PX",
-      help="zero padding before the random crop, pixels (default: per dataset, an eighth of the side)")
-    p("--hflip", type=_on_off, default=None, metavar="{on,off}",
-      help="random horizontal flips (default: per dataset; off for MNIST digits)")
-    p("--mean", type=_floats, default=None, metavar="M[,M,M]",
-      help="normalisation mean per channel in [0, 1] (default: the dataset's training-set mean)")
-    p("--std", type=_floats, default=None, metavar="S[,S,S]",
-      help="normalisation std per channel (default: the dataset's training-set std)")
-
-
-def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
-    """Time to accuracy: evaluations within epochs and the target accuracy."""
-    p = parser.add_argument
-    p("--eval-every-steps", type=int, default=None, metavar="S",
-      help="also evaluate every S optimiser steps (default: at epoch ends only); evaluation is never "
-           "counted as training time")
-    p("--target-accuracy", type=float, default=None, metavar="A",
-      help="test accuracy in (0, 1] for time to accuracy: the training wall-clock at the first evaluation "
-           "that reaches it (DAWNBench / MLPerf)")
-
-
-def _on_off(text: str) -> bool:
-    if text not in ("on", "off"):
-        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
-    return text == "on"
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        first, second = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2 like 0.9,0.999, got {text!r}") from None
+    return first, second
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -125,36 +86,144 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+def add_selection_options(parser: argparse.ArgumentParser, run_order: bool = True) -> None:
+    """--models and --backends."""
+    parser.add_argument("--models", required=True,
+                        help="comma-separated model names or globs, or 'all' (see `dualbench list`); required")
+    order = "runs alternate between them in ABBA order" if run_order else "each is measured in turn"
+    parser.add_argument("--backends", default=DEFAULT_BACKENDS,
+                        help=f"comma-separated backends; {order} (default {DEFAULT_BACKENDS})")
 
 
-def _name_the_flag(exc: ConfigError, fields_to_flags: dict[str, str]) -> ConfigError:
-    """Append 'fix --flag' to a dataclass validation message that names a field."""
-    message = str(exc)
-    # the field a message is about comes first ("warmup_epochs must be in [0, epochs]")
-    for pattern in (r"^(unknown )?{}\b", r"\b{}\b"):
-        for field_name, flag in fields_to_flags.items():
-            if re.search(pattern.format(re.escape(field_name)), message):
-                return ConfigError(f"{message} (fix {flag})")
-    return exc
+def add_execution_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how steps execute, shared by `run` and `bench`: device, mode, threads, layout, warm-up steps."""
+    p = parser.add_argument
+    p("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto: the first GPU, else the CPU)")
+    p("--mode", default="best",
+      help="execution mode: one mode for every backend (e.g. best, eager) or per backend "
+           "'torch=compile,tensorflow=xla' (default best: each backend's fastest correct mode); modes: "
+           + "; ".join(f"{b}: {'/'.join(m)}" for b, m in BACKEND_MODES.items()))
+    p("--threads", type=int, default=None,
+      help="intra-op threads for both frameworks (default: every core this process may use)")
+    p("--channels-last", choices=tuple(CHANNELS_LAST), default="auto",
+      help="torch memory format (default auto: the backend decides)")
+    p("--measure-warmup-steps", type=int, default=None, metavar="STEPS",
+      help="training steps after the compile step that are left out of the throughput figure "
+           f"(default {_default(RunSpec, 'warmup_steps')}; not the learning-rate warm-up)")
+    add_alias(parser, "--warmup-steps", "--measure-warmup-steps", type=int)
+
+
+def add_spec_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how a run executes: data, precision, determinism, subsets, step caps, plus the execution ones."""
+    p = parser.add_argument
+    p("--data", default=None, metavar="SPEC",
+      help=f"dataset SPEC (default {_default(RunSpec, 'data')}; see `dualbench list`)")
+    p("--precision", default=None, choices=PRECISIONS,
+      help=f"compute precision (default {_default(RunSpec, 'precision')})")
+    add_execution_options(parser)
+    p("--deterministic", action="store_true", default=None,
+      help="framework determinism switches, slower (default off)")
+    p("--allow-tf32", action="store_true", default=None,
+      help="allow TensorFloat-32 matmuls/convolutions on Ampere+ GPUs (default off, on both frameworks)")
+    p("--train-subset", type=int, default=None, metavar="IMAGES",
+      help="stratified training subset size, in images (default: the whole training split)")
+    p("--test-subset", type=int, default=None, metavar="IMAGES",
+      help="stratified test subset size, in images (default: the whole test split)")
+    p("--max-steps-per-epoch", type=int, default=None, metavar="STEPS",
+      help="cap on training steps per epoch, for smoke runs (default: no cap)")
+
+
+def add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    """The training recipe; defaults shown are the Recipe dataclass defaults."""
+    p = parser.add_argument
+    r = Recipe()
+    p("--epochs", type=int, default=None, help=f"training epochs (default {r.epochs})")
+    p("--batch-size", type=int, default=None, metavar="IMAGES",
+      help=f"training images per step (default {r.batch_size})")
+    p("--eval-batch-size", type=int, default=None, metavar="IMAGES",
+      help=f"test images per evaluation step; does not change results (default {r.eval_batch_size})")
+    p("--lr", type=float, default=None, help=f"peak learning rate, per step (default {r.lr})")
+    p("--optimizer", choices=OPTIMIZERS, default=None, help=f"optimizer (default {r.optimizer})")
+    p("--schedule", choices=SCHEDULES, default=None, help=f"LR schedule, set every step (default {r.schedule})")
+    p("--lr-warmup-epochs", type=float, default=None, metavar="EPOCHS",
+      help=f"linear learning-rate warm-up from 0, in epochs (default {r.warmup_epochs}; not "
+           "--measure-warmup-steps)")
+    add_alias(parser, "--warmup-epochs", "--lr-warmup-epochs", type=float)
+    p("--weight-decay", type=float, default=None, help=f"weight decay coefficient (default {r.weight_decay})")
+    p("--wd-mode", choices=WEIGHT_DECAY_MODES, default=None,
+      help=f"weight-decay semantics: coupled_l2 adds wd*w to the gradient, decoupled scales w by 1-lr*wd "
+           f"(default {r.weight_decay_mode})")
+    p("--decay-bn-and-bias", action=argparse.BooleanOptionalAction, default=None,
+      help="weight decay on BN parameters and biases too; --no-decay-bn-and-bias: conv/dense kernels only "
+           f"(default {'on' if r.decay_bn_and_bias else 'off'})")
+    p("--momentum", type=float, default=None, help=f"SGD momentum, torch semantics (default {r.momentum})")
+    p("--no-nesterov", action="store_false", default=None,
+      help="plain SGD momentum instead of Nesterov (default Nesterov)")
+    p("--adam-betas", type=_float_pair, default=None, metavar="B1,B2",
+      help=f"Adam/AdamW moment decays (default {r.adam_beta1},{r.adam_beta2})")
+    p("--adam-epsilon", type=float, default=None,
+      help=f"Adam/AdamW epsilon, added after sqrt(v_hat) (default {r.adam_epsilon})")
+    p("--label-smoothing", type=float, default=None,
+      help=f"cross-entropy label smoothing in [0, 1) (default {r.label_smoothing})")
+    p("--dropout", type=float, default=None, metavar="RATE",
+      help="dropout rate in [0, 1) of models with a dropout layer (mobilenet_v2) (default: the architecture's)")
+    p("--init", choices=INIT_SCHEMES, default=None, help=f"initial-weights scheme (default {r.init_scheme})")
+    p("--bn-momentum", type=float, default=None,
+      help=f"BatchNorm momentum, torch convention; Keras gets 1 - m (default {r.bn_momentum})")
+    p("--bn-epsilon", type=float, default=None, help=f"BatchNorm epsilon (default {r.bn_epsilon})")
+    p("--no-augment", action="store_false", default=None,
+      help="no random crop / flip; the sampler still fixes the order (default: augment)")
+    p("--crop-padding", type=int, default=None, metavar="PIXELS",
+      help="zero padding before the random crop (default: per dataset, an eighth of the image side)")
+    p("--hflip", action=argparse.BooleanOptionalAction, default=None,
+      help="random horizontal flips; --no-hflip: none (default: per dataset, off for MNIST digits)")
+    p("--mean", type=_floats, default=None, metavar="M[,M,M]",
+      help="normalisation mean per channel, in [0, 1] (default: the dataset's training-set mean)")
+    p("--std", type=_floats, default=None, metavar="S[,S,S]",
+      help="normalisation std per channel, in [0, 1] (default: the dataset's training-set std)")
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """Time to accuracy: evaluations within epochs and the target accuracy."""
+    p = parser.add_argument
+    p("--eval-every-steps", type=int, default=None, metavar="STEPS",
+      help="also evaluate every STEPS optimiser steps, never counted as training time (default: at epoch "
+           "ends only)")
+    p("--target-accuracy", type=float, default=None, metavar="A",
+      help="test accuracy in (0, 1] for time to accuracy: the training wall-clock at the first evaluation "
+           "that reaches it, as DAWNBench / MLPerf (default: none)")
+
+
+def name_the_flag(exc: ConfigError) -> ConfigError:
+    """``exc`` with '(fix --flag)' appended, the flag found from the field it carries (never from its text)."""
+    flag = field_flags().get(exc.field or "")
+    return ConfigError(f"{exc} (fix {flag})", exc.field) if flag else exc
 
 
 def explicit_recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """{Recipe field: value} of every field the user set on the command line (they win over
-    the per-dataset defaults of common.data.defaults)."""
-    return {field: getattr(args, dest) for dest, field in RECIPE_FLAGS.items() if getattr(args, dest, None) is not None}
+    """{Recipe field: value} of every field the user set on the command line (they win over the
+    per-dataset defaults of common.data.defaults)."""
+    given: dict[str, Any] = {}
+    for flag, fields in RECIPE_FLAGS.items():
+        value = getattr(args, _dest(flag), None)
+        if value is not None:
+            given.update(zip(fields, value) if isinstance(fields, tuple) else {fields: value})
+    return given
 
 
 def build_recipe(args: argparse.Namespace) -> Recipe:
-    """The Recipe from the recipe options (dataclass defaults for options not given)."""
+    """The Recipe from the recipe options (dataclass defaults for options not given).
+
+    A --mean or --std given without the other is left to common.data.defaults.apply_defaults,
+    which pairs it with the dataset's value for the other.
+    """
     given = explicit_recipe_fields(args)
-    if len({"mean", "std"} & set(given)) == 1:  # one of the pair: checked per dataset by apply_defaults
+    if len({"mean", "std"} & set(given)) == 1:
         given.pop("mean", None), given.pop("std", None)
     try:
         return Recipe(**given)
     except ConfigError as exc:
-        raise _name_the_flag(exc, {field: _flag(dest) for dest, field in RECIPE_FLAGS.items()}) from None
+        raise name_the_flag(exc) from None
 
 
 def parse_backends(text: str) -> list[str]:
@@ -211,7 +280,8 @@ def parse_modes(text: str, backends: list[str]) -> dict[str, str]:
 
 def spec_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """RunSpec keyword arguments shared by every run (everything but model/backend/seed/mode)."""
-    kwargs = {name: getattr(args, name) for name in SPEC_FLAGS if getattr(args, name, None) is not None}
+    kwargs = {field: getattr(args, _dest(flag)) for flag, field in SPEC_FLAGS.items()
+              if getattr(args, _dest(flag), None) is not None}
     kwargs["channels_last"] = CHANNELS_LAST[getattr(args, "channels_last", "auto") or "auto"]
     return kwargs
 
@@ -223,31 +293,7 @@ def make_spec(model: str, backend: str, seed: int, mode: str, recipe: Recipe, sh
         return RunSpec(model=model, backend=backend, seed=seed, mode=mode, recipe=recipe,
                        checkpoint_dir=checkpoint_dir, **shared)
     except ConfigError as exc:
-        flags = {name: _flag(name) for name in SPEC_FLAGS}
-        flags.update({"seed": "--seeds", "mode": "--mode"})
-        raise _name_the_flag(exc, flags) from None
-
-
-def _recipe_words(recipe: dict[str, Any]) -> list[str]:
-    """Flags for the recipe fields that differ from Recipe's defaults and were not per-dataset defaults."""
-    words, recipe_defaults = [], Recipe()
-    defaulted = set(recipe.get("defaulted_fields") or ())  # the same data fills them again
-    for dest, field_name in RECIPE_FLAGS.items():
-        value = recipe.get(field_name, getattr(recipe_defaults, field_name))
-        default = getattr(recipe_defaults, field_name)
-        if isinstance(default, tuple):
-            value = tuple(value)
-        if field_name in defaulted or value == default:
-            continue
-        if dest in ("nesterov", "no_augment"):  # store_false switches
-            words.append("--no-nesterov" if dest == "nesterov" else "--no-augment")
-        elif dest == "hflip":
-            words += ["--hflip", "on" if value else "off"]
-        elif isinstance(value, tuple):
-            words += [_flag(dest), ",".join(f"{v:g}" for v in value)]
-        else:
-            words += [_flag(dest), str(value)]
-    return words
+        raise name_the_flag(exc) from None
 
 
 def parse_selection(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -271,10 +317,10 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
         distinct = set(modes.values())
         words += ["--mode", distinct.pop() if len(distinct) == 1 else ",".join(f"{b}={m}" for b, m in modes.items())]
     first, defaults = specs[0], RunSpec(model="x", backend="x").to_dict()
-    for name in SPEC_FLAGS:
+    for flag, name in SPEC_FLAGS.items():
         value = first.get(name, defaults[name])
         if value != defaults[name]:
-            words += [_flag(name)] if isinstance(value, bool) else [_flag(name), str(value)]
+            words += [flag] if isinstance(value, bool) else [flag, str(value)]
     channels = first.get("channels_last")
     if channels is not None:
         words += ["--channels-last", "on" if channels else "off"]
@@ -284,3 +330,24 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     if out:
         words += ["--out", str(out)]
     return shlex.join(words)
+
+
+def _recipe_words(recipe: dict[str, Any]) -> list[str]:
+    """The recipe flags that reproduce ``recipe`` (a Recipe dict): only values that differ from the defaults
+    and that the dataset's defaults did not fill (the same data fills them again)."""
+    defaults, words = dataclasses.asdict(Recipe()), []
+    filled = set(recipe.get("defaulted_fields") or ())
+    for flag, fields in RECIPE_FLAGS.items():
+        names = fields if isinstance(fields, tuple) else (fields,)
+        values = [tuple(v) if isinstance(v, list) else v for v in (recipe.get(n, defaults[n]) for n in names)]
+        if values == [defaults[n] for n in names] or filled.issuperset(names):
+            continue
+        if flag in SWITCHES_OFF:
+            words.append(flag)
+        elif isinstance(values[0], bool):
+            words.append(flag if values[0] else flag.replace("--", "--no-", 1))
+        elif isinstance(values[0], tuple):
+            words += [flag, ",".join(f"{v:g}" for v in values[0])]
+        else:
+            words += [flag, ",".join(map(str, values))]
+    return words

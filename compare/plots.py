@@ -26,8 +26,11 @@ import pandas as pd  # noqa: E402
 from common.results import RunResult  # noqa: E402
 from compare.store import write_file_atomic  # noqa: E402
 
-COLORS = {"torch": "#ee4c2c", "tensorflow": "#ff8f00"}  # the frameworks' brand colours
-_FALLBACK = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b")
+# Okabe-Ito palette (colour-blind safe): blue and orange stay far apart under protanopia,
+# deuteranopia and tritanopia and differ in lightness, so they also read in greyscale
+# (the brand reds/oranges of torch and TensorFlow did not; tests/test_plots.py checks both).
+COLORS = {"torch": "#0072B2", "tensorflow": "#E69F00"}
+_FALLBACK = ("#009E73", "#CC79A7", "#56B4E9", "#D55E00")  # further backends, same palette
 
 
 def color(backend: str, index: int) -> str:

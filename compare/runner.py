@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from common.audit import asymmetries, compare_settings
+from common.audit import asymmetries, compare_settings, details
 from common.config import RunSpec
 from common.errors import UserError
 from common.registry import worker_command
@@ -198,7 +198,8 @@ class Runner:
                 settings[backend] = {}
             rows = compare_settings(settings)
             audit["models"][model] = {"backends": list(settings), "rows": rows, "failures": failures,
-                                      "asymmetries": [row["setting"] for row in asymmetries(rows)]}
+                                      "asymmetries": [row["setting"] for row in asymmetries(rows)],
+                                      "details": details(settings)}  # e.g. the decayed parameter names
         self.store.write_json("audit.json", audit)
         from compare.tables import audit_frame  # pandas: only once there is a table to write
 

@@ -17,9 +17,10 @@ TARGET is ``*``, ``seedN``, a backend name, or ``backend/seedN``; KIND is
 that step), ``diverge`` (NaN loss at that step), ``error`` (RuntimeError),
 ``oom`` (MemoryError -> status oom), ``oombatch@N`` (MemoryError in every step when
 the batch size is >= N: an out-of-memory boundary for `dualbench bench`), ``slow`` (0.2 s per step), ``asym``
-(reports bn_epsilon 1e-3 in the audit), ``audit_segfault`` (SIGSEGV while auditing) or ``embedshift``
-(embeddings 1% larger: two frameworks that disagree on identical weights). Faults in training steps never fire in
-``audit`` workers, which build but do not train.
+(reports bn_epsilon 1e-3 in the audit), ``wrong=KEY`` (reports a different value of audit key KEY),
+``fallback`` (notes a fallback), ``audit_segfault`` (SIGSEGV while auditing) or ``embedshift``
+(embeddings 1% larger: two frameworks that disagree on identical weights). Faults in training steps
+never fire in ``audit`` workers, which build but do not train.
 
 ``DUALBENCH_FAKE_LAUNCH_LOG``: each worker appends "audit|train RUN_ID PID" there.
 """
@@ -34,8 +35,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from common.backend import residency_summary
+from common.audit import decay_settings, fallbacks_text, normalization_text
 from common.config import RunSpec
-from common.audit import normalization_text
 from common.sampler import EpochPlan, augmentation_text, normalize_reference, plan_batch_reference
 
 FAULT_ENV = "DUALBENCH_FAKE_FAULT"
@@ -205,24 +206,36 @@ class FakeBackend:
     def to_numpy(self, value: Any) -> np.ndarray:
         return np.asarray(value)
 
+    def fallback_notes(self) -> list[str]:
+        return ["fake backend: simulated fallback"] if "fallback" in faults_for(self.spec) else []
+
     def audit(self, model: FakeModel, train_step: FakeTrainStep) -> dict[str, Any]:
         r, spec = self.spec.recipe, self.spec
+        names = ["fake.kernel", "fake.bias"]
         settings = {
+            "trainable_params": self.trainable_param_count(model),
             "bn_momentum": model.bn_momentum, "bn_epsilon": model.bn_epsilon, "bn_running_variance": "unbiased",
-            "strided_conv_padding": "symmetric", "optimizer": r.optimizer, "momentum": r.momentum,
-            "nesterov": r.nesterov, "weight_decay": r.weight_decay, "weight_decay_mode": r.weight_decay_mode,
-            "optimizer_epsilon": r.adam_epsilon, "loss": "softmax_cross_entropy_from_logits",
-            "label_smoothing": r.label_smoothing, "precision": spec.precision, "tf32": spec.allow_tf32,
-            "deterministic": spec.deterministic, "intra_op_threads": spec.threads or 1, "device_type": "cpu",
+            "strided_conv_padding": "symmetric", "dropout": None, "optimizer": r.optimizer, "momentum": r.momentum,
+            "nesterov": r.nesterov, "adam_beta1": None, "adam_beta2": None, "weight_decay": r.weight_decay,
+            "weight_decay_mode": r.weight_decay_mode if r.weight_decay else None,
+            **decay_settings(names if r.weight_decay else [], names),
+            "optimizer_epsilon": None, "loss": "softmax_cross_entropy_from_logits",
+            "label_smoothing": r.label_smoothing, "loss_scaling": None, "precision": spec.precision,
+            "tf32": spec.allow_tf32, "deterministic": spec.deterministic, "intra_op_threads": spec.threads or 1,
+            "eval_batch_size": r.eval_batch_size, "crop_padding": r.crop_padding,
+            "input_normalization": normalization_text(r.mean, r.std), "device_type": "cpu",
             "device": "cpu", "execution_mode": spec.mode, "data_format": "NHWC", "inter_op_threads": 1,
-            "loss_scaling": None,
             # the fake has no pipelines of its own: what it applies is the recipe's plan (plan_batch_reference)
             "augmentation": augmentation_text(r.crop_padding, r.augment, r.augment and r.horizontal_flip),
-            "input_normalization": normalization_text(r.mean, r.std),
+            "input_pipeline": "numpy arrays in host memory", "fallbacks": fallbacks_text(self.fallback_notes()),
         }
         faults = faults_for(spec)
         if "asym" in faults:
             settings["bn_epsilon"] = 1e-3
+        for kind in faults:
+            if kind.startswith("wrong="):
+                key = kind.partition("=")[2]
+                settings[key] = f"<broken {key}>"
         if "audit_segfault" in faults:  # audit() also runs in training workers (common.worker.build)
             os.kill(os.getpid(), signal.SIGSEGV)
         return settings

@@ -16,7 +16,7 @@ from tests.fake_backend import FAULT_ENV, LAUNCH_LOG_ENV
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FAKES = "fakea=tests.fake_backend:FakeBackend;fakeb=tests.fake_backend:FakeBackend"
 # small and quick: 8 training steps per epoch, one evaluation batch
-SMALL = ["--data", "synthetic:256,128", "--batch-size", "32", "--epochs", "2", "--warmup-steps", "1"]
+SMALL = ["--data", "synthetic:256,128", "--batch-size", "32", "--epochs", "2", "--measure-warmup-steps", "1"]
 
 
 @pytest.fixture

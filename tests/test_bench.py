@@ -10,8 +10,8 @@ from tests.fake_backend import FAULT_ENV
 def test_bench_json_rows_and_oom_boundary(fake_env, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(FAULT_ENV, "*:oombatch@64")
     csv = tmp_path / "bench.csv"
-    code = run_cli("bench", "--models", "seed_cnn", "--backends", "fakea", "--batch-sizes", "16,32,64,128",
-                   "--steps", "3", "--warmup-steps", "1", "--data", "synthetic:256,128", "--json",
+    code = run_cli("bench", "--models", "seed_cnn", "--backends", "fakea", "--batch-size", "16,32,64,128",
+                   "--steps", "3", "--measure-warmup-steps", "1", "--data", "synthetic:256,128", "--json",
                    "--out", str(csv))
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
@@ -29,9 +29,9 @@ def test_bench_json_rows_and_oom_boundary(fake_env, monkeypatch, tmp_path, capsy
 
 
 def test_bench_bad_input_is_one_line_and_exit_2(fake_env, capsys):
-    assert run_cli("bench", "--models", "seed_cnn", "--backends", "fakea", "--batch-sizes", "0") == 2
+    assert run_cli("bench", "--models", "seed_cnn", "--backends", "fakea", "--batch-size", "0") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--batch-sizes" in err[0]
+    assert len(err) == 1 and "--batch-size" in err[0]
     assert run_cli("bench", "--models", "nope", "--backends", "fakea") == 2
     assert run_cli("bench", "--models", "seed_cnn", "--backends", "fakea", "--data", "folder:/nonexistent") == 2
     assert "Traceback" not in capsys.readouterr().err
@@ -49,12 +49,12 @@ def _bench_args(*argv: str):
 
 def test_bench_default_data_keeps_the_timed_pipeline_steps_inside_one_epoch(fake_env, capsys):
     # 512 * (20 + 5) = 12800 images drawn: the default synthetic set is sized to hold them
-    cmd_bench, args = _bench_args("--batch-sizes", "32,512", "--steps", "20", "--warmup-steps", "5")
+    cmd_bench, args = _bench_args("--batch-size", "32,512", "--steps", "20", "--measure-warmup-steps", "5")
     configs, _ = cmd_bench.build_configs(args)
     assert configs[0].base.data == "synthetic:13000,1000"  # and a full eval batch of 512
     assert "epoch restarts" not in capsys.readouterr().err
     # a dataset the user names is kept; one too small for the timed window gets a note saying so
-    cmd_bench, args = _bench_args("--batch-sizes", "128", "--steps", "3", "--warmup-steps", "1",
+    cmd_bench, args = _bench_args("--batch-size", "128", "--steps", "3", "--measure-warmup-steps", "1",
                                   "--data", "synthetic:256,128")
     configs, _ = cmd_bench.build_configs(args)
     assert configs[0].base.data == "synthetic:256,128"
@@ -132,3 +132,13 @@ def test_infer_pipeline_measure_times_producing_its_batches(fake_env, monkeypatc
     piped = rows[("infer", "pipeline")]
     assert piped["step_time_p50_s"] == produce + infer  # today's code: the list() was built before t0
     assert piped["images_per_sec"] == pytest.approx(32 / (produce + infer))
+
+
+def test_bench_records_and_prints_a_backend_fallback(fake_env, monkeypatch, capsys):
+    monkeypatch.setenv(FAULT_ENV, "fakea:fallback")
+    assert run_cli("bench", "--models", "seed_cnn", "--backends", "fakea,fakeb", "--batch-size", "16",
+                   "--steps", "2", "--measure-warmup-steps", "0", "--phases", "train",
+                   "--data", "synthetic:256,128") == 0
+    out = capsys.readouterr().out
+    assert "note: could not apply everything as asked: seed_cnn / fakea: fake backend: simulated fallback" in out
+    assert "fakeb:" not in out

@@ -39,6 +39,8 @@ def _one_error_line(capsys) -> str:
     (["--models", "seed_cnn", "--data", "synthetic:64,32", "--batch-size", "128"], "lower --batch-size"),
     (["--models", "seed_cnn", "--data", "synthetic:64,32", "--train-subset", "1000"], "--train-subset"),
     (["--models", "seed_cnn", "--precision", "fp8"], "invalid choice"),
+    (["--models", "seed_cnn", "--bn-epsilon", "0"], "bn_epsilon must be a positive number, got 0.0 (fix --bn-epsilon)"),
+    (["--models", "seed_cnn", "--adam-betas", "0.9"], "argument --adam-betas: expected two numbers"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_worker(fake_env, tmp_path, capsys, extra, expected):
     code = run_cli("run", *extra, "--out", str(tmp_path / "out"))
@@ -86,6 +88,45 @@ def test_without_strict_an_asymmetry_is_reported_and_highlighted(fake_env, tmp_p
     assert re.search(r"\*\*seed_cnn\*\*\s*\|\s*\*\*bn_epsilon\*\*", report) and "asymmetries in bn_epsilon" in report
     assert '<tr class="asym">' in (out / "report.html").read_text()
     assert rows(out)["seed_cnn__fakeb__seed0"]["settings"]["bn_epsilon"] == 0.001
+
+
+@pytest.mark.parametrize("key", ["decayed_param_digest", "adam_beta1", "adam_beta2", "label_smoothing", "dropout",
+                                 "eval_batch_size", "decay_bn_and_bias", "input_normalization", "trainable_params"])
+def test_strict_refuses_an_asymmetry_in_each_new_audit_row(fake_env, tmp_path, capsys, monkeypatch, key):
+    monkeypatch.setenv("DUALBENCH_FAKE_FAULT", f"fakeb:wrong={key}")
+    out = tmp_path / "out"
+    assert fake_run(out, "--strict") == 2
+    assert f"seed_cnn: {key} (" in _one_error_line(capsys) and launches(fake_env, "train") == []
+    assert json.loads((out / "audit.json").read_text())["models"]["seed_cnn"]["asymmetries"] == [key]
+
+
+def test_the_audit_prints_one_summary_line_unless_asymmetric_or_verbose(fake_env, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert fake_run(out) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("Fairness audit")]
+    assert len(lines) == 1 and "must-match settings compared" in lines[0] and "0 asymmetries found" in lines[0]
+    assert str(out / "audit.csv") in lines[0] and "bn_epsilon" not in printed  # no table
+    audit = json.loads((out / "audit.json").read_text())["models"]["seed_cnn"]
+    assert audit["details"]["fakea"]["decayed_param_names"] == ["fake.bias", "fake.kernel"]
+    assert {"adam_beta1", "adam_beta2", "decayed_param_digest"} <= {row["setting"] for row in audit["rows"]}
+    assert "bn_epsilon" in (out / "audit.csv").read_text()  # the full table is in the file
+    assert fake_run(tmp_path / "verbose", "--verbose") == 0
+    assert "bn_epsilon" in capsys.readouterr().out  # --verbose: the table too
+
+
+def test_a_backend_fallback_is_printed_and_kept_in_the_audit_and_the_manifest(fake_env, tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setenv("DUALBENCH_FAKE_FAULT", "fakeb:fallback")
+    out = tmp_path / "out"
+    assert fake_run(out) == 0
+    assert "note: seed_cnn on fakeb could not apply everything as asked: fake backend: simulated fallback" in \
+        capsys.readouterr().out
+    assert rows(out)["seed_cnn__fakeb__seed0"]["manifest"]["fallbacks"] == ["fake backend: simulated fallback"]
+    assert rows(out)["seed_cnn__fakea__seed0"]["manifest"]["fallbacks"] == []
+    fallbacks = next(r for r in json.loads((out / "audit.json").read_text())["models"]["seed_cnn"]["rows"]
+                     if r["setting"] == "fallbacks")
+    assert fallbacks["fakeb"] == "fake backend: simulated fallback" and fallbacks["fakea"] == "none"
 
 
 def test_run_prints_progress_tables_and_paths(fake_env, tmp_path, capsys):

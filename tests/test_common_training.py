@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common import results
-from common.audit import AUDIT_KEYS, MUST_MATCH, asymmetries, compare_settings
+from common.audit import AUDIT_KEYS, MUST_MATCH, asymmetries, compare_settings, decay_settings, single_value
 from common.config import Recipe
 from common.metrics import (classification_report, confusion_matrix, cross_entropy, median_ci,
                             per_class_scores)
@@ -162,6 +162,28 @@ def test_audit_flags_asymmetries_only_for_must_match_keys():
     rows = compare_settings({"torch": base, "tensorflow": missing})
     assert [r["setting"] for r in asymmetries(rows)] == ["optimizer_epsilon"]
     assert "bn_momentum" in MUST_MATCH
+
+
+def test_a_value_mixed_across_layers_is_an_asymmetry_even_when_both_sides_are_mixed_alike():
+    mixed = single_value([1e-5, 1e-3, 1e-5])
+    assert mixed.startswith("mixed ") and single_value([0.1, 0.1]) == 0.1 and single_value([]) is None
+    base = {k: 1 for k in AUDIT_KEYS}
+    rows = compare_settings({"torch": dict(base, bn_epsilon=mixed), "tensorflow": dict(base, bn_epsilon=mixed)})
+    assert [r["setting"] for r in asymmetries(rows)] == ["bn_epsilon"]
+
+
+def test_decay_settings_read_which_parameters_decay_from_the_names():
+    trainable = ["conv.kernel", "bn.gamma", "bn.beta", "head.kernel", "head.bias"]
+    kernels = decay_settings(["head.kernel", "conv.kernel"], trainable)
+    assert kernels["decayed_param_count"] == 2 and kernels["decay_bn_and_bias"] is False
+    assert kernels["decayed_param_names"] == ["conv.kernel", "head.kernel"]  # sorted
+    assert kernels["decayed_param_digest"] == decay_settings(["conv.kernel", "head.kernel"], trainable)[
+        "decayed_param_digest"]  # order-free
+    everything = decay_settings(trainable, trainable)
+    assert everything["decay_bn_and_bias"] is True and everything["decayed_param_digest"] != kernels[
+        "decayed_param_digest"]
+    assert decay_settings([], trainable)["decay_bn_and_bias"] is None  # nothing decays: nothing to say
+    assert decay_settings(["conv.kernel", "bn.gamma"], trainable)["decay_bn_and_bias"].startswith("mixed ")
 
 
 def test_capped_epoch_fetches_only_its_steps_and_closes_the_pipeline():

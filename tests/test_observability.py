@@ -122,7 +122,7 @@ def test_retrieval_command_sees_embeddings_that_disagree(finished, monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--target-accuracy", "85"], "target_accuracy is a fraction in (0, 1]"),
     (["--eval-every-steps", "0"], "eval_every_steps must be a positive number"),
-    (["--hflip", "sideways"], "expected on or off"),
+    (["--mean", "0.5,x"], "expected comma-separated numbers"),
 ])
 def test_bad_values_are_one_line_errors(flags, message, capsys, tmp_path):
     assert run_cli("run", "--models", "seed_cnn", "--backends", "torch", *flags, "--out", str(tmp_path)) == 2

@@ -27,8 +27,11 @@ def test_real_backends_end_to_end(tmp_path):
     argv = [sys.executable, "-m", "compare", "run", "--backends", "torch,tensorflow", "--models", "seed_cnn",
             "--data", "synthetic", "--epochs", "1", "--max-steps-per-epoch", "3", "--train-subset", "256",
             "--test-subset", "128", "--batch-size", "32",
-            "--warmup-steps", "1",  # 3 steps = compile step + 1 warm-up + 1 measured: throughput is not None
+            "--measure-warmup-steps", "1",  # 3 steps = compile step + 1 warm-up + 1 measured: throughput is not None
             "--device", "cpu", "--timeout", "600", "--out", str(out),
+            # the audit must find both real workers identical (--strict refuses otherwise), betas included
+            "--strict", "--optimizer", "adamw", "--wd-mode", "decoupled", "--adam-betas", "0.85,0.995",
+            "--no-decay-bn-and-bias",
             # observability: an evaluation after step 2 as well, time to accuracy, TensorBoard, retrieval
             "--eval-every-steps", "2", "--target-accuracy", "0.05", "--tensorboard", str(tmp_path / "tb"),
             "--retrieval"]
@@ -56,6 +59,15 @@ def test_real_backends_end_to_end(tmp_path):
                  "audit.json", "audit.csv", "manifest.json", "plots/throughput.png", "plots/curves_seed_cnn.png",
                  "time_to_accuracy.csv", "retrieval.csv", "weights/seed_cnn__torch__seed0.npz"):
         assert (out / name).exists(), name
+    audit = json.loads((out / "audit.json").read_text())["models"]["seed_cnn"]
+    assert audit["asymmetries"] == [] and "0 asymmetries found" in done.stdout
+    values = {row["setting"]: row for row in audit["rows"]}
+    for backend in ("torch", "tensorflow"):  # read back from the built objects in each worker
+        assert (values["adam_beta1"][backend], values["adam_beta2"][backend]) == (0.85, 0.995)
+        assert values["decay_bn_and_bias"][backend] is False and values["fallbacks"][backend] == "none"
+    names = {b: audit["details"][b]["decayed_param_names"] for b in ("torch", "tensorflow")}
+    assert names["torch"] == names["tensorflow"] == [f"{layer}.kernel" for layer in
+                                                    ("conv1", "conv2", "conv3", "fc1", "fc2", "head")]
     _check_observability(out, tmp_path / "tb", rows)
 
 

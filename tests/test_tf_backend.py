@@ -12,7 +12,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from common.audit import AUDIT_KEYS  # noqa: E402
+from common.audit import AUDIT_KEYS, DETAIL_KEYS  # noqa: E402
 from common.backend import Backend as BackendProtocol  # noqa: E402
 from common.backend import TrainStep as TrainStepProtocol  # noqa: E402
 from common.config import Recipe, RunSpec  # noqa: E402
@@ -103,7 +103,7 @@ def test_unusable_devices_raise_a_user_error_naming_the_fix(backend):
     for device in ("cuda", "gpu:1", "cuda:0"):
         with pytest.raises(UserError, match="--device cpu or auto"):
             backend.setup(_spec(device=device))
-    with pytest.raises(UserError, match="unknown --device"):
+    with pytest.raises(UserError, match="unknown device .tpu.: use auto"):  # RunSpec refuses it first
         backend.setup(_spec(device="tpu"))
     assert backend.setup(_spec(device="auto"))["device_type"] == "cpu"
 
@@ -117,7 +117,7 @@ def test_audit_reads_back_every_key(backend, model_name):
     model, step, _ = _built(backend, spec, data)
     assert isinstance(step, TrainStepProtocol)
     audit = backend.audit(model, step)
-    assert set(audit) == set(AUDIT_KEYS) - COMMON_KEYS
+    assert set(audit) == (set(AUDIT_KEYS) - COMMON_KEYS) | set(DETAIL_KEYS)
     has_bn = model_name != "seed_cnn"
     assert audit["bn_momentum"] == (0.05 if has_bn else None)
     assert audit["bn_epsilon"] == (1e-4 if has_bn else None)
@@ -138,7 +138,7 @@ def test_audit_reports_sgd_and_fp16_loss_scaling(backend):
     audit = backend.audit(model, step)
     assert (audit["optimizer"], audit["momentum"], audit["nesterov"]) == ("sgd", 0.8, False)
     assert audit["optimizer_epsilon"] is None and audit["weight_decay_mode"] == "coupled_l2"
-    assert (audit["precision"], audit["loss_scaling"]) == ("fp16", "dynamic")
+    assert audit["precision"] == "fp16" and audit["loss_scaling"].startswith("dynamic (initial scale 65536")
 
 
 def test_padding_audit_catches_keras_same_at_stride_2():

@@ -131,3 +131,32 @@ def test_data_residency_counts_every_host_variable():
               "test_images": ["host", n_test * 8 * 8 * 3], "test_labels": ["host", n_test * 8]}
     assert residency == {"train_data": "host", "host_bytes": sum(n for _, n in arrays.values()),
                          "device_bytes": 0, "arrays": arrays}
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="needs a machine without a GPU")
+def test_an_unusable_on_device_prefetch_is_recorded_and_batches_still_arrive():
+    """No silent fallback: when tf.data cannot copy to the GPU (here: there is none), the pipeline says so.
+
+    The probe runs when the pipeline is built (before the audit), the note lands
+    in the list the backend reports (manifest + audit), the placement names the
+    fallback, and the batches are still the right ones.
+    """
+    data, notes = TinyDataset(), []
+    pipeline = EvalPipeline(data.test_images, data.test_labels, "/GPU:0", batch_size=10, mean=MEAN, std=STD,
+                            fallbacks=notes)
+    assert len(notes) == 1 and "copy_to_device(/GPU:0) unusable" in notes[0]
+    assert not pipeline.io.copy_in_pipeline and pipeline.io.placement.endswith("per step (fallback)")
+    images, labels = next(iter(pipeline.batches(raw=True)))
+    np.testing.assert_array_equal(images.numpy(), data.test_images[:10])
+    cpu = EvalPipeline(data.test_images, data.test_labels, "/CPU:0", batch_size=10, mean=MEAN, std=STD,
+                       fallbacks=notes)
+    assert len(notes) == 1 and "fallback" not in cpu.io.placement  # the CPU path has nothing to fall back from
+
+
+def test_thread_pools_tensorflow_cannot_change_are_a_fallback_note():
+    backend = Backend()
+    tf.constant(1.0) + 1.0  # the runtime is running: its thread pools are fixed from now on
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    settings = backend.setup(RunSpec(model="seed_cnn", backend="tensorflow", device="cpu", threads=current + 3))
+    assert any("threads stay" in note for note in settings["fallbacks"]), settings["fallbacks"]
+    assert settings["intra_op_threads"] == current  # read back: what really runs

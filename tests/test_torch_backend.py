@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.audit import AUDIT_KEYS
+from common.audit import AUDIT_KEYS, DETAIL_KEYS
 from common.backend import Backend as BackendProtocol, TrainStep as TrainStepProtocol
 from common.config import Recipe
 from common.errors import UserError
@@ -68,6 +68,25 @@ def test_setup_applies_and_reads_back_settings():
     assert effective["tf32"] is False and effective["deterministic"] is False and effective["intra_op_threads"] == 2
 
 
+def test_an_inter_op_thread_count_torch_refuses_is_recorded_not_swallowed(monkeypatch):
+    """No silent fallback: setup's note reaches the effective settings (manifest) and the audit."""
+    def refuse(threads):
+        raise RuntimeError("cannot set number of interop threads after parallel work has started")
+
+    monkeypatch.setattr(torch, "set_num_interop_threads", refuse)
+    monkeypatch.setattr(backend_module, "INTER_OP_THREADS", torch.get_num_interop_threads() + 1)
+    backend = Backend()
+    effective = backend.setup(cpu_spec())
+    assert len(effective["fallbacks"]) == 1 and "inter-op threads stay" in effective["fallbacks"][0]
+    net = backend.build_model("seed_cnn", 10, (16, 16, 3))
+    assert "cannot set number of interop threads" in backend.audit(net, backend.make_train_step(net, cpu_spec()))[
+        "fallbacks"]
+    monkeypatch.undo()
+    effective = backend.setup(cpu_spec())
+    if effective["inter_op_threads"] == backend_module.INTER_OP_THREADS:
+        assert effective["fallbacks"] == []  # what it asks for is what torch has: nothing to note
+
+
 def _audit(recipe: Recipe, model="resnet20", **spec_fields):
     spec = cpu_spec(model, recipe=recipe, **spec_fields)
     backend = Backend()
@@ -79,7 +98,7 @@ def _audit(recipe: Recipe, model="resnet20", **spec_fields):
 
 def test_audit_reports_every_key_with_values_read_back():
     audit = _audit(Recipe(bn_momentum=0.2, bn_epsilon=1e-3, label_smoothing=0.1, weight_decay=1e-3))
-    assert set(audit) | COMMON_KEYS == set(AUDIT_KEYS)
+    assert set(audit) | COMMON_KEYS == set(AUDIT_KEYS) | set(DETAIL_KEYS)
     assert audit["bn_momentum"] == 0.2 and audit["bn_epsilon"] == 1e-3
     assert audit["bn_running_variance"] == "unbiased" and audit["strided_conv_padding"] == "symmetric"
     assert audit["optimizer"] == "sgd" and audit["momentum"] == 0.9 and audit["nesterov"] is True
@@ -159,7 +178,7 @@ def test_full_run_through_the_shared_worker(monkeypatch):
     assert result.status == "ok", result.error
     assert [e["images"] for e in result.epochs] == [48, 48]
     assert all(np.isfinite(e["train_loss"]) and 0 <= e["test_accuracy"] <= 1 for e in result.epochs)
-    assert set(result.settings) == set(AUDIT_KEYS)
+    assert set(result.settings) == set(AUDIT_KEYS) | set(DETAIL_KEYS)
     assert result.settings.keys() >= common_settings(spec, dataset).keys()
     assert result.trainable_params == 269_722 and result.device_peak_bytes is None
     assert result.compile_s is not None and len(result.step_times_s) == 6 - 2

@@ -14,16 +14,15 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import re  # noqa: E402
-import warnings  # noqa: E402
 from typing import Any, Callable, Iterator  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from common.audit import pipeline_settings  # noqa: E402
+from common.audit import decay_settings, fallbacks_text, normalization_text, single_value  # noqa: E402
 from common.backend import residency_summary  # noqa: E402
-from common.config import Recipe, RunSpec  # noqa: E402
+from common.config import RunSpec  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.manifest import usable_cores  # noqa: E402
 from common.sampler import EpochPlan  # noqa: E402
@@ -65,14 +64,16 @@ class Backend:
         self._gpu = None  # the physical GPU in use (tf.config.PhysicalDevice), if any
         self._train: tf_data.TrainPipeline | None = None
         self._eval: tf_data.EvalPipeline | None = None
+        self._fallbacks: list[str] = []  # what this process could not apply as asked (fallback_notes)
 
     # -- environment ---------------------------------------------------------
     def setup(self, spec: RunSpec) -> dict[str, Any]:
+        self._fallbacks = []
         self.device_type, gpu_index = resolve_device(spec.device)
         self._select_device(gpu_index, spec.device)
         threads = spec.threads or usable_cores()
         # TF's defaults: a pool per core for intra-op and inter-op each; both explicit here.
-        _set_threads(threads, min(INTER_OP_THREADS, threads))
+        self._fallbacks += _set_threads(threads, min(INTER_OP_THREADS, threads))
         # TF enables TF32 by default on Ampere+ (torch does not): always set from the spec.
         tf.config.experimental.enable_tensor_float_32_execution(bool(spec.allow_tf32))
         _set_determinism(spec.deterministic)
@@ -93,7 +94,10 @@ class Backend:
                 "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
                 "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
                 "tf32": bool(tf.config.experimental.tensor_float_32_execution_enabled()),
-                "deterministic": _determinism_enabled()}
+                "deterministic": _determinism_enabled(), "fallbacks": self.fallback_notes()}
+
+    def fallback_notes(self) -> list[str]:
+        return list(dict.fromkeys(self._fallbacks))  # both pipelines may note the same data-path fallback
 
     def _select_device(self, gpu_index: int | None, requested: str) -> None:
         gpus = tf.config.list_physical_devices("GPU")
@@ -112,8 +116,12 @@ class Backend:
             tf.config.set_visible_devices(visible, "GPU")
             for gpu in visible:
                 tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # runtime already initialised (tests): keep it, place ops explicitly
+        except RuntimeError as exc:  # runtime already initialised (tests): keep it, place ops explicitly
             logical_index = gpu_index or 0
+            if gpus:  # with no GPU there was nothing to hide or to grow
+                self._fallbacks.append(f"GPU visibility and memory growth unchanged (the TensorFlow runtime had "
+                                       f"started: {str(exc).splitlines()[0]}); ops placed on GPU:{logical_index} "
+                                       "explicitly, other GPUs stay visible")
         self._gpu = visible[0] if visible else None
         self.device = f"/GPU:{logical_index}" if self.device_type == "gpu" else "/CPU:0"
         if self.device_type == "gpu" and not tf.config.list_logical_devices("GPU"):
@@ -169,12 +177,13 @@ class Backend:
     # -- training ------------------------------------------------------------
     def attach_data(self, dataset: Any, spec: RunSpec) -> None:
         recipe = spec.recipe
+        normalisation = {"mean": recipe.mean, "std": recipe.std, "fallbacks": self._fallbacks}
         self._train = tf_data.TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
-                                            crop_padding=recipe.crop_padding, mean=recipe.mean, std=recipe.std,
-                                            random_crop=recipe.augment,
-                                            horizontal_flip=recipe.augment and recipe.horizontal_flip)
+                                            crop_padding=recipe.crop_padding, random_crop=recipe.augment,
+                                            horizontal_flip=recipe.augment and recipe.horizontal_flip,
+                                            **normalisation)
         self._eval = tf_data.EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
-                                          batch_size=recipe.eval_batch_size, mean=recipe.mean, std=recipe.std)
+                                          batch_size=recipe.eval_batch_size, **normalisation)
 
     def train_batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[Any, Any]]:
         if self._train is None:
@@ -198,22 +207,26 @@ class Backend:
 
     def audit(self, model: keras.Model, train_step: TrainStep) -> dict[str, Any]:
         settings = self._effective_settings()
-        optimizer = train_step.inner_optimizer
-        recipe: Recipe = optimizer.recipe
-        is_sgd = optimizer.kind == "sgd"
-        return {**_bn_audit(model), "strided_conv_padding": _strided_padding(model),
-                "optimizer": recipe.optimizer, "momentum": float(recipe.momentum) if is_sgd else None,
-                "nesterov": bool(recipe.nesterov) if is_sgd else None,
-                "weight_decay": float(recipe.weight_decay), "weight_decay_mode": recipe.weight_decay_mode,
-                "optimizer_epsilon": None if is_sgd else float(recipe.adam_epsilon),
-                "loss": train_step.loss_name, "label_smoothing": train_step.label_smoothing,
+        return {**_layer_settings(model), "strided_conv_padding": _strided_padding(model),
+                **_optimizer_settings(train_step), **self._pipeline_settings(),
+                "trainable_params": self.trainable_param_count(model),
+                "loss": train_step.loss.name, "label_smoothing": float(train_step.loss.label_smoothing),
+                "loss_scaling": _loss_scaling(train_step.optimizer),
                 "precision": settings["precision"], "tf32": settings["tf32"],
                 "deterministic": settings["deterministic"], "intra_op_threads": settings["intra_op_threads"],
                 "inter_op_threads": settings["inter_op_threads"], "device_type": self.device_type,
                 "device": settings["device"], "execution_mode": train_step.mode,
-                "data_format": settings["data_format"], "loss_scaling": train_step.loss_scaling,
-                **pipeline_settings(self._train, self._eval)}
+                "data_format": settings["data_format"], "fallbacks": fallbacks_text(self.fallback_notes())}
 
+    def _pipeline_settings(self) -> dict[str, Any]:
+        """Batch size, padding, normalisation and placement read from the built pipelines."""
+        pipelines = [p for p in (self._train, self._eval) if p is not None]
+        return {"eval_batch_size": self._eval.batch_size if self._eval else None,
+                "crop_padding": self._train.pad if self._train else None,
+                "augmentation": self._train.augmentation() if self._train else None,
+                "input_normalization": single_value(
+                    normalization_text(p.io.mean.numpy().tolist(), p.io.std.numpy().tolist()) for p in pipelines),
+                "input_pipeline": self._train.io.placement if self._train else None}
 
     # -- measurement ---------------------------------------------------------
     def synchronize(self) -> None:
@@ -263,7 +276,8 @@ def resolve_device(device: str) -> tuple[str, int | None]:
     return "gpu", int(match.group(2) or 0)
 
 
-def _set_threads(intra: int, inter: int) -> None:
+def _set_threads(intra: int, inter: int) -> list[str]:
+    """Set both pools; TF allows it only before its runtime starts (then: a fallback note, if they differ)."""
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
@@ -271,8 +285,9 @@ def _set_threads(intra: int, inter: int) -> None:
         current = (tf.config.threading.get_intra_op_parallelism_threads(),
                    tf.config.threading.get_inter_op_parallelism_threads())
         if current != (intra, inter):
-            warnings.warn(f"TensorFlow already initialised with (intra, inter) threads {current}; "
-                          f"cannot change to {(intra, inter)} in this process", RuntimeWarning, stacklevel=3)
+            return [f"(intra, inter) threads stay {current}, not {(intra, inter)}: the TensorFlow runtime "
+                    "had started in this process"]
+    return []
 
 
 def _set_determinism(enabled: bool) -> None:
@@ -290,17 +305,55 @@ def _determinism_enabled() -> bool:
     return bool(tf_config.is_op_determinism_enabled())
 
 
-def _bn_audit(model: keras.Model) -> dict[str, Any]:
-    """BN momentum (torch convention), epsilon and variance estimator read from the BN layers."""
-    bns = [l for l in model.layers if isinstance(l, BatchNorm)]
-    if not bns:
-        return {"bn_momentum": None, "bn_epsilon": None, "bn_running_variance": None}
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer, nested models' layers included."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found += _all_layers(layer)
+    return found
+
+
+def _layer_settings(model: keras.Model) -> dict[str, Any]:
+    """BN momentum (torch convention), epsilon, variance estimator of every BN layer; dropout rate."""
+    layers = _all_layers(model)
+    bns = [l for l in layers if isinstance(l, BatchNorm)]
     # 12 significant digits: 1 - (1 - 0.1) is 0.09999999999999998 in binary floating point.
-    momenta = {float(f"{1.0 - l.momentum:.12g}") for l in bns}
-    epsilons = {float(l.epsilon) for l in bns}
-    estimators = {l.running_variance_estimator for l in bns}
-    one = lambda values: next(iter(values)) if len(values) == 1 else f"mixed {sorted(values)}"  # noqa: E731
-    return {"bn_momentum": one(momenta), "bn_epsilon": one(epsilons), "bn_running_variance": one(estimators)}
+    return {"bn_momentum": single_value(float(f"{1.0 - l.momentum:.12g}") for l in bns),
+            "bn_epsilon": single_value(float(l.epsilon) for l in bns),
+            "bn_running_variance": single_value(l.running_variance_estimator for l in bns),
+            "dropout": single_value(float(l.rate) for l in layers if isinstance(l, keras.layers.Dropout))}
+
+
+def _optimizer_settings(train_step: TrainStep) -> dict[str, Any]:
+    """Hyperparameters and decayed parameters read from the built optimizer (never from the recipe)."""
+    optimizer = train_step.inner_optimizer
+    is_sgd = optimizer.kind == "sgd"
+    decayed = [name for name, flag in zip(optimizer.variable_names, optimizer.decay_flags)
+               if flag and optimizer.decay_coefficient != 0]
+    if is_sgd:
+        name = "sgd"
+    else:
+        name = "adamw" if optimizer.decay_mode == "decoupled" else "adam"
+    return {"optimizer": name,
+            "momentum": float(optimizer.sgd_momentum) if is_sgd else None,
+            "nesterov": bool(optimizer.nesterov) if is_sgd else None,
+            "adam_beta1": None if is_sgd else float(optimizer.beta_1),
+            "adam_beta2": None if is_sgd else float(optimizer.beta_2),
+            "optimizer_epsilon": None if is_sgd else float(optimizer.adam_epsilon),
+            "weight_decay": float(optimizer.decay_coefficient) if decayed else 0.0,
+            "weight_decay_mode": optimizer.decay_mode if decayed else None,
+            **decay_settings(decayed, optimizer.variable_names)}
+
+
+def _loss_scaling(optimizer: keras.optimizers.Optimizer) -> str | None:
+    """fp16 dynamic loss scaling as the LossScaleOptimizer holds it; None without one."""
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return None
+    # initial_scale: what dynamic_scale started from (dynamic_scale itself moves during training)
+    return (f"dynamic (initial scale {float(optimizer.initial_scale):g}, "
+            f"growth interval {int(optimizer.dynamic_growth_steps)} steps)")
 
 
 def _strided_padding(model: keras.Model) -> str:

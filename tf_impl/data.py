@@ -15,7 +15,9 @@ and normalises ``(x/255 - mean)/std`` in that op order, in float32. Then
 ``prefetch(tf.data.AUTOTUNE)``. On a GPU, batches are copied to the device inside
 tf.data (``copy_to_device`` + ``prefetch``) so step i+1's batch is already
 there while step i runs (not exercised on a GPU yet: the development machine
-has none; a host-side fallback copies batches if that path is unavailable).
+has none). Whether that path works is probed once when a pipeline is built; if
+it does not, batches are prefetched on the host and copied per step, and the
+fallback is recorded (the backend's ``fallback_notes``: run manifest and audit).
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ import tensorflow as tf
 from common.sampler import EpochPlan, augmentation_text, check_plan
 
 
-
 def normalize(images_uint8_nhwc: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
     """uint8 NHWC -> float32 NHWC ``(x/255 - mean)/std`` (same op order as common.sampler.normalize_reference)."""
     x = tf.cast(images_uint8_nhwc, tf.float32) / 255.0
@@ -35,31 +36,54 @@ def normalize(images_uint8_nhwc: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> 
 
 
 class _Placement:
-    """Where the dataset lives (host memory) and where batches are delivered (the compute device)."""
+    """Where the dataset lives (host memory) and where batches are delivered (the compute device).
 
-    def __init__(self, device: str, mean: Sequence[float], std: Sequence[float]):
+    ``fallbacks``: a list (the backend's) that a fallback from the on-device
+    prefetch path is appended to, so the run's manifest and audit show it.
+    """
+
+    def __init__(self, device: str, mean: Sequence[float], std: Sequence[float],
+                 fallbacks: list[str] | None = None):
         self.device = device
         self.on_gpu = "GPU" in device.upper()
         self.mean = tf.constant(mean, tf.float32)
         self.std = tf.constant(std, tf.float32)
-
-    def normalization(self) -> tuple[list[float], list[float]]:
-        """(mean, std) per channel as this pipeline holds them (read back for the fairness audit)."""
-        return self.mean.numpy().tolist(), self.std.numpy().tolist()
-
-    def deliver(self, dataset: tf.data.Dataset) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
-        """Iterate ``dataset`` prefetched on the compute device."""
+        self.fallbacks = [] if fallbacks is None else fallbacks
+        self.copy_in_pipeline = self.on_gpu and self._device_copy_works()
+        host = "uint8 dataset in host memory (tf.Variable); batches built by tf.data on the host"
         if not self.on_gpu:
-            yield from dataset.prefetch(tf.data.AUTOTUNE)
-            return
-        on_device = dataset.apply(tf.data.experimental.copy_to_device(self.device)).prefetch(tf.data.AUTOTUNE)
+            self.placement = f"{host}, prefetched"
+        elif self.copy_in_pipeline:
+            self.placement = f"{host}, copied to {device} inside tf.data (copy_to_device + prefetch)"
+        else:
+            self.placement = f"{host}, prefetched on the host, copied to {device} per step (fallback)"
+
+    def _device_copy_works(self) -> bool:
+        """Probe tf.data's copy_to_device once: does an iterator on the device hand back tensors there?"""
+        probe = tf.data.Dataset.from_tensors(tf.zeros([1], tf.uint8))
         try:
             with tf.device(self.device):  # the iterator must live on the device it prefetches to
+                element = next(iter(probe.apply(tf.data.experimental.copy_to_device(self.device)).prefetch(1)))
+        except (tf.errors.OpError, NotImplementedError, ValueError, RuntimeError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        else:
+            if "GPU" in element.device.upper():
+                return True
+            reason = f"batches arrived on {element.device}"
+        self.fallbacks.append(f"tf.data copy_to_device({self.device}) unusable ({reason[:200]}): batches are "
+                              "prefetched on the host and copied to the device per step")
+        return False
+
+    def deliver(self, dataset: tf.data.Dataset) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+        """Iterate ``dataset`` prefetched on the compute device (or, after a fallback, copied per step)."""
+        if self.copy_in_pipeline:
+            on_device = dataset.apply(tf.data.experimental.copy_to_device(self.device)).prefetch(tf.data.AUTOTUNE)
+            with tf.device(self.device):
                 iterator = iter(on_device)
-        except (tf.errors.OpError, NotImplementedError, ValueError):
-            iterator = iter(dataset.prefetch(tf.data.AUTOTUNE))  # host prefetch; copied below
-        for images, labels in iterator:
-            if "GPU" not in images.device.upper():  # defensive: some TF builds hand batches back on the host
+            yield from iterator
+            return
+        for images, labels in dataset.prefetch(tf.data.AUTOTUNE):
+            if self.on_gpu:
                 with tf.device(self.device):
                     images, labels = tf.identity(images), tf.identity(labels)
             yield images, labels
@@ -80,9 +104,9 @@ class TrainPipeline:
     """Training batches of an EpochPlan: gather + pad-and-crop + flip + normalise, batched."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, crop_padding: int,
-                 mean: Sequence[float], std: Sequence[float], random_crop: bool = True,
-                 horizontal_flip: bool = True):
-        self.io = _Placement(device, mean, std)
+                 mean: Sequence[float], std: Sequence[float], fallbacks: list[str] | None = None,
+                 random_crop: bool = True, horizontal_flip: bool = True):
+        self.io = _Placement(device, mean, std, fallbacks)
         self.pad = int(crop_padding)
         self.random_crop, self.horizontal_flip = bool(random_crop), bool(horizontal_flip)
         self.height, self.width = int(images.shape[1]), int(images.shape[2])
@@ -94,10 +118,6 @@ class TrainPipeline:
     def held_arrays(self) -> dict[str, tuple[str, int]]:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return {"train_images": _held(self.images), "train_labels": _held(self.labels)}
-
-    def normalization(self) -> tuple[list[float], list[float]]:
-        """(mean, std) per channel as this pipeline holds them."""
-        return self.io.normalization()
 
     def augmentation(self) -> str:
         """What this pipeline was built to apply (common.sampler.augmentation_text), for the audit."""
@@ -137,8 +157,8 @@ class EvalPipeline:
     """The test set in order, fixed-size batches (last partial one kept), no augmentation."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, batch_size: int,
-                 mean: Sequence[float], std: Sequence[float]):
-        self.io = _Placement(device, mean, std)
+                 mean: Sequence[float], std: Sequence[float], fallbacks: list[str] | None = None):
+        self.io = _Placement(device, mean, std, fallbacks)
         self.batch_size = int(batch_size)
         self.num_examples = len(labels)
         self.images = _host_variable(np.asarray(images, np.uint8), "test_images")
@@ -147,10 +167,6 @@ class EvalPipeline:
     def held_arrays(self) -> dict[str, tuple[str, int]]:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return {"test_images": _held(self.images), "test_labels": _held(self.labels)}
-
-    def normalization(self) -> tuple[list[float], list[float]]:
-        """(mean, std) per channel as this pipeline holds them."""
-        return self.io.normalization()
 
     def _dataset(self, raw: bool = False) -> tf.data.Dataset:
         dataset = tf.data.Dataset.range(self.num_examples).batch(self.batch_size)

@@ -48,14 +48,27 @@ class _ReferenceSemanticsOptimizer(keras.optimizers.Optimizer):
     ``variable_names`` are the canonical names of the variables the optimizer
     is built on, in the same order; they decide which parameters decay.
     Slots: "momentum" (SGD with momentum > 0) or "m" and "v" (Adam/AdamW).
+
+    The hyperparameters are this object's own attributes, set once from the
+    recipe and the only values ``update_step`` reads, so the fairness audit
+    reads what the optimizer really applies: ``kind`` ("sgd" | "adam"),
+    ``sgd_momentum``, ``nesterov``, ``beta_1``, ``beta_2``, ``adam_epsilon``,
+    ``decay_coefficient``, ``decay_mode`` and ``decay_flags`` (one per
+    variable). Keras's own ``weight_decay`` stays None: decay is
+    applied per parameter in ``update_step``.
     """
 
     def __init__(self, recipe: Recipe, variable_names: list[str], name: str | None = None):
-        # Keras's own weight_decay stays None: decay is applied per parameter in update_step.
         super().__init__(learning_rate=recipe.lr, name=name or f"reference_{recipe.optimizer}")
-        self.recipe = recipe
         self.variable_names = list(variable_names)
         self.kind = "sgd" if recipe.optimizer == "sgd" else "adam"  # adam and adamw differ only in decay mode
+        self.sgd_momentum = float(recipe.momentum)
+        self.nesterov = bool(recipe.nesterov and recipe.momentum > 0)  # as torch's SGD is built
+        self.beta_1, self.beta_2 = float(recipe.adam_beta1), float(recipe.adam_beta2)
+        self.adam_epsilon = float(recipe.adam_epsilon)
+        self.decay_coefficient = float(recipe.weight_decay)
+        self.decay_mode = recipe.weight_decay_mode
+        self.decay_flags = [decays(name, recipe) for name in self.variable_names]  # aligned with the names
 
     def build(self, variables):
         if self.built:
@@ -63,9 +76,8 @@ class _ReferenceSemanticsOptimizer(keras.optimizers.Optimizer):
         if len(variables) != len(self.variable_names):
             raise ValueError(f"{len(variables)} variables but {len(self.variable_names)} names")
         super().build(variables)
-        self.decay_flags = [decays(name, self.recipe) for name in self.variable_names]
         if self.kind == "sgd":
-            names = ("momentum",) if self.recipe.momentum > 0 else ()
+            names = ("momentum",) if self.sgd_momentum > 0 else ()
         else:
             names = ("m", "v")
         self.slot_names = names
@@ -77,44 +89,41 @@ class _ReferenceSemanticsOptimizer(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
-        recipe = self.recipe
         lr = tf.cast(learning_rate, variable.dtype)
         grad = tf.cast(gradient, variable.dtype)
         if self.decay_flags[index]:
-            if recipe.weight_decay_mode == "coupled_l2":
-                grad = grad + recipe.weight_decay * variable  # torch: grad.add(param, alpha=wd)
+            if self.decay_mode == "coupled_l2":
+                grad = grad + self.decay_coefficient * variable  # torch: grad.add(param, alpha=wd)
             else:
-                self.assign(variable, variable * (1.0 - lr * recipe.weight_decay))  # torch AdamW
+                self.assign(variable, variable * (1.0 - lr * self.decay_coefficient))  # torch AdamW
         if self.kind == "sgd":
             self._sgd_step(index, variable, grad, lr)
         else:
             self._adam_step(index, variable, grad, lr)
 
     def _sgd_step(self, index, variable, grad, lr):
-        recipe = self.recipe
-        if recipe.momentum == 0:
+        if self.sgd_momentum == 0:
             self.assign_sub(variable, lr * grad)
             return
         buffer = self.slots[0][index]
         # torch: buf = m*buf + g (the first step's buf = g equals this with buf initialised to 0)
-        self.assign(buffer, recipe.momentum * buffer + grad)
-        direction = grad + recipe.momentum * buffer if recipe.nesterov else buffer
+        self.assign(buffer, self.sgd_momentum * buffer + grad)
+        direction = grad + self.sgd_momentum * buffer if self.nesterov else buffer
         self.assign_sub(variable, lr * direction)
 
     def _adam_step(self, index, variable, grad, lr):
-        recipe = self.recipe
         m, v = self.slots[0][index], self.slots[1][index]
-        self.assign(m, recipe.adam_beta1 * m + (1.0 - recipe.adam_beta1) * grad)
-        self.assign(v, recipe.adam_beta2 * v + (1.0 - recipe.adam_beta2) * grad * grad)
+        self.assign(m, self.beta_1 * m + (1.0 - self.beta_1) * grad)
+        self.assign(v, self.beta_2 * v + (1.0 - self.beta_2) * grad * grad)
         # Bias corrections in float64, as torch computes them from a Python step count:
         # 1 - 0.999**t in float32 is off by ~1e-5 relative at t = 1.
         step = tf.cast(self.iterations + 1, tf.float64)
-        correction1 = 1.0 - tf.pow(tf.constant(recipe.adam_beta1, tf.float64), step)
-        correction2 = 1.0 - tf.pow(tf.constant(recipe.adam_beta2, tf.float64), step)
+        correction1 = 1.0 - tf.pow(tf.constant(self.beta_1, tf.float64), step)
+        correction2 = 1.0 - tf.pow(tf.constant(self.beta_2, tf.float64), step)
         step_size = tf.cast(tf.cast(lr, tf.float64) / correction1, variable.dtype)
         correction2_sqrt = tf.cast(tf.sqrt(correction2), variable.dtype)
         # torch placement of epsilon: after sqrt(v) / sqrt(1 - b2^t) (Keras adds it before).
-        denominator = tf.sqrt(v) / correction2_sqrt + recipe.adam_epsilon
+        denominator = tf.sqrt(v) / correction2_sqrt + self.adam_epsilon
         self.assign_sub(variable, step_size * m / denominator)
 
 
@@ -134,6 +143,24 @@ def softmax_cross_entropy(logits, labels, num_classes: int, label_smoothing: flo
     if label_smoothing:
         target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
     return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits))
+
+
+class TrainingLoss:
+    """The loss the train step calls: ``softmax_cross_entropy`` with this object's ``label_smoothing``.
+
+    The audit reads ``name`` and ``label_smoothing`` from here, the object the
+    step really calls (read when the step is traced), so changing them after
+    the build changes both the loss and what the audit reports.
+    """
+
+    name = LOSS_NAME
+
+    def __init__(self, label_smoothing: float = 0.0, num_classes: int | None = None):
+        self.label_smoothing = float(label_smoothing)
+        self.num_classes = num_classes  # K of the smoothed target
+
+    def __call__(self, logits, labels):
+        return softmax_cross_entropy(logits, labels, self.num_classes, self.label_smoothing)
 
 
 def compile_function(fn: Callable, mode: str) -> Callable:
@@ -158,9 +185,7 @@ class TrainStep:
         self.device, self.precision, self.mode = device, precision, mode
         self.variables = list(model.trainable_variables)
         self.variable_names = trainable_variable_names(model, arch)
-        self.num_classes = int(model.output_shape[-1])
-        self.label_smoothing = float(recipe.label_smoothing)
-        self.loss_name = LOSS_NAME
+        self.loss = TrainingLoss(recipe.label_smoothing, num_classes=int(model.output_shape[-1]))
         self.optimizer = build_optimizer(recipe, self.variable_names, precision)
         self.inner_optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         with tf.device(device):
@@ -176,7 +201,7 @@ class TrainStep:
         self.trace_count += 1
         with tf.GradientTape() as tape, BatchNorm.using(_BN_IMPLEMENTATION[self.mode]):
             logits = self.model(images, training=True)
-            loss = softmax_cross_entropy(logits, labels, self.num_classes, self.label_smoothing)
+            loss = self.loss(logits, labels)
             scaled = self.optimizer.scale_loss(loss)  # identity unless fp16 loss scaling
         gradients = tape.gradient(scaled, self.variables)
         self.optimizer.apply(gradients, self.variables)  # unscales (fp16) and skips non-finite steps

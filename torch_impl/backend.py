@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.audit import pipeline_settings
+from common.audit import decay_settings, fallbacks_text, normalization_text, single_value
 from common.backend import residency_summary
 from common.config import RunSpec
 from common.errors import UserError
@@ -96,20 +96,19 @@ class Backend:
         self.precision, self.mode, self.channels_last = "fp32", "eager", False
         self._train: TrainPipeline | None = None
         self._eval: EvalPipeline | None = None
+        self._fallbacks: list[str] = []  # what this process could not apply as asked (fallback_notes)
 
     # -- environment ---------------------------------------------------------
     def setup(self, spec: RunSpec) -> dict[str, Any]:
         self.device = resolve_device(spec.device)
         self.mode, self.channels_last = resolve_mode(spec.mode, spec.channels_last, self.device)
         self.precision = spec.precision
+        self._fallbacks = []
         if spec.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError(f"--precision bf16: {torch.cuda.get_device_name(self.device)} has no bfloat16 "
                             "support: use --precision fp16 or fp32")
         torch.set_num_threads(spec.threads or usable_cores())
-        try:
-            torch.set_num_interop_threads(INTER_OP_THREADS)
-        except RuntimeError:  # only settable before the first inter-op work; the audit reads back the value
-            pass
+        self._set_interop_threads(INTER_OP_THREADS)
         # torch's defaults: TF32 off for matmuls but ON for cuDNN convs; both set explicitly.
         torch.backends.cuda.matmul.allow_tf32 = spec.allow_tf32
         torch.backends.cudnn.allow_tf32 = spec.allow_tf32
@@ -124,7 +123,19 @@ class Backend:
                 "channels_last": self.channels_last, "precision": self.precision,
                 "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
                 "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
-                "cudnn_benchmark": torch.backends.cudnn.benchmark}
+                "cudnn_benchmark": torch.backends.cudnn.benchmark, "fallbacks": self.fallback_notes()}
+
+    def _set_interop_threads(self, threads: int) -> None:
+        """Set the inter-op pool; torch allows it only before its first inter-op work (then: a fallback note)."""
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError as exc:
+            if torch.get_num_interop_threads() != threads:
+                self._fallbacks.append(f"inter-op threads stay {torch.get_num_interop_threads()}, not {threads}: "
+                                       f"{str(exc).splitlines()[0]}")
+
+    def fallback_notes(self) -> list[str]:
+        return list(self._fallbacks)
 
     def versions(self) -> dict[str, str]:
         versions = {"torch": torch.__version__, "numpy": np.__version__}
@@ -219,16 +230,27 @@ class Backend:
         return np.asarray(value)
 
     def audit(self, model: nn.Module, train_step: TrainStep) -> dict[str, Any]:
-        return {**_model_settings(model), **_optimizer_settings(train_step),
-                "loss": train_step.loss_name, "label_smoothing": train_step.label_smoothing,
+        return {**_model_settings(model), **_optimizer_settings(train_step), **self._pipeline_settings(),
+                "trainable_params": self.trainable_param_count(model),
+                "loss": train_step.loss.name, "label_smoothing": float(train_step.loss.label_smoothing),
+                "loss_scaling": _loss_scaling(train_step.scaler),
                 "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[train_step.autocast_dtype],
                 "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
                 "device_type": self._device_type(), "device": self._device_name(),
                 "execution_mode": train_step.mode,
                 "data_format": "NCHW channels_last" if weight_io._uses_channels_last(model) else "NCHW",
-                "loss_scaling": train_step.loss_scaling, **pipeline_settings(self._train, self._eval)}
+                "fallbacks": fallbacks_text(self.fallback_notes())}
 
+    def _pipeline_settings(self) -> dict[str, Any]:
+        """Batch size, padding, normalisation and placement read from the built pipelines."""
+        pipelines = [p for p in (self._train, self._eval) if p is not None]
+        return {"eval_batch_size": self._eval.batch_size if self._eval else None,
+                "crop_padding": self._train.pad if self._train else None,
+                "augmentation": self._train.augmentation() if self._train else None,
+                "input_normalization": single_value(
+                    normalization_text(p.io.mean.tolist(), p.io.std.tolist()) for p in pipelines),
+                "input_pipeline": self._train.io.placement if self._train else None}
 
     # -- measurement ---------------------------------------------------------
     def synchronize(self) -> None:
@@ -254,40 +276,50 @@ class Backend:
         return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
 
 
-def _single(values: set[Any]) -> Any:
-    """The one value all layers share, None without layers, "mixed [...]" (an audit asymmetry) otherwise."""
-    if not values:
-        return None
-    return next(iter(values)) if len(values) == 1 else f"mixed {sorted(values)}"
-
-
 def _model_settings(model: nn.Module) -> dict[str, Any]:
-    """BN and padding conventions read back from the layers (None where the model has no BN)."""
+    """BN (every layer), dropout and padding conventions read back from the modules."""
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     symmetric = all(m.padding == (m.kernel_size[0] // 2, m.kernel_size[1] // 2) and m.padding_mode == "zeros"
                     for m in convs)
-    return {"bn_momentum": _single({float(m.momentum) for m in norms}),  # torch convention already
-            "bn_epsilon": _single({float(m.eps) for m in norms}),
+    return {"bn_momentum": single_value(float(m.momentum) for m in norms),  # torch convention already
+            "bn_epsilon": single_value(float(m.eps) for m in norms),
             # torch's BatchNorm always updates running_var with the unbiased batch variance
             "bn_running_variance": "unbiased" if norms else None,
+            "dropout": single_value(float(m.p) for m in model.modules() if isinstance(m, nn.Dropout)),
             "strided_conv_padding": "symmetric" if symmetric else "asymmetric"}
 
 
-def _optimizer_settings(train_step: TrainStep) -> dict[str, Any]:
-    """Optimizer hyperparameters read back from the torch optimizer and its param groups."""
-    optimizer, recipe = train_step.optimizer, train_step.recipe
-    groups = optimizer.param_groups
-    is_sgd = isinstance(optimizer, torch.optim.SGD)
-    weight_decay = max(g["weight_decay"] + g["sgd_decoupled_decay"] for g in groups)
-    decoupled = isinstance(optimizer, torch.optim.AdamW) or any(g["sgd_decoupled_decay"] for g in groups)
-    if weight_decay == 0:
-        mode = recipe.weight_decay_mode  # no decay at all: both modes are the same update
-    else:
-        mode = "decoupled" if decoupled else "coupled_l2"
-    return {"optimizer": "sgd" if is_sgd else recipe.optimizer,  # adam vs adamw: named by the recipe
-            "momentum": float(groups[0]["momentum"]) if is_sgd else None,
-            "nesterov": bool(groups[0]["nesterov"]) if is_sgd else None,
-            "weight_decay": float(weight_decay), "weight_decay_mode": mode,
-            "optimizer_epsilon": None if is_sgd else float(groups[0]["eps"])}
+def _group_decay(group: dict[str, Any]) -> float:
+    """The decay coefficient of one param group: coupled (weight_decay) or our decoupled SGD key."""
+    return float(group["weight_decay"]) + float(group.get("sgd_decoupled_decay", 0.0))
 
+
+def _optimizer_settings(train_step: TrainStep) -> dict[str, Any]:
+    """Optimizer hyperparameters and the decayed parameters, read from the optimizer's param groups."""
+    optimizer = train_step.optimizer
+    groups = optimizer.param_groups
+    names = {id(tensor): name for name, (_layer, _param, tensor) in train_step.trainable.items()}
+    decaying = [g for g in groups if _group_decay(g) > 0]
+    decayed = [names.get(id(p), f"<not a model parameter: {tuple(p.shape)}>") for g in decaying for p in g["params"]]
+    is_sgd = isinstance(optimizer, torch.optim.SGD)
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or any(g.get("sgd_decoupled_decay") for g in groups)
+    kind = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+    betas = [g["betas"] for g in groups] if not is_sgd else []
+    return {"optimizer": kind.get(type(optimizer), type(optimizer).__name__),
+            "momentum": single_value(float(g["momentum"]) for g in groups) if is_sgd else None,
+            "nesterov": single_value(bool(g["nesterov"]) for g in groups) if is_sgd else None,
+            "adam_beta1": single_value(float(b[0]) for b in betas) if betas else None,
+            "adam_beta2": single_value(float(b[1]) for b in betas) if betas else None,
+            "optimizer_epsilon": None if is_sgd else single_value(float(g["eps"]) for g in groups),
+            "weight_decay": single_value(_group_decay(g) for g in decaying) if decaying else 0.0,
+            "weight_decay_mode": ("decoupled" if decoupled else "coupled_l2") if decaying else None,
+            **decay_settings(decayed, list(train_step.trainable))}
+
+
+def _loss_scaling(scaler: torch.amp.GradScaler) -> str | None:
+    """fp16 dynamic loss scaling as the GradScaler holds it; None when disabled."""
+    if not scaler.is_enabled():
+        return None
+    # _init_scale: what the scale started from (get_scale() moves during training; no public getter)
+    return f"dynamic (initial scale {scaler._init_scale:g}, growth interval {scaler.get_growth_interval()} steps)"

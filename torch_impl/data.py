@@ -41,6 +41,12 @@ class _Normalizer:
         self.channels_last = channels_last
         resident = device.type == "cpu" or images.nbytes <= _DEVICE_RESIDENT_MAX_BYTES
         self.storage_device = device if resident else torch.device("cpu")
+        # what the audit shows as input_pipeline (placement differs by design between the frameworks)
+        if resident:
+            self.placement = f"uint8 dataset on {device}; batches built there"
+        else:
+            self.placement = (f"uint8 dataset in host memory (over {_DEVICE_RESIDENT_MAX_BYTES >> 30} GiB); "
+                              f"batches gathered on the host, pinned, copied to {device} asynchronously")
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
 
@@ -49,10 +55,6 @@ class _Normalizer:
         if tensor.device == self.device:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
-
-    def normalization(self) -> tuple[list[float], list[float]]:
-        """(mean, std) per channel as this pipeline holds them (read back for the fairness audit)."""
-        return self.mean.cpu().tolist(), self.std.cpu().tolist()
 
     def finish(self, images: torch.Tensor, labels: torch.Tensor, raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.to_device(images), self.to_device(labels)
@@ -89,10 +91,6 @@ class TrainPipeline:
     def held_arrays(self) -> dict[str, tuple[str, int]]:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return dict(self._held)
-
-    def normalization(self) -> tuple[list[float], list[float]]:
-        """(mean, std) per channel as this pipeline holds them."""
-        return self.io.normalization()
 
     def augmentation(self) -> str:
         """What this pipeline was built to apply (common.sampler.augmentation_text), for the audit."""
@@ -134,10 +132,6 @@ class EvalPipeline:
     def held_arrays(self) -> dict[str, tuple[str, int]]:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return dict(self._held)
-
-    def normalization(self) -> tuple[list[float], list[float]]:
-        """(mean, std) per channel as this pipeline holds them."""
-        return self.io.normalization()
 
     def batches(self, raw: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.labels), self.batch_size):

@@ -80,6 +80,24 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoo
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
+class TrainingLoss:
+    """The loss the train step calls: ``softmax_cross_entropy`` with this object's ``label_smoothing``.
+
+    The audit reads ``name`` and ``label_smoothing`` from here, the object the
+    step really calls, so changing them after the build changes both the loss
+    and what the audit reports.
+    """
+
+    name = LOSS_NAME
+
+    def __init__(self, label_smoothing: float = 0.0, num_classes: int | None = None):
+        self.label_smoothing = float(label_smoothing)
+        self.num_classes = num_classes  # unused: torch's label smoothing takes K from the logits
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return softmax_cross_entropy(logits, labels, self.label_smoothing)
+
+
 def compile_function(fn: Callable, mode: str) -> Callable:
     """``fn`` as run in execution ``mode``: eager (as is) or compile (torch.compile, inductor).
 
@@ -101,8 +119,7 @@ class TrainStep:
         self.model, self.arch, self.recipe = model, arch, recipe
         self.device, self.precision, self.mode = device, precision, mode
         self.autocast_dtype = _AUTOCAST_DTYPES[precision]
-        self.label_smoothing = float(recipe.label_smoothing)
-        self.loss_name = LOSS_NAME
+        self.loss = TrainingLoss(recipe.label_smoothing)
         tensors = canonical_variables(model, arch)
         self.trainable = {name: tensors[name] for name in arch.trainable_names()}
         self.optimizer = build_optimizer(_parameter_groups(model, arch, recipe), recipe, device)
@@ -123,7 +140,7 @@ class TrainStep:
                             enabled=self.autocast_dtype is not None):
             logits = self.model(images)
         logits = logits.float()  # the loss is always computed in float32
-        loss = softmax_cross_entropy(logits, labels, self.label_smoothing)
+        loss = self.loss(logits, labels)
         correct = (logits.argmax(dim=1) == labels).sum()
         return loss, correct
 
