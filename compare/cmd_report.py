@@ -12,7 +12,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-accuracy", type=float, default=None, metavar="A",
                         help="time to accuracy for this test accuracy in (0, 1] (default: the runs' --target-accuracy)")
     parser.add_argument("--tensorboard", default=None, metavar="DIR",
-                        help="also (re)write every run's TensorBoard logs under DIR/<model>/<backend>/seed<k> (default: none)")
+                        help="also (re)write every run's TensorBoard logs under DIR/<model>/<backend>/seed<k> "
+                             "(default: none)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -247,7 +247,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> int:
     if store.load_rows():
         from compare.report import render_and_print
 
-        render_and_print(store)
+        render_and_print(store, args.target_accuracy)  # this command's target, also for runs done before
     if interrupted:
         return 130
     ids = {s.run_id() for s in specs}

@@ -49,7 +49,8 @@ def plan_runs(models: list[str], backends: list[str], seeds: list[int]) -> list[
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
     """A stored or current spec as JSON values, without fields that do not change results."""
     clean = json.loads(json.dumps(spec, sort_keys=True))
-    for where in ("checkpoint_dir", "final_weights_path"):  # where files go, not how the run trains
+    # where files go, and the time-to-accuracy target (read from the stored evaluations), not how the run trains
+    for where in ("checkpoint_dir", "final_weights_path", "target_accuracy"):
         clean.pop(where, None)
     return clean
 

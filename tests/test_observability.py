@@ -94,6 +94,17 @@ def test_time_to_accuracy_in_the_tables_and_the_report(finished):
     assert "--eval-every-steps 3 --target-accuracy 0.3" in json.loads((out / "manifest.json").read_text())["command"]
 
 
+def test_a_new_target_on_a_finished_folder_trains_nothing_and_reports_the_new_target(finished, tmp_path):
+    out, tb, _ = finished
+    before = (out / "runs.jsonl").read_text()
+    code = run_cli("run", "--models", "seed_cnn", "--backends", "fakea,fakeb", "--seeds", "0,1", *SMALL,
+                   "--eval-every-steps", "3", "--target-accuracy", "0.2", "--out", str(out))
+    assert code == 0 and (out / "runs.jsonl").read_text() == before  # every run skipped as done
+    import pandas as pd
+
+    assert set(pd.read_csv(out / "time_to_accuracy.csv")["target_acc_pct"]) == {20.0}
+
+
 def test_retrieval_metrics_and_agreement_for_every_run(finished):
     out, _, _ = finished
     retrieval = json.loads((out / "retrieval.json").read_text())
