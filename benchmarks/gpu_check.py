@@ -183,7 +183,7 @@ def problems(check: Check, spec: RunSpec, result: dict[str, Any], on_cuda: bool)
                      "with device work queued")
     if settings.get("precision") != spec.precision:
         found.append(f"precision read back {settings.get('precision')}, asked {spec.precision}")
-    if spec.precision == "fp16" and settings.get("loss_scaling") != "dynamic":
+    if spec.precision == "fp16" and not str(settings.get("loss_scaling") or "").startswith("dynamic"):
         found.append(f"fp16 without GradScaler (loss_scaling {settings.get('loss_scaling')})")
     if spec.mode == "compile" and (settings.get("execution_mode") != "compile"
                                    or settings.get("data_format") != "NCHW channels_last"):

@@ -60,6 +60,32 @@ def run_section(results: Path) -> list[str]:
         _table(pd.read_csv(results / "summary.csv"), SUMMARY_COLUMNS), "",
         "**Head to head**:", "", _table(pd.read_csv(results / "head_to_head.csv"), H2H_COLUMNS), "",
     ]
+    return lines + deployment_section(results / "export")
+
+
+VERIFY_COLUMNS = ["model", "backend", "format", "runtime", "status", "images", "max_abs_diff", "max_rel_diff",
+                  "rtol", "top1_agreement", "size_mib"]
+SERVE_COLUMNS = ["model", "backend", "format", "runtime", "threads", "load_s", "latency_p50_ms", "latency_p90_ms",
+                 "latency_p99_ms", "batch64_img_s", "peak_rss_mib"]
+
+
+def deployment_section(export: Path) -> list[str]:
+    """The tables `dualbench export` wrote under ``export`` ([] when it did not run there)."""
+    try:
+        deployment = json.loads((export / "deployment.json").read_text())
+    except (OSError, ValueError):
+        return []
+    frame = pd.read_csv(export / "deployment.csv", na_values=["n/a"])
+    serving = frame[frame["latency_p50_ms"].notna()] if "latency_p50_ms" in frame else frame.iloc[:0]
+    lines = [f"**Deployment: every artifact verified against its framework's eval logits** "
+             f"(`{deployment.get('command', 'dualbench export')}`, {deployment.get('created_utc', '?')}):", "",
+             _table(frame, {c: c for c in VERIFY_COLUMNS}), ""]
+    if (export / "cross_framework.csv").exists():
+        lines += ["**torch's ONNX vs TensorFlow's ONNX from the same weights, in ONNX Runtime**:", "",
+                  _table(pd.read_csv(export / "cross_framework.csv", na_values=["n/a"])), ""]
+    if not serving.empty:
+        lines += ["**Serving on the CPU** (each measurement its own process, ABBA order):", "",
+                  _table(serving, {c: c for c in SERVE_COLUMNS}), ""]
     return lines
 
 

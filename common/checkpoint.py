@@ -7,7 +7,6 @@ rows). The sampler needs no state: an epoch's plan is a pure function of
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -17,22 +16,17 @@ import numpy as np
 
 from common.loop import LoopState
 from common.results import write_bytes_atomic, write_json_atomic
+from common.weights import npz_bytes
 
 WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = "weights.npz", "optimizer.npz", "state.json"
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 def save_checkpoint(folder: str | Path, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
                     state: LoopState, run_id: str) -> None:
     """Write the three files; the state file goes last, so it only names complete checkpoints."""
     folder = Path(folder)
-    write_bytes_atomic(folder / WEIGHTS_FILE, _npz_bytes(weights))
-    write_bytes_atomic(folder / OPTIMIZER_FILE, _npz_bytes(optimizer))
+    write_bytes_atomic(folder / WEIGHTS_FILE, npz_bytes(weights))
+    write_bytes_atomic(folder / OPTIMIZER_FILE, npz_bytes(optimizer))
     write_json_atomic(folder / STATE_FILE, {"run_id": run_id, **asdict(state)})
 
 

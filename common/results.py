@@ -48,12 +48,12 @@ class RunResult:
     epoch_wall_s: float | None = None  # median pipeline-inclusive training time per epoch
     host_peak_rss_bytes: int | None = None  # worker peak RSS (parent's wait4 rusage)
     device_peak_bytes: int | None = None  # allocator peak on GPU; None on CPU
-    final_weights_file: str | None = None  # final canonical weights (.npz), relative to the results folder
-    final_weights_sha256: str | None = None  # SHA-256 of that file as written
     train_data_on: str | None = None  # "host" | "device": where the pipeline keeps the training images
     host_data_bytes: int | None = None  # dataset bytes the pipelines hold in host memory (inside host_peak_rss_bytes)
     device_data_bytes: int | None = None  # dataset bytes the pipelines hold on the device (inside device_peak_bytes)
     data_arrays: dict[str, list] = field(default_factory=dict)  # {array: [where, bytes]} (Backend.data_residency)
+    final_weights_file: str | None = None  # final canonical weights (.npz), relative to the results folder
+    final_weights_sha256: str | None = None  # SHA-256 of that file as written
     trainable_params: int | None = None
     buffers: int | None = None  # non-trainable values (BN statistics)
     macs_per_image: int | None = None  # forward multiply-accumulates per image

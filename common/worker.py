@@ -209,6 +209,16 @@ def _retrieval_task(backend_name: str, args: argparse.Namespace) -> int:
     return run_retrieval_request(backend_name, args.request, args.out)
 
 
+def _deploy_task(task: str) -> Callable[[str, argparse.Namespace], int]:
+    def handler(backend_name: str, args: argparse.Namespace) -> int:
+        from common.deploy_worker import TASK_HANDLERS, run_task
+
+        return run_task(TASK_HANDLERS[task], backend_name, args.request, args.out)
+    return handler
+
+
+_DEPLOY_ARGUMENTS = [("request", "JSON request written by compare.export"), ("out", "where to write the result JSON")]
+
 # task -> (handler(backend_name, args), help, [(argument, help), ...])
 Task = tuple[Callable[[str, argparse.Namespace], int], str, list[tuple[str, str]]]
 TASKS: dict[str, Task] = {
@@ -228,6 +238,14 @@ TASKS: dict[str, Task] = {
     "step-parity": (_step_parity_task, "K training steps, free and replayed from another side's states",
                     [("request", "folder with request.json (cases) and the other side's <case>.free.npz"),
                      ("out", "folder for <case>.free.npz / <case>.replay.npz")]),
+    # dualbench export (common.deploy_worker): one converter, verifier or server per process
+    "export-reference": (_deploy_task("export-reference"), "the framework's eval logits of given weights",
+                         _DEPLOY_ARGUMENTS),
+    "export": (_deploy_task("export"), "write one artifact in one format", _DEPLOY_ARGUMENTS),
+    "export-verify": (_deploy_task("export-verify"), "one artifact's logits in its own runtime",
+                      _DEPLOY_ARGUMENTS),
+    "export-serve": (_deploy_task("export-serve"), "one serving latency/throughput measurement",
+                     _DEPLOY_ARGUMENTS),
 }
 
 

@@ -36,25 +36,13 @@ def register(parser: argparse.ArgumentParser) -> None:
            "step from the other's state, 10 steps per case; a few minutes) (default off)")
 
 
-def _in_shape(text: str) -> tuple[int, int, int]:
-    from common.errors import ConfigError
-
-    try:
-        h, w, c = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--in-shape must be H,W,C like 32,32,3, got {text!r}") from None
-    if min(h, w, c) <= 0:
-        raise ConfigError(f"--in-shape must be positive, got {text!r}")
-    return h, w, c
-
-
 def main(args: argparse.Namespace) -> int:
     from common.errors import ConfigError
 
     models = parse_models(args.models)
     if args.batch_size < 2:
         raise ConfigError("--batch-size must be at least 2 (training-mode BN needs a batch)")
-    in_shape = _in_shape(args.in_shape)
+    in_shape = options.parse_in_shape(args.in_shape)
     reports = []
     for seed in options.parse_seeds(args.seeds):
         found = run_parity(models, num_classes=args.num_classes, in_shape=in_shape, batch=args.batch_size,

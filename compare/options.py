@@ -351,3 +351,14 @@ def _recipe_words(recipe: dict[str, Any]) -> list[str]:
         else:
             words += [flag, ",".join(map(str, values))]
     return words
+
+
+def parse_in_shape(text: str) -> tuple[int, int, int]:
+    """--in-shape "H,W,C" -> (H, W, C) of positive ints; ConfigError naming the flag otherwise."""
+    try:
+        h, w, c = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--in-shape must be H,W,C like 32,32,3, got {text!r}") from None
+    if min(h, w, c) <= 0:
+        raise ConfigError(f"--in-shape must be positive, got {text!r}")
+    return h, w, c

@@ -115,11 +115,14 @@ class _Follower:
 
 def run_process(argv: list[str], *, log_path: Path, timeout_s: float | None = None,
                 on_event: Callable[[dict[str, Any]], None] | None = None,
-                env: dict[str, str] | None = None) -> ProcessOutcome:
+                env: dict[str, str] | None = None,
+                on_start: Callable[[int], None] | None = None) -> ProcessOutcome:
     """Run ``argv`` to completion in a new process group; stderr goes to ``log_path``.
 
     Ctrl-C (KeyboardInterrupt) while waiting terminates the group, reaps it and
     returns with ``interrupted=True``; the caller records that and re-raises.
+    ``on_start(pid)`` is called once the process exists (its group id is its pid):
+    a caller waiting in several threads uses it to stop the groups itself.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +131,8 @@ def run_process(argv: list[str], *, log_path: Path, timeout_s: float | None = No
     with open(log_path, "wb") as stderr_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
                                 start_new_session=True, env=env if env is not None else worker_env())
+    if on_start is not None:
+        on_start(proc.pid)
     lines: "queue.Queue[str | None]" = queue.Queue()
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
     reader.start()

@@ -17,6 +17,7 @@ from common.errors import UserError
 from common.results import RunResult
 from compare import plots
 from compare import report_sections as sections
+from compare.deployment import report_blocks
 from compare.document import Block, to_html, to_markdown
 from compare.options import command_for
 from compare.store import ResultsStore
@@ -174,6 +175,7 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
     for path in plot_paths:
         blocks.append(Block("image", text=path.stem.replace("_", " "), path=path,
                             link=str(path.relative_to(store.root))))
+    blocks += report_blocks(store.root / "export", store.root)  # `dualbench export`, if it ran here
     blocks += [Block("h2", "Settings used"), Block("table", table=_settings_table(results))]
     blocks += _audit_blocks(audit)
     blocks += [Block("h2", "Environment"), Block("table", table=machine), Block("table", table=per_backend)]

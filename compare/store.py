@@ -10,6 +10,7 @@ Layout::
     OUT/plots/*.png             figures (compare.plots)
     OUT/logs/<run_id>.log       each worker's stderr
     OUT/weights/<run_id>.npz    each ok run's final canonical weights (what `dualbench export` exports)
+    OUT/export/                 `dualbench export`: artifacts, deployment.csv/.json, latency plot
     OUT/checkpoints/<run_id>/   per-epoch checkpoints while a run is unfinished (--checkpoint)
     OUT/.lock                   held by the `dualbench run` writing here (one at a time)
 

@@ -111,6 +111,17 @@ def test_readme_results_replaces_only_the_marked_section(tmp_path):
     assert "(`.venv/bin/python benchmarks/memory.py`):" in text  # no sidecar: the default command
     assert "nan" not in text.lower()
     assert readme_results.main(argv) == 0 and readme.read_text() == text  # idempotent
+    assert "Deployment" not in text  # no `dualbench export` ran in that folder
+    (results / "export").mkdir()
+    (results / "export" / "deployment.json").write_text(json.dumps({"command": "dualbench export run",
+                                                                      "created_utc": "2026-01-03 00:00 UTC"}))
+    (results / "export" / "deployment.csv").write_text(
+        "model,backend,format,status,max_rel_diff,latency_p50_ms,label\nm,torch,onnx,ok,1e-07,0.5,x\n"
+        "m,torch,torch_export,failed,n/a,n/a,x\n")
+    assert readme_results.main(argv) == 0
+    text = readme.read_text()
+    assert "(`dualbench export run`, 2026-01-03 00:00 UTC)" in text and "torch_export | failed" in text
+    assert text.count("| onnx ") == 2 and "label" not in text and "nan" not in text.lower()  # served: once more
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         readme_results.main(argv)

@@ -77,9 +77,9 @@ def test_every_plot_draws_a_framework_in_its_colour(tmp_path, monkeypatch, kind)
     backends = ["torch", "tensorflow"]
     if kind == "bars":
         summary = pd.DataFrame({"model": ["m", "m"], "backend": backends, "train_img_s": [10.0, 12.0],
-                                "train_img_s_ci_lo": [9.0, 11.0], "train_img_s_ci_hi": [11.0, 13.0],
-                                "pipeline_img_s": [9.0, 10.0], "host_peak_rss_mib": [100.0, 120.0],
-                                "device_peak_mib": [None, None]})
+                                "train_img_s_seeds_ci_lo": [9.0, 11.0], "train_img_s_seeds_ci_hi": [11.0, 13.0],
+                                "pipeline_img_s": [9.0, 10.0], "host_peak_rss_mib": [100.0, 120.0], "host_data_mib": [20.0, 20.0],
+                                "device_peak_mib": [None, None], "device_data_mib": [None, None]})
         plots.plot_throughput(summary, backends, tmp_path / "t.png")
         plots.plot_memory(summary, backends, tmp_path / "m.png")
     else:
@@ -88,5 +88,7 @@ def test_every_plot_draws_a_framework_in_its_colour(tmp_path, monkeypatch, kind)
                                for b in backends for s in (0, 1) for e in (1, 2)])
         plots.plot_curves(curves, "m", backends, tmp_path / "c.png")
     bands = drawn.pop("bands", set())
+    held = drawn.pop("dataset held", None)  # the hatched, unfilled overlay of the data's bytes: no framework's colour
+    assert (held is not None) == (kind == "bars")
     assert drawn == {b: {plots.COLORS[b].lower()} for b in backends}
     assert bands == ({plots.COLORS[b].lower() for b in backends} if kind == "curves" else set())

@@ -21,10 +21,16 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import keras
 import tensorflow as tf
 from keras import layers
 
+# The two custom layers are registered so a saved .keras file loads back (tf_impl.export): their
+# configs (BatchNormalization's own, and out_channels/stride) rebuild them exactly.
+_SERIALIZABLE = keras.saving.register_keras_serializable(package="dualbench")
 
+
+@_SERIALIZABLE
 class BatchNorm(layers.BatchNormalization):
     """Keras BatchNormalization with torch's moving-statistics convention, computed in float32.
 
@@ -152,6 +158,7 @@ def conv_bn(x, filters: int, kernel_size: int = 3, stride: int = 1, bias: bool =
     return x if act_layer is None else act_layer(x)
 
 
+@_SERIALIZABLE
 class OptionAShortcut(layers.Layer):
     """He et al.'s parameter-free shortcut: take even rows/cols, zero-pad the new channels.
 
