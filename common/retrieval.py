@@ -103,8 +103,8 @@ def embed_images(backend: Any, model: Any, images_uint8: np.ndarray, mean, std, 
 
 def run_retrieval_request(backend_name: str, request: str, out: str) -> int:
     """The ``retrieval`` worker task. REQUEST (JSON): ``spec`` (the run's RunSpec), ``weights``
-    (its final weights .npz) and ``cross`` ({name: weights .npz} of other runs to embed the
-    queries with). Writes to the folder OUT: ``metrics.json``, ``queries.npy`` (the run's own
+    (its final weights .npz), ``cross`` ({name: weights .npz} of other runs to embed the
+    queries with) and ``sha256`` ({.npz: SHA-256 recorded by its run}; a file that differs is refused). Writes to the folder OUT: ``metrics.json``, ``queries.npy`` (the run's own
     query embeddings) and ``cross_<name>.npy`` per entry of ``cross``."""
     from common.config import RunSpec
     from common.data import load_dataset
@@ -124,7 +124,7 @@ def run_retrieval_request(backend_name: str, request: str, out: str) -> int:
     def model_with(path: str):
         model = backend.build_model(spec.model, dataset.num_classes, dataset.in_shape,
                                     bn_momentum=recipe.bn_momentum, bn_epsilon=recipe.bn_epsilon)
-        backend.set_weights(model, load_weights(path))
+        backend.set_weights(model, load_weights(path, raw.get("sha256", {}).get(path)))
         return model
 
     model = model_with(raw["weights"])

@@ -48,12 +48,15 @@ def final_weights(store: Any, result: RunResult) -> Path | None:
     return path if path.is_file() else None
 
 
-def _launch(store: Any, result: RunResult, work: Path, cross: dict[str, Path], timeout_s: float | None
-            ) -> tuple[dict[str, Any] | None, str | None]:
-    """Run one retrieval worker; (its metrics, None) or (None, a one-line error)."""
+def _launch(store: Any, result: RunResult, work: Path, cross: dict[str, Path], timeout_s: float | None,
+            sha256: dict[str, str | None]) -> tuple[dict[str, Any] | None, str | None]:
+    """Run one retrieval worker; (its metrics, None) or (None, a one-line error).
+
+    ``sha256``: {weights path: the SHA-256 its run recorded}; the worker refuses a file that differs."""
     request, out = work / f"{result.run_id}.request.json", work / result.run_id
     request.write_text(json.dumps({"spec": result.spec, "weights": str(final_weights(store, result)),
-                                   "cross": {name: str(path) for name, path in cross.items()}}))
+                                   "cross": {name: str(path) for name, path in cross.items()},
+                                   "sha256": sha256}))
     argv = [sys.executable, *worker_command(result.backend), "retrieval", str(request), str(out)]
     log = store.log_path(f"retrieval__{result.run_id}")
     outcome = run_process(argv, log_path=log, timeout_s=timeout_s, env=worker_env())
@@ -111,7 +114,8 @@ def run_retrieval(store: Any, results: list[RunResult], timeout_s: float | None 
             for result in group:
                 cross = {other.run_id: final_weights(store, other) for other in group if other is not result}
                 progress(f"retrieval: {result.run_id} (embedding {len(cross) + 1} set(s) of weights) ...")
-                metrics, error = _launch(store, result, work, cross, timeout_s)
+                sha256 = {str(final_weights(store, run)): run.final_weights_sha256 for run in group}
+                metrics, error = _launch(store, result, work, cross, timeout_s, sha256)
                 metric_rows.append(_metric_row(result, metrics, error))
             agreement_rows += _agreement_rows(group, work)
     finally:
