@@ -3,7 +3,9 @@
 Reads a `dualbench run` results folder (summary.csv, head_to_head.csv,
 manifest.json) and the CSVs the benchmark scripts wrote, and prints Markdown;
 with ``--write README.md`` it replaces the text between the two markers
-``<!-- results:begin -->`` and ``<!-- results:end -->``.
+``<!-- results:begin -->`` and ``<!-- results:end -->`` (``--marker NAME``: between
+``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``). Time to accuracy and image retrieval
+are shown where the run measured them (``--target-accuracy``, ``--retrieval``).
 
     python benchmarks/readme_results.py results/cifar10 --bench-dir benchmarks/results --write README.md
 """
@@ -64,7 +66,7 @@ def run_section(results: Path) -> list[str]:
         _table(pd.read_csv(results / "summary.csv"), SUMMARY_COLUMNS), "",
         "**Head to head**:", "", _table(pd.read_csv(results / "head_to_head.csv"), H2H_COLUMNS), "",
     ]
-    return lines + tuning_section(results) + deployment_section(results / "export")
+    return lines + tuning_section(results) + observability_section(results) + deployment_section(results / "export")
 
 
 def tuning_section(results: Path) -> list[str]:
@@ -82,6 +84,34 @@ def tuning_section(results: Path) -> list[str]:
             "configuration's training images/s over the framework's own defaults, both measured by the search "
             "on this machine; the full search table is in the results folder's tuning.csv):", "",
             _table(frame), ""]
+
+
+TTA_COLUMNS = {"model": "model", "backend": "backend", "target_acc_pct": "target %", "seeds_reached": "seeds reached",
+               "tta_median": "median training time to target", "tta_per_seed": "per seed",
+               "eval_every_steps": "eval every (steps)"}
+RETRIEVAL_COLUMNS = ["model", "backend", "seed", "status", "recall@1", "recall@5", "recall@10", "map@r",
+                     "embedding_dim", "queries", "gallery"]
+AGREEMENT_COLUMNS = ["model", "seed", "weights_of", "embedded_by", "max_rel_diff", "rtol", "agrees"]
+
+
+def observability_section(results: Path) -> list[str]:
+    """Time to accuracy and image retrieval, where the run measured them ([] otherwise)."""
+    from compare.time_to_accuracy import summary_table
+
+    lines = []
+    if (results / "time_to_accuracy.csv").exists():
+        seeds = pd.read_csv(results / "time_to_accuracy.csv")
+        lines += ["**Time to accuracy** (training wall-clock, evaluation excluded, at the first evaluation "
+                  "reaching the target; the median counts a seed that never reached it as infinitely slow):", "",
+                  _table(summary_table(seeds), TTA_COLUMNS), ""]
+    if (results / "retrieval.csv").exists():
+        lines += ["**Image retrieval** (queries: the test split, gallery: the training split, penultimate-layer "
+                  "embeddings, cosine similarity; relevant = same class):", "",
+                  _table(pd.read_csv(results / "retrieval.csv"), {c: c for c in RETRIEVAL_COLUMNS}), ""]
+    if (results / "retrieval_agreement.csv").exists():
+        lines += ["**The same weights embedded by both frameworks** (max |diff| / max |embedding|):", "",
+                  _table(pd.read_csv(results / "retrieval_agreement.csv"), {c: c for c in AGREEMENT_COLUMNS}), ""]
+    return lines
 
 
 VERIFY_COLUMNS = ["model", "backend", "format", "runtime", "status", "images", "max_abs_diff", "max_rel_diff",
@@ -155,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="a `dualbench run --out` folder")
     parser.add_argument("--bench-dir", type=Path, default=None, help="folder of benchmark CSVs")
     parser.add_argument("--write", type=Path, default=None, help="README to update between the markers")
+    parser.add_argument("--marker", default="results",
+                        help="write between <!-- MARKER:begin --> and <!-- MARKER:end --> (default results)")
     args = parser.parse_args(argv)
+    begin, end = f"<!-- {args.marker}:begin -->", f"<!-- {args.marker}:end -->"
     lines = run_section(args.results)
     if args.bench_dir and args.bench_dir.is_dir():
         lines += bench_section(args.bench_dir)
@@ -164,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
     readme = args.write.read_text()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"{args.write} has no {BEGIN} ... {END} markers")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    args.write.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    if begin not in readme or end not in readme:
+        raise SystemExit(f"{args.write} has no {begin} ... {end} markers")
+    head, rest = readme.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    args.write.write_text(f"{head}{begin}\n{text}{end}{tail}")
     return 0
 
 

@@ -46,6 +46,7 @@ MUST_MATCH = (
     "batch_size",  # training images per step (common.sampler plans every batch)
     "eval_batch_size",  # read from the built evaluation pipeline
     "crop_padding",  # read from the built training pipeline
+    "augmentation",  # what the built training pipeline applies: random crop (pad), horizontal flip
     "input_normalization",  # per-channel mean/std held by the built pipelines
     "data_fingerprint",
     "sampler_seed",

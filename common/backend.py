@@ -99,6 +99,11 @@ class Backend(Protocol):
     def predict(self, model: Any, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
         """Logits as numpy; eval mode (BN moving statistics) unless ``training``."""
 
+    def embed(self, model: Any, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        """float32 (N, D) penultimate-layer features in eval mode: the input of the classifier
+        (common.architectures.EMBEDDING_LAYER), D = ``arch_spec.embedding_dim()``. Batched
+        internally; the model is left unchanged. What image retrieval ranks (common.retrieval)."""
+
     def layer_outputs(self, model: Any, images_nhwc_float32: np.ndarray, training: bool = False) -> dict[str, np.ndarray]:
         """Activations after every weight-owning layer, keyed by canonical layer name, NHWC numpy."""
 

@@ -30,6 +30,8 @@ BACKEND_MODES = {
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|(cuda|gpu)(:\d+)?)$", re.IGNORECASE)  # what both backends accept
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of CIFAR-10 train, in [0, 1]
 CIFAR_STD = (0.2470, 0.2435, 0.2616)  # per-channel std of CIFAR-10 train, in [0, 1]
+# Recipe fields whose default depends on the dataset (common.data.defaults fills those a user did not set)
+DATA_DEFAULT_FIELDS = ("crop_padding", "horizontal_flip", "mean", "std")
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,13 @@ class Recipe:
     bn_epsilon: float = 1e-5  # added to the variance in BatchNorm
     dropout: float | None = None  # dropout rate of models that have a dropout layer; None = the architecture's
     init_scheme: str = "torch_default"  # one of INIT_SCHEMES (common.init)
-    augment: bool = True  # random pad-and-crop plus horizontal flip
-    crop_padding: int = 4  # pixels of zero padding before the random crop
-    mean: tuple[float, float, float] = CIFAR_MEAN  # normalisation mean per channel, in [0, 1]
-    std: tuple[float, float, float] = CIFAR_STD  # normalisation std per channel, in [0, 1]
+    augment: bool = True  # random pad-and-crop, plus a horizontal flip where horizontal_flip
+    crop_padding: int = 4  # pixels of zero padding before the random crop (dataset default: side / 8)
+    horizontal_flip: bool = True  # mirror half of the crops at random (dataset default: off for digits)
+    mean: tuple[float, ...] = CIFAR_MEAN  # normalisation mean per channel, in [0, 1]
+    std: tuple[float, ...] = CIFAR_STD  # normalisation std per channel, in [0, 1]
+    defaults_source: str = ""  # whose defaults filled defaulted_fields ("" = this dataclass's own, CIFAR-10's)
+    defaulted_fields: tuple[str, ...] = ()  # DATA_DEFAULT_FIELDS that took the dataset's default, not a flag
 
     def __post_init__(self) -> None:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
@@ -95,6 +100,10 @@ class Recipe:
             raise ConfigError("mean and std need one value per channel", "std")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std must be > 0 per channel, got {self.std}", "std")
+        unknown = sorted(set(self.defaulted_fields) - set(DATA_DEFAULT_FIELDS))
+        if unknown:
+            raise ConfigError(f"defaulted_fields may only name {', '.join(DATA_DEFAULT_FIELDS)}, got {unknown}",
+                              "defaulted_fields")
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,8 @@ class RunSpec:
     lr_scaling: str = "none"  # one of LR_SCALING: peak LR as given, or x world size ("linear")
     collective_timeout_s: float = 300.0  # a collective waiting longer than this ends the run (seconds)
     final_weights_path: str | None = None  # the worker saves the final canonical weights here (.npz); None: not kept
+    eval_every_steps: int | None = None  # also evaluate every this many optimiser steps (None: epoch ends only)
+    target_accuracy: float | None = None  # test accuracy in (0, 1] whose first crossing is timed (time to accuracy)
     recipe: Recipe = field(default_factory=Recipe)  # recipe.batch_size is PER REPLICA (global = x world size)
 
     def __post_init__(self) -> None:
@@ -134,7 +145,9 @@ class RunSpec:
         _one_of("precision", self.precision, PRECISIONS)
         if not DEVICE_PATTERN.match(str(self.device).strip()):
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N, gpu or gpu:N", "device")
-        for name in ("threads", "train_subset", "test_subset", "max_steps_per_epoch"):
+        if self.target_accuracy is not None and not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError(f"target_accuracy is a fraction in (0, 1], got {self.target_accuracy}", "target_accuracy")
+        for name in ("threads", "train_subset", "test_subset", "max_steps_per_epoch", "eval_every_steps"):
             value = getattr(self, name)
             if value is not None:
                 _positive(name, value)
@@ -164,7 +177,7 @@ class RunSpec:
     def from_dict(cls, raw: dict[str, Any]) -> "RunSpec":
         raw = dict(raw)
         recipe_raw = dict(raw.pop("recipe", {}) or {})
-        for key in ("step_milestones", "mean", "std"):
+        for key in ("step_milestones", "mean", "std", "defaulted_fields"):
             if key in recipe_raw:
                 recipe_raw[key] = tuple(recipe_raw[key])
         execution = raw.pop("execution", None)

@@ -83,7 +83,7 @@ def global_plan(spec: RunSpec, epoch: int, num_train: int) -> EpochPlan:
     """The epoch's lockstep plan over global batches (the single-process plan when the world is 1)."""
     r = spec.recipe
     return epoch_plan(spec.seed, epoch, num_train, global_batch_size(spec), drop_last=r.drop_last,
-                      augment=r.augment, crop_padding=r.crop_padding)
+                      augment=r.augment, crop_padding=r.crop_padding, horizontal_flip=r.horizontal_flip)
 
 
 def replica_plan(plan: EpochPlan, replica: Replica) -> EpochPlan:

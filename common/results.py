@@ -58,6 +58,7 @@ class RunResult:
     buffers: int | None = None  # non-trainable values (BN statistics)
     macs_per_image: int | None = None  # forward multiply-accumulates per image
     epochs: list[dict[str, Any]] = field(default_factory=list)  # per-epoch rows (EPOCH_KEYS)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # every evaluation (common.loop.EVALUATION_KEYS)
     step_times_s: list[float] = field(default_factory=list)  # steady-state compute-only step times
     step_batch_sizes: list[int] = field(default_factory=list)  # images in each of those steps
     class_names: list[str] = field(default_factory=list)

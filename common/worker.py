@@ -54,13 +54,27 @@ def common_settings(spec: RunSpec, dataset: Any) -> dict[str, Any]:
             "execution_config": f"{execution.label()} ({execution.source or 'given'})"}
 
 
+def memory_probe(backend: Any) -> Callable[[], dict[str, Any]]:
+    """Host peak RSS of this process and the device allocator peak so far (evaluation rows, TensorBoard)."""
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+
+    def probe() -> dict[str, Any]:
+        return {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+                "device_peak_bytes": backend.peak_device_memory_bytes()}
+    return probe
+
+
 def build(backend: Any, spec: RunSpec) -> dict[str, Any]:
     """Everything before training: setup, data, model with the initial weights, steps, audit."""
     from common.data import load_dataset
+    from common.data.defaults import check_channels
 
     effective = backend.setup(spec)
     dataset = load_dataset(spec.data, train_subset=spec.train_subset, test_subset=spec.test_subset,
                            subset_seed=spec.seed, progress=False)
+    check_channels(spec.recipe, dataset.in_shape)
     arch = arch_spec(spec.model, dataset.num_classes, dataset.in_shape)
     model = backend.build_model(spec.model, dataset.num_classes, dataset.in_shape,
                                 bn_momentum=spec.recipe.bn_momentum, bn_epsilon=spec.recipe.bn_epsilon,
@@ -98,6 +112,7 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
     result.class_names = list(dataset.class_names)
     result.manifest = collect_manifest(versions=backend.versions(), effective=effective,
                                        data_fingerprint=dataset.fingerprint, data_spec=spec.data,
+                                       data_verification=dataset.verification,
                                        train_images=len(dataset.train_labels),
                                        test_images=len(dataset.test_labels), replica=replica.to_dict())
     result.startup_s = time.perf_counter() - _PROCESS_START
@@ -114,11 +129,11 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
 
     backend.reset_peak_memory()
     loop = train(backend, train_step, eval_step, spec, len(dataset.train_labels), dataset.test_labels,
-                 state=state, on_epoch_end=on_epoch_end, replica=replica)
+                 state=state, on_epoch_end=on_epoch_end, replica=replica, memory=memory_probe(backend))
     result.device_peak_bytes = backend.peak_device_memory_bytes()
     result.manifest["fallbacks"] = backend.fallback_notes()  # setup, data and any during training
     result.status, result.diverged_step = loop.status, loop.diverged_step
-    result.epochs = loop.state.epochs
+    result.epochs, result.evaluations = loop.state.epochs, loop.state.evaluations
     result.step_times_s, result.step_batch_sizes = loop.step_times_s, loop.step_batch_sizes
     for key, value in loop.summary().items():
         setattr(result, key, value)
@@ -218,6 +233,12 @@ def _step_parity_task(backend_name: str, args: argparse.Namespace) -> int:
     return run_step_parity_request(backend_name, args.request, args.out)
 
 
+def _retrieval_task(backend_name: str, args: argparse.Namespace) -> int:
+    from common.retrieval import run_retrieval_request
+
+    return run_retrieval_request(backend_name, args.request, args.out)
+
+
 def _deploy_task(task: str) -> Callable[[str, argparse.Namespace], int]:
     def handler(backend_name: str, args: argparse.Namespace) -> int:
         from common.deploy_worker import TASK_HANDLERS, run_task
@@ -245,6 +266,9 @@ TASKS: dict[str, Task] = {
     "parity": (_parity_task, "forward outputs for given weights (common.parity)",
                [("request", "folder with request.json, images.npy, <model>.weights.npz"),
                 ("out", "folder for <model>.npz / <model>.json")]),
+    "retrieval": (_retrieval_task, "embed a finished run's test and training splits; retrieval metrics",
+                  [("request", "JSON: {'spec': RunSpec dict, 'weights': .npz, 'cross': {name: .npz}}"),
+                   ("out", "folder for metrics.json, queries.npy, cross_<name>.npy")]),
     "step-parity": (_step_parity_task, "K training steps, free and replayed from another side's states",
                     [("request", "folder with request.json (cases) and the other side's <case>.free.npz"),
                      ("out", "folder for <case>.free.npz / <case>.replay.npz")]),

@@ -21,6 +21,7 @@ COMMANDS = {
     "list": ("compare.cmd_list", "list models, backends and dataset SPECs"),
     "data": ("compare.cmd_data", "dataset utilities: `data prepare --data SPEC`"),
     "scale": ("compare.cmd_scale", "data-parallel runs at several process counts and the scaling table"),
+    "retrieval": ("compare.cmd_retrieval", "image retrieval (recall@k, mAP@R) with every run's final weights"),
     "export": ("compare.cmd_export", "export every trained model, verify each artifact, measure serving"),
 }
 

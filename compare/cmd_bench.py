@@ -73,9 +73,13 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
         args.data = f"synthetic:{n_train},{n_test}"
     base = default_base(data=args.data, device=args.device or "auto", threads=args.threads, warmup_steps=warmup,
                         channels_last=options.CHANNELS_LAST[args.channels_last])
+    from dataclasses import replace
+
     from common.data import load_dataset
+    from common.data.defaults import apply_defaults, dataset_defaults
 
     dataset = load_dataset(args.data, progress=False)  # fails here, once, if missing
+    base = replace(base, recipe=apply_defaults(base.recipe, dataset_defaults(args.data, dataset), {}))
     train_images = len(dataset.train_labels)
     if train_images < window:
         # Each epoch start rebuilds the pipeline (tf.data: a new graph and prefetch); in real training that

@@ -37,9 +37,7 @@ def register(parser: argparse.ArgumentParser, nproc_default: str = "1") -> None:
     options.add_spec_options(parser)
     options.add_tune_options(parser)
     options.add_distributed_options(parser, nproc_default)
-    parser.add_argument("--target-accuracy", type=float, default=None, metavar="FRACTION",
-                        help="test accuracy in (0, 1] for the scaling table's time-to-target column "
-                             "(default: none, the column stays n/a)")
+    options.add_evaluation_options(parser)
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="seconds per worker (per group of ranks in a data-parallel run) before its process "
                              "groups are killed, status timeout (default: no limit)")
@@ -53,6 +51,13 @@ def register(parser: argparse.ArgumentParser, nproc_default: str = "1") -> None:
                              "asymmetry; the table is always in OUT/audit.csv)")
     parser.add_argument("--checkpoint", "--resume-epochs", dest="checkpoint", action="store_true",
                         help="checkpoint every epoch under OUT/checkpoints/<run_id>; a killed run resumes there "
+                             "(default off)")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="TensorBoard logs of every run under DIR/<model>/<backend>/seed<k>, the same tags and "
+                             "steps for both frameworks (open both with `tensorboard --logdir DIR`) (default: none)")
+    parser.add_argument("--retrieval", action="store_true",
+                        help="after training, image retrieval with each run's final weights: recall@1/5/10, mAP@R "
+                             "and the cross-framework agreement of the embeddings, as `dualbench retrieval OUT` "
                              "(default off)")
 
 
@@ -77,6 +82,24 @@ def build_specs(args: argparse.Namespace, store: Any) -> list[RunSpec]:
             spec = dataclasses.replace(spec, checkpoint_dir=str(store.checkpoint_dir(spec.run_id()).resolve()))
         specs.append(spec)
     return specs
+
+
+def apply_data_defaults(specs: list[RunSpec], args: argparse.Namespace) -> list[RunSpec]:
+    """Every spec with the dataset's augmentation/normalisation defaults in the fields no flag set.
+
+    Loads the full dataset (cached) in this process: the defaults of an unknown dataset are
+    statistics of its whole training split, the same for every seed's subset.
+    """
+    from common.data import load_dataset
+    from common.data.defaults import apply_defaults, dataset_defaults
+
+    full = load_dataset(specs[0].data, progress=sys.stderr.isatty())
+    defaults = dataset_defaults(specs[0].data, full)
+    try:
+        recipe = apply_defaults(specs[0].recipe, defaults, options.explicit_recipe_fields(args))
+    except ConfigError as exc:
+        raise options.name_the_flag(exc) from None
+    return [dataclasses.replace(spec, recipe=recipe) for spec in specs]
 
 
 def validate_dataset(spec: RunSpec, seeds: list[int]) -> Any:
@@ -129,12 +152,18 @@ def check_global_batches(specs: list[RunSpec], n_train: int) -> None:
                               "--batch-size or --nproc")
 
 
-def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any, target_accuracy: float | None) -> None:
+def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any, args: argparse.Namespace) -> None:
+    import shlex
+
     from common.manifest import collect_manifest
 
-    extra = {"target_accuracy": target_accuracy} if target_accuracy is not None else {}
-    store.write_json("manifest.json", collect_manifest(**extra,
-        command=options.command_for([s.to_dict() for s in specs], str(store.root)),
+    # the target travels in every RunSpec (its target_accuracy) and so in command_for's command line
+    extra = (["--tensorboard", args.tensorboard] if args.tensorboard else []) + (
+        ["--retrieval"] if args.retrieval else [])
+    command = options.command_for([s.to_dict() for s in specs], str(store.root))
+    store.write_json("manifest.json", collect_manifest(
+        command=command + (" " + shlex.join(extra) if extra else ""), tensorboard_dir=args.tensorboard,
+        retrieval=bool(args.retrieval), data_verification=dataset.verification,
         argv=sys.argv, data_spec=specs[0].data, data_fingerprint=dataset.fingerprint,
         train_images=int(len(dataset.train_labels)), test_images=int(len(dataset.test_labels)),
         models=list(dict.fromkeys(s.model for s in specs)),
@@ -185,6 +214,20 @@ def _strict_check(audit: dict[str, Any]) -> None:
                           "fix them or drop --strict")
 
 
+def _after_runs(args: argparse.Namespace, store: Any, specs: list[RunSpec]) -> None:
+    """TensorBoard logs of the runs skipped as already done; retrieval with every run's final weights."""
+    ids = {s.run_id() for s in specs}
+    results = [r for r in store.load_runs() if r.run_id in ids]
+    if args.tensorboard:
+        from compare.tensorboard import write_all
+
+        write_all(args.tensorboard, results)
+    if args.retrieval:
+        from compare.retrieval import run_retrieval
+
+        run_retrieval(store, results, timeout_s=args.timeout)
+
+
 def _raise_interrupt(signum, frame):  # SIGTERM (CI cancel, kill): stop the worker like Ctrl-C does
     raise KeyboardInterrupt
 
@@ -201,6 +244,10 @@ def main(args: argparse.Namespace) -> int:
         from compare.rendezvous import follow
 
         return follow(store, specs, launch, timeout_s=args.timeout)
+    if args.tensorboard:
+        from compare.tensorboard import check_writable
+
+        check_writable(args.tensorboard)  # fails now, not after hours of training
     with store.exclusive():  # one run per results folder
         return _run(args, store, specs, launch)
 
@@ -209,6 +256,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any
     from compare.runner import Runner
 
     seeds = sorted({s.seed for s in specs}, key=[s.seed for s in specs].index)
+    specs = apply_data_defaults(specs, args)
     dataset = validate_dataset(specs[0], seeds)
     check_global_batches(specs, len(dataset.train_labels))
     from compare.progress import Progress
@@ -216,7 +264,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any
     specs = resolve_executions(args, specs, dataset, store)
     runner = Runner(store, timeout_s=args.timeout, force=args.force, launch=launch)
     runner.check_existing(specs)
-    _write_manifest(store, specs, dataset, args.target_accuracy)
+    _write_manifest(store, specs, dataset, args)
     pending = runner.pending(specs)
     interrupted, failed, progress = False, False, None
     try:
@@ -231,7 +279,13 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any
             if args.strict:
                 _strict_check(audit)
         progress = runner.progress = Progress(len(specs))  # bars start after the audit table is printed
+        if args.tensorboard:
+            from compare.tensorboard import write_all
+
+            runner.on_result = lambda result: write_all(args.tensorboard, [result])
         runner.run_all(specs)
+        progress.close()
+        _after_runs(args, store, specs)
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: the current worker was stopped; rendering what finished", file=sys.stderr)
@@ -250,7 +304,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any
     if store.load_rows():
         from compare.report import render_and_print
 
-        render_and_print(store)
+        render_and_print(store, args.target_accuracy)  # this command's target, also for runs done before
     if interrupted:
         return 130
     ids = {s.run_id() for s in specs}

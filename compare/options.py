@@ -33,7 +33,8 @@ RECIPE_FLAGS: dict[str, str | tuple[str, ...]] = {
     "--momentum": "momentum", "--no-nesterov": "nesterov", "--adam-betas": ("adam_beta1", "adam_beta2"),
     "--adam-epsilon": "adam_epsilon", "--label-smoothing": "label_smoothing", "--dropout": "dropout",
     "--init": "init_scheme", "--bn-momentum": "bn_momentum", "--bn-epsilon": "bn_epsilon",
-    "--no-augment": "augment",
+    "--no-augment": "augment", "--crop-padding": "crop_padding", "--hflip": "horizontal_flip", "--mean": "mean",
+    "--std": "std",
 }
 # flag -> the RunSpec field it sets
 SPEC_FLAGS = {
@@ -41,7 +42,8 @@ SPEC_FLAGS = {
     "--deterministic": "deterministic", "--allow-tf32": "allow_tf32", "--train-subset": "train_subset",
     "--test-subset": "test_subset", "--measure-warmup-steps": "warmup_steps",
     "--max-steps-per-epoch": "max_steps_per_epoch", "--nnodes": "nnodes", "--lr-scaling": "lr_scaling",
-    "--collective-timeout": "collective_timeout_s",
+    "--collective-timeout": "collective_timeout_s", "--eval-every-steps": "eval_every_steps",
+    "--target-accuracy": "target_accuracy",
 }
 SWITCHES_OFF = ("--no-nesterov", "--no-augment")  # store_false: given = the field is False
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}
@@ -77,6 +79,13 @@ def _float_pair(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected two numbers B1,B2 like 0.9,0.999, got {text!r}") from None
     return first, second
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def add_selection_options(parser: argparse.ArgumentParser, run_order: bool = True) -> None:
@@ -240,6 +249,27 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     p("--bn-epsilon", type=float, default=None, help=f"BatchNorm epsilon (default {r.bn_epsilon})")
     p("--no-augment", action="store_false", default=None,
       help="no random crop / flip; the sampler still fixes the order (default: augment)")
+    p("--crop-padding", type=int, default=None, metavar="PIXELS",
+      help="zero padding before the random crop (default: per dataset, an eighth of the image side)")
+    p("--hflip", action=argparse.BooleanOptionalAction, default=None,
+      help="random horizontal flips; --no-hflip: none (default: per dataset, off for MNIST digits)")
+    p("--mean", type=_floats, default=None, metavar="M[,M,M]",
+      help="normalisation mean per channel, in [0, 1] (default: the dataset's training-set mean)")
+    p("--std", type=_floats, default=None, metavar="S[,S,S]",
+      help="normalisation std per channel, in [0, 1] (default: the dataset's training-set std)")
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """Time to accuracy: evaluations within epochs and the target accuracy."""
+    p = parser.add_argument
+    p("--eval-every-steps", type=int, default=None, metavar="STEPS",
+      help="also evaluate every STEPS optimiser steps (global steps in a data-parallel run, where the chief "
+           "evaluates), never counted as training time (default: at epoch ends only)")
+    p("--target-accuracy", type=float, default=None, metavar="FRACTION",
+      help="test accuracy as a fraction in (0, 1], e.g. 0.85 for 85%%, for time to accuracy: the training "
+           "wall-clock in seconds (evaluation excluded) at the first evaluation that reaches it, as DAWNBench / "
+           "MLPerf; in the head to head, the report and the scaling table (default: none, those columns stay "
+           "n/a)")
 
 
 def name_the_flag(exc: ConfigError) -> ConfigError:
@@ -248,13 +278,26 @@ def name_the_flag(exc: ConfigError) -> ConfigError:
     return ConfigError(f"{exc} (fix {flag})", exc.field) if flag else exc
 
 
-def build_recipe(args: argparse.Namespace) -> Recipe:
-    """The Recipe from the recipe options (dataclass defaults for options not given)."""
+def explicit_recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """{Recipe field: value} of every field the user set on the command line (they win over the
+    per-dataset defaults of common.data.defaults)."""
     given: dict[str, Any] = {}
     for flag, fields in RECIPE_FLAGS.items():
         value = getattr(args, _dest(flag), None)
         if value is not None:
             given.update(zip(fields, value) if isinstance(fields, tuple) else {fields: value})
+    return given
+
+
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    """The Recipe from the recipe options (dataclass defaults for options not given).
+
+    A --mean or --std given without the other is left to common.data.defaults.apply_defaults,
+    which pairs it with the dataset's value for the other.
+    """
+    given = explicit_recipe_fields(args)
+    if len({"mean", "std"} & set(given)) == 1:
+        given.pop("mean", None), given.pop("std", None)
     try:
         return Recipe(**given)
     except ConfigError as exc:
@@ -371,17 +414,21 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
 
 
 def _recipe_words(recipe: dict[str, Any]) -> list[str]:
-    """The recipe flags that reproduce ``recipe`` (a Recipe dict): only values that differ from the defaults."""
+    """The recipe flags that reproduce ``recipe`` (a Recipe dict): only values that differ from the defaults
+    and that the dataset's defaults did not fill (the same data fills them again)."""
     defaults, words = dataclasses.asdict(Recipe()), []
+    filled = set(recipe.get("defaulted_fields") or ())
     for flag, fields in RECIPE_FLAGS.items():
         names = fields if isinstance(fields, tuple) else (fields,)
-        values = [recipe.get(n, defaults[n]) for n in names]
-        if values == [defaults[n] for n in names]:
+        values = [tuple(v) if isinstance(v, list) else v for v in (recipe.get(n, defaults[n]) for n in names)]
+        if values == [defaults[n] for n in names] or filled.issuperset(names):
             continue
         if flag in SWITCHES_OFF:
             words.append(flag)
         elif isinstance(values[0], bool):
             words.append(flag if values[0] else flag.replace("--", "--no-", 1))
+        elif isinstance(values[0], tuple):
+            words += [flag, ",".join(f"{v:g}" for v in values[0])]
         else:
             words += [flag, ",".join(map(str, values))]
     return words

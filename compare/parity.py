@@ -6,7 +6,8 @@ The ladder, per model (mlcommons/algorithmic-efficiency style):
    -> torch -> canonical, bit for bit;
 3. logits after loading the same weights, eval mode and training mode (BN
    batch statistics), in both directions: torch's exported weights into Keras
-   and Keras's exported weights into torch;
+   and Keras's exported weights into torch; the embeddings (penultimate
+   features, eval mode: what retrieval ranks) likewise;
 4. per-layer activations, naming the first layer that diverges.
 
 Inputs are not friendly: images from N(0, 1) and every BN layer's gamma, beta,
@@ -184,6 +185,12 @@ def compare_model(model: str, initial: dict, own_torch: dict, own_tf: dict, cros
                            own_tf.get(f"layers_{mode}", {}), mode)
         report[f"layers_{mode}"] = rows
         report[f"first_divergent_layer_{mode}"] = first_divergence(rows)
+    for direction, (t, k) in {"same_weights": (own_torch, own_tf), "torch_into_tf": (own_torch, crossed_tf),
+                              "tf_into_torch": (crossed_torch, own_tf)}.items():
+        if "embeddings" in t and "embeddings" in k:  # penultimate features, eval mode (Backend.embed)
+            rel = relative_diff(t["embeddings"], k["embeddings"])
+            report[f"embedding_{direction}_max_rel_diff"] = rel
+            worst_rel = max(worst_rel, rel)
     report["max_abs_diff"], report["max_rel_diff"] = worst, worst_rel
     report["rtol"] = rtol
     published_ok = report["published_params"] in (None, expected)

@@ -15,7 +15,8 @@ import pandas as pd
 from common.audit import compare_settings
 from common.errors import UserError
 from common.results import RunResult
-from compare import plots, tune_report
+from compare import plots, time_to_accuracy, tune_report
+from compare import report_sections as sections
 from compare.deployment import report_blocks
 from compare.document import Block, to_html, to_markdown
 from compare.options import command_for
@@ -61,7 +62,7 @@ def _environment(manifest: dict[str, Any], results: list[RunResult]) -> tuple[pd
     """(machine table, per-backend table) from manifest.json or, failing that, the first run's manifest."""
     base = manifest or next((r.manifest for r in results if r.manifest), {})
     keys = ("cpu_model", "cpu_flags", "isa_limits", "cpu_count", "usable_cores", "os", "python", "hostname", "git_commit",
-            "data_spec", "data_fingerprint", "train_images", "test_images", "created_utc")
+            "data_spec", "data_fingerprint", "data_verification", "train_images", "test_images", "created_utc")
     machine = [{"item": k, "value": ", ".join(map(str, v)) if isinstance(v, list) else str(v)}
                for k in keys if (v := base.get(k)) is not None and v not in ([], {})]
     packages = base.get("packages") or {}
@@ -160,6 +161,9 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                    "the seeds both frameworks ran, Welch's interval only where runs do not pair."),
         Block("table", table=tables["head_to_head"]),
         *(scaling or []),
+        *sections.time_to_accuracy_blocks(tables),
+        *sections.retrieval_blocks(store, results),
+        *sections.data_blocks(results, manifest),
         Block("h2", "Runs"),
         Block("table", table=runs_table(results)),
     ]
@@ -170,6 +174,7 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                 blocks += [Block("p", f"`{r.run_id}`: last lines of the worker's stderr"),
                            Block("code", text=r.stderr_tail)]
     blocks += _per_class_blocks(tables["per_class"])
+    blocks += sections.tensorboard_blocks(manifest)
     blocks.append(Block("h2", "Plots"))
     for path in plot_paths:
         blocks.append(Block("image", text=path.stem.replace("_", " "), path=path,
@@ -231,22 +236,28 @@ def _audit_blocks(audit: dict[str, Any]) -> list[Block]:
     return blocks + [Block("table", table=frame, highlight=flagged)]
 
 
-def render_all(store: ResultsStore) -> list[Path]:
-    """Tables, plots and reports for the folder; returns every path written."""
+def render_all(store: ResultsStore, target_accuracy: float | None = None) -> list[Path]:
+    """Tables, plots and reports for the folder; returns every path written.
+
+    ``target_accuracy``: time to accuracy (also the scaling table's) for this target instead of the one
+    the runs were started with.
+    """
     runs = store.load_runs()
     if not runs:
         raise UserError(f"no results in {store.runs_path}: run `dualbench run --out {store.root} ...` first")
     results = as_configurations(runs)  # per model and world size
-    tables = build_tables(results)
+    target = time_to_accuracy.target_of(runs, target_accuracy)
+    tables = build_tables(results, target)
     written: list[Path] = []
     for name in ("summary", "head_to_head", "curves", "per_class"):
         written += store.write_table(name, tables[name])
+    if not tables["time_to_accuracy"].empty:
+        written += store.write_table("time_to_accuracy", tables["time_to_accuracy"])
     resolutions = _read_json(store.root / "tuning.json").get("resolutions") or []
     if resolutions:  # the search table, beside tuning.json (which keeps every record in full)
         written += store.write_table("tuning", tune_report.search_frame(resolutions), parquet=False)
     scaling: list[Block] = []
     if has_scaling(runs):
-        target = store.load_manifest().get("target_accuracy")
         table = scaling_table(runs, target)
         written += store.write_table("scaling", table)
         scaling = scaling_blocks(runs, table, store.plots_dir, store.root, target)
@@ -265,20 +276,32 @@ def render_all(store: ResultsStore) -> list[Path]:
     return written
 
 
-def render_and_print(store: Any) -> None:
-    """Render every output of ``store`` and print the summary, head-to-head and failures tables."""
+def render_and_print(store: Any, target_accuracy: float | None = None) -> None:
+    """Render every output of ``store`` and print the summary, head-to-head, time-to-accuracy,
+    retrieval and failures tables."""
+    from compare.retrieval import load_retrieval
     from compare.tables import build_tables, terminal_summary, to_text
 
-    written = render_all(store)
-    tables = build_tables(store.load_runs())
+    written = render_all(store, target_accuracy)
+    tables = build_tables(store.load_runs(), target_accuracy)
     print("\nSummary (all columns in summary.csv):")
     print(to_text(terminal_summary(tables["summary"])))
-    print("\nHead to head:")
-    print(to_text(tables["head_to_head"]))
+    print("\nHead to head (time to accuracy: the table below; all columns in head_to_head.csv):")
+    print(to_text(tables["head_to_head"].drop(columns=["tta_base", "tta_other"])))
+    if not tables["time_to_accuracy_summary"].empty:
+        print("\nTime to accuracy (training wall-clock, evaluation excluded):")
+        print(to_text(tables["time_to_accuracy_summary"].drop(columns=["tta_median_s"])))
+    retrieval = load_retrieval(store)
+    if retrieval is not None and not retrieval["metrics"].empty:
+        print("\nImage retrieval (test queries against the training split, cosine similarity):")
+        print(to_text(retrieval["metrics"].drop(columns=["weights_sha256", "error"])))
+        if not retrieval["agreement"].empty:
+            print(to_text(retrieval["agreement"]))
     if not tables["failures"].empty:
         print("\nFailures:")
         print(to_text(tables["failures"]))
     print("\nWritten:")
-    for path in [store.runs_path, store.manifest_path, store.audit_json, store.audit_csv, *written]:
+    extra = [store.root / name for name in ("retrieval.json", "retrieval.csv", "retrieval_agreement.csv")]
+    for path in [store.runs_path, store.manifest_path, store.audit_json, store.audit_csv, *extra, *written]:
         if path.exists():
             print(f"  {path}")

@@ -76,7 +76,8 @@ def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
     except (TypeError, ValueError):
         pass  # a spec this version cannot read back: compared as stored
     clean = json.loads(json.dumps(spec, sort_keys=True))
-    for where in ("checkpoint_dir", "final_weights_path"):  # where files go, not how the run trains
+    # where files go, and the time-to-accuracy target (read from the stored evaluations), not how the run trains
+    for where in ("checkpoint_dir", "final_weights_path", "target_accuracy"):
         clean.pop(where, None)
     return clean
 
@@ -164,6 +165,7 @@ class Runner:
         self.progress = progress
         self.launches = 0
         self.launch_config = launch or Launch()
+        self.on_result: Any = None  # called with every finished run's RunResult once it is stored
 
     # -- resume -----------------------------------------------------------------
     def check_existing(self, specs: list[RunSpec]) -> None:
@@ -309,6 +311,8 @@ class Runner:
         previous = {r.get("run_id"): r for r in self.store.load_rows()}.get(spec.run_id())
         if not (outcome.interrupted and previous and previous.get("status") == "ok"):
             self.store.upsert_run(result)  # UserError (old file intact) if the write fails
+        if self.on_result is not None:
+            self.on_result(result)
         if result.status == "ok" and spec.checkpoint_dir:
             shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
         if self.progress:

@@ -7,8 +7,11 @@ larger. Per model, framework and world size N (medians over the ok seeds):
   measured on the chief's clock), ``pipeline_img_s`` the pipeline-inclusive figure;
 * ``speedup`` = throughput_N / throughput_1 and ``efficiency`` E_N = throughput_N / (N x throughput_1),
   where the same model and framework also ran with one process;
-* ``time_to_target_s``: training wall time (evaluation excluded) until the first epoch whose
-  test accuracy reached the target, when one is given (``--target-accuracy``);
+* ``time_to_target_s``: training wall time (evaluation excluded) until the first evaluation
+  (every epoch end, and every ``--eval-every-steps`` steps) whose test accuracy reached the target,
+  when one is given (``--target-accuracy``, the runs' own unless `dualbench report` overrides it);
+  the median over seeds, "not reached" (n/a) when half the seeds or more never reached it
+  (compare.time_to_accuracy, the same definition as the head-to-head's);
 * ``tf_over_torch``: TensorFlow's throughput over torch's at the same N.
 
 When every rank of every run shared one host, the N processes split that host's cores: the
@@ -25,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from common.results import RunResult
+from compare import time_to_accuracy
 
 SCALING_COLUMNS = ["model", "backend", "world_size", "hosts", "per_replica_batch", "global_batch", "runs_ok",
                    "train_img_s", "speedup", "efficiency", "pipeline_img_s", "time_to_target_s", "test_acc_pct",
@@ -46,14 +50,13 @@ def _hosts(result: RunResult) -> list[str]:
 
 
 def time_to_target(result: RunResult, target: float | None) -> float:
-    """Training seconds until the first epoch at or above ``target`` test accuracy (NaN: never, or no target)."""
+    """Training seconds at the run's first evaluation (mid-epoch ones included, ``--eval-every-steps``) at or
+    above ``target`` test accuracy; NaN: never, or no target. The one definition is
+    compare.time_to_accuracy's (the head-to-head and the report's time-to-accuracy section use it too)."""
     if target is None:
         return math.nan
-    for epoch in result.epochs or []:
-        accuracy = epoch.get("test_accuracy")
-        if accuracy is not None and accuracy >= target:
-            return float(epoch["wall_s"])
-    return math.nan
+    hit = time_to_accuracy.first_reaching(result, target)
+    return float(hit["wall_s"]) if hit is not None else math.nan
 
 
 def scaling_table(results: list[RunResult], target_accuracy: float | None = None) -> pd.DataFrame:
@@ -76,7 +79,9 @@ def scaling_table(results: list[RunResult], target_accuracy: float | None = None
                     "runs_ok": len(group),
                     "train_img_s": _median([r.train_images_per_sec for r in group]),
                     "pipeline_img_s": _median([r.pipeline_images_per_sec for r in group]),
-                    "time_to_target_s": _median([time_to_target(r, target_accuracy) for r in group]),
+                    # a seed that never reached the target counts as infinitely slow (compare.time_to_accuracy)
+                    "time_to_target_s": time_to_accuracy.median_time([time_to_target(r, target_accuracy)
+                                                                      for r in group]),
                     "test_acc_pct": 100 * _median([r.test_accuracy for r in group]),
                 })
     frame = pd.DataFrame(rows, columns=[c for c in SCALING_COLUMNS if c not in ("speedup", "efficiency",

@@ -17,7 +17,7 @@ from common.architectures import ARCHITECTURES
 from common.distributed import configuration_label
 from common.registry import REAL_BACKENDS
 from common.results import RunResult
-from compare import stats
+from compare import stats, time_to_accuracy
 
 MIB = 1024 * 1024
 # train_img_s_seeds_ci_*: 95% t interval across seeds of the runs' images/s (run-to-run spread);
@@ -39,6 +39,7 @@ HEAD_TO_HEAD_COLUMNS = [
     "train_img_s_ratio_seed_min", "train_img_s_ratio_seed_max", "pipeline_img_s_ratio", "host_rss_ratio",
     "host_rss_less_data_ratio", "device_peak_ratio", "device_peak_less_data_ratio", "acc_diff_pts",
     "acc_diff_ci_lo_pts", "acc_diff_ci_hi_pts", "acc_test", "seeds", "verdict",
+    "target_acc_pct", "tta_base", "tta_other", "tta_ratio",  # time to accuracy (compare.time_to_accuracy)
 ]
 CURVE_COLUMNS = ["model", "backend", "seed", "status", "epoch", "train_loss", "train_accuracy", "test_loss",
                  "test_accuracy", "wall_s"]
@@ -204,7 +205,7 @@ def _by_seed(results: list[RunResult], model: str, backend: str, name: str) -> d
 
 
 def _head_to_head_row(results: list[RunResult], model: str, base: str, other: str,
-                      a: pd.Series, b: pd.Series) -> dict[str, Any]:
+                      a: pd.Series, b: pd.Series, tta: pd.DataFrame) -> dict[str, Any]:
     """``other`` against ``base``: paired per seed (the runner runs one seed's two runs back to back)."""
     def pair(name: str) -> tuple[dict[int, float], dict[int, float]]:
         return _by_seed(results, model, base, name), _by_seed(results, model, other, name)
@@ -223,11 +224,16 @@ def _head_to_head_row(results: list[RunResult], model: str, base: str, other: st
         "device_peak_less_data_ratio": _ratio(b["device_peak_less_data_mib"], a["device_peak_less_data_mib"]),
         "acc_diff_pts": 100 * ci.diff, "acc_diff_ci_lo_pts": 100 * ci.lo, "acc_diff_ci_hi_pts": 100 * ci.hi,
         "acc_test": ci.method, "seeds": f"{ci.n_a}/{ci.n_b}", "verdict": stats.verdict(ci, base, other),
+        **time_to_accuracy.head_to_head_columns(tta, model, base, other),
     }
 
 
-def head_to_head_table(results: list[RunResult]) -> pd.DataFrame:
-    """Per model: every other backend against the baseline (torch when present, else the first)."""
+def head_to_head_table(results: list[RunResult], tta: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per model: every other backend against the baseline (torch when present, else the first).
+
+    ``tta``: compare.time_to_accuracy.summary_table (its columns stay empty without one).
+    """
+    tta = pd.DataFrame() if tta is None else tta
     summary = summary_table(results).set_index(["model", "backend"])
     backends = ordered_backends(results)
     rows = []
@@ -238,7 +244,7 @@ def head_to_head_table(results: list[RunResult]) -> pd.DataFrame:
         base = present[0]
         for other in present[1:]:
             rows.append(_head_to_head_row(results, model, base, other, summary.loc[(model, base)],
-                                          summary.loc[(model, other)]))
+                                          summary.loc[(model, other)], tta))
     return pd.DataFrame(rows, columns=HEAD_TO_HEAD_COLUMNS)
 
 
@@ -290,12 +296,18 @@ def per_class_table(results: list[RunResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "backend", "class", "precision", "recall", "f1", "support"])
 
 
-def build_tables(results: list[RunResult]) -> dict[str, pd.DataFrame]:
-    """All tables by name (the file stem they are written to), per configuration (``as_configurations``)."""
+def build_tables(results: list[RunResult], target_accuracy: float | None = None) -> dict[str, pd.DataFrame]:
+    """All tables by name (the file stem they are written to), per configuration (``as_configurations``).
+
+    ``target_accuracy``: the time-to-accuracy target (default: the one the runs were started with).
+    """
     results = as_configurations(results)
-    return {"summary": summary_table(results), "head_to_head": head_to_head_table(results),
+    target = time_to_accuracy.target_of(results, target_accuracy)
+    tta_seeds = time_to_accuracy.seed_table(results, target)
+    tta = time_to_accuracy.summary_table(tta_seeds)
+    return {"summary": summary_table(results), "head_to_head": head_to_head_table(results, tta),
             "curves": curves_table(results), "per_class": per_class_table(results),
-            "failures": failures_table(results)}
+            "failures": failures_table(results), "time_to_accuracy": tta_seeds, "time_to_accuracy_summary": tta}
 
 
 def format_value(value: Any) -> str:

@@ -20,7 +20,8 @@ that step), ``diverge`` (NaN loss at that step), ``error`` (RuntimeError),
 at setup, as torch's TCPStore does, and fails like it when the port is taken), ``oombatch@N`` (MemoryError in every step when
 the batch size is >= N: an out-of-memory boundary for `dualbench bench`), ``slow`` (0.2 s per step), ``asym``
 (reports bn_epsilon 1e-3 in the audit), ``wrong=KEY`` (reports a different value of audit key KEY),
-``fallback`` (notes a fallback) or ``audit_segfault`` (SIGSEGV while auditing). Faults in training steps
+``fallback`` (notes a fallback), ``audit_segfault`` (SIGSEGV while auditing) or ``embedshift``
+(embeddings 1% larger: two frameworks that disagree on identical weights). Faults in training steps
 never fire in ``audit`` workers, which build but do not train.
 
 ``DUALBENCH_FAKE_LAUNCH_LOG``: each worker appends "audit|train|tune RUN_ID PID" there.
@@ -52,7 +53,7 @@ from common.audit import decay_settings, fallbacks_text, normalization_text
 from common.config import RunSpec
 from common.distributed import Replica, single_process
 from common.execution import ExecutionConfig, requested
-from common.sampler import EpochPlan, normalize_reference, plan_batch_reference
+from common.sampler import EpochPlan, augmentation_text, normalize_reference, plan_batch_reference
 from compare.tune import Dimension, SearchSpace
 
 FAULT_ENV = "DUALBENCH_FAKE_FAULT"
@@ -236,6 +237,10 @@ class FakeBackend:
     def predict(self, model: FakeModel, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
         return model.logits(images_nhwc_float32).astype(np.float32)
 
+    def embed(self, model: FakeModel, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        features = pooled_features(images_nhwc_float32).astype(np.float32)  # what the fake's classifier reads
+        return features * np.float32(1.01) if "embedshift" in faults_for(self.spec) else features
+
     def layer_outputs(self, model: FakeModel, images_nhwc_float32: np.ndarray, training: bool = False):
         return {"fake": self.predict(model, images_nhwc_float32)}
 
@@ -290,6 +295,8 @@ class FakeBackend:
             "data_format": "NHWC channels_last" if self.execution.channels_last else "NHWC",
             "inter_op_threads": self.execution.inter_op_threads or 0, "onednn": self.execution.onednn,
             "data_threads": self.execution.data_threads,
+            # the fake has no pipelines of its own: what it applies is the recipe's plan (plan_batch_reference)
+            "augmentation": augmentation_text(r.crop_padding, r.augment, r.augment and r.horizontal_flip),
             "input_pipeline": "numpy arrays in host memory", "fallbacks": fallbacks_text(self.fallback_notes()),
         }
         faults = faults_for(spec)

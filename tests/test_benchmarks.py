@@ -131,6 +131,33 @@ def test_readme_results_replaces_only_the_marked_section(tmp_path):
         readme_results.main(argv)
 
 
+def test_readme_results_shows_time_to_accuracy_and_retrieval_between_named_markers(tmp_path):
+    import json
+
+    import readme_results
+
+    results = tmp_path / "run"
+    results.mkdir()
+    (results / "manifest.json").write_text(json.dumps({"command": "dualbench run --target-accuracy 0.85"}))
+    (results / "summary.csv").write_text("model,backend,test_acc_mean_pct\nm,torch,86.0\n")
+    (results / "head_to_head.csv").write_text("model,verdict\nm,within seed noise\n")
+    (results / "time_to_accuracy.csv").write_text(
+        "model,backend,seed,status,target_acc_pct,reached,tta_s,tta_step,tta_epoch,best_acc_pct,evaluations,"
+        "eval_every_steps,eval_s_total\n"
+        "m,torch,0,ok,85,True,12.5,300,2,86,2,,3.0\nm,torch,1,ok,85,False,inf,,,84,2,,3.0\n")
+    (results / "retrieval.csv").write_text("model,backend,seed,status,recall@1,map@r,weights_sha256\n"
+                                           "m,torch,0,ok,0.81,0.55,abc\n")
+    (results / "retrieval_agreement.csv").write_text("model,seed,weights_of,embedded_by,max_rel_diff,rtol,agrees\n"
+                                                     "m,0,torch,tensorflow,3e-07,0.0001,True\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- fmnist:begin -->\nold\n<!-- fmnist:end -->\nb\n")
+    assert readme_results.main([str(results), "--write", str(readme), "--marker", "fmnist"]) == 0
+    text = readme.read_text()
+    assert text.startswith("a\n<!-- fmnist:begin -->\n") and text.endswith("<!-- fmnist:end -->\nb\n")
+    assert "seed 0: 12.5 s, seed 1: not reached" in text and "1/2" in text
+    assert "0.81" in text and "abc" not in text and "3e-07" in text
+
+
 def test_the_readme_has_the_results_markers():
     import readme_results
 

@@ -107,6 +107,7 @@ def _audit(recipe: Recipe, model="resnet20", **spec_fields):
     backend = Backend()
     backend.setup(spec)
     net = backend.build_model(model, 10, (16, 16, 3), recipe.bn_momentum, recipe.bn_epsilon)
+    backend.attach_data(tiny_dataset(n_train=8, n_test=4, shape=(16, 16, 3)), spec)  # the pipelines are audited too
     return backend.audit(net, backend.make_train_step(net, spec))
 
 

@@ -184,6 +184,10 @@ class Backend:
         with tf.device(self.device):
             return tf_weights.predict(model, images_nhwc_float32, training)
 
+    def embed(self, model: keras.Model, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        with tf.device(self.device):
+            return tf_weights.embed(model, images_nhwc_float32)
+
     def layer_outputs(self, model: keras.Model, images_nhwc_float32: np.ndarray,
                       training: bool = False) -> dict[str, np.ndarray]:
         with tf.device(self.device):
@@ -195,7 +199,9 @@ class Backend:
         normalisation = {"mean": recipe.mean, "std": recipe.std, "fallbacks": self._fallbacks,
                          "data_threads": self.data_threads}
         self._train = tf_data.TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
-                                            crop_padding=recipe.crop_padding, **normalisation)
+                                            crop_padding=recipe.crop_padding, random_crop=recipe.augment,
+                                            horizontal_flip=recipe.augment and recipe.horizontal_flip,
+                                            **normalisation)
         self._eval = tf_data.EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
                                           batch_size=recipe.eval_batch_size, **normalisation)
 
@@ -246,6 +252,7 @@ class Backend:
         pipelines = [p for p in (self._train, self._eval) if p is not None]
         return {"eval_batch_size": self._eval.batch_size if self._eval else None,
                 "crop_padding": self._train.pad if self._train else None,
+                "augmentation": self._train.augmentation() if self._train else None,
                 "input_normalization": single_value(
                     normalization_text(p.io.mean.numpy().tolist(), p.io.std.numpy().tolist()) for p in pipelines),
                 "input_pipeline": self._train.io.placement if self._train else None}

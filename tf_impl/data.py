@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from common.sampler import EpochPlan
+from common.sampler import EpochPlan, augmentation_text, check_plan
 
 
 def normalize(images_uint8_nhwc: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
@@ -122,10 +122,11 @@ class TrainPipeline:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, crop_padding: int,
                  mean: Sequence[float], std: Sequence[float], fallbacks: list[str] | None = None,
-                 data_threads: int | None = None):
+                 data_threads: int | None = None, random_crop: bool = True, horizontal_flip: bool = True):
         self.io = _Placement(device, mean, std, fallbacks)
         self.data_threads = data_threads
         self.pad = int(crop_padding)
+        self.random_crop, self.horizontal_flip = bool(random_crop), bool(horizontal_flip)
         self.height, self.width = int(images.shape[1]), int(images.shape[2])
         self.num_examples = len(labels)
         pad = ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0))
@@ -136,10 +137,13 @@ class TrainPipeline:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return {"train_images": _held(self.images), "train_labels": _held(self.labels)}
 
+    def augmentation(self) -> str:
+        """What this pipeline was built to apply (common.sampler.augmentation_text), for the audit."""
+        return augmentation_text(self.pad, self.random_crop, self.horizontal_flip)
+
     def _dataset(self, plan: EpochPlan, raw: bool = False) -> tf.data.Dataset:
         """The tf.data pipeline of one epoch (host side, before device placement)."""
-        if plan.crop_padding != self.pad:
-            raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
+        check_plan(plan, self.pad, self.random_crop, self.horizontal_flip)
         if plan.dataset_size != self.num_examples:
             raise ValueError(f"plan covers {plan.dataset_size} images, the dataset has {self.num_examples}")
         plan_slices = (plan.order.astype(np.int64), plan.crop_offsets.astype(np.int32), plan.flips.astype(bool))

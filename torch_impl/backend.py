@@ -205,6 +205,9 @@ class Backend:
     def predict(self, model: nn.Module, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
         return weight_io.predict(model, images_nhwc_float32, training)
 
+    def embed(self, model: nn.Module, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        return weight_io.embed(model, images_nhwc_float32)
+
     def layer_outputs(self, model: nn.Module, images_nhwc_float32: np.ndarray,
                       training: bool = False) -> dict[str, np.ndarray]:
         return weight_io.layer_outputs(model, model.arch_spec, images_nhwc_float32, training)
@@ -214,7 +217,8 @@ class Backend:
         r = spec.recipe
         normalisation = {"mean": r.mean, "std": r.std, "channels_last": self.channels_last}
         self._train = TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
-                                    crop_padding=r.crop_padding, **normalisation)
+                                    crop_padding=r.crop_padding, random_crop=r.augment,
+                                    horizontal_flip=r.augment and r.horizontal_flip, **normalisation)
         self._eval = EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
                                   batch_size=r.eval_batch_size, **normalisation)
 
@@ -271,6 +275,7 @@ class Backend:
         pipelines = [p for p in (self._train, self._eval) if p is not None]
         return {"eval_batch_size": self._eval.batch_size if self._eval else None,
                 "crop_padding": self._train.pad if self._train else None,
+                "augmentation": self._train.augmentation() if self._train else None,
                 "input_normalization": single_value(
                     normalization_text(p.io.mean.tolist(), p.io.std.tolist()) for p in pipelines),
                 "input_pipeline": self._train.io.placement if self._train else None}
