@@ -69,7 +69,7 @@ def _training_batches(backend: Any, spec: RunSpec, num_train: int):
     batch = spec.recipe.batch_size
     for epoch in itertools.count():
         plan = epoch_plan(spec.seed, epoch, num_train, batch, augment=spec.recipe.augment,
-                          crop_padding=spec.recipe.crop_padding)
+                          crop_padding=spec.recipe.crop_padding, horizontal_flip=spec.recipe.horizontal_flip)
         yield from backend.train_batches(plan)
 
 

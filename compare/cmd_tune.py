@@ -9,6 +9,7 @@ printed again without measuring, unless ``--retune``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -41,6 +42,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def build_specs(args: argparse.Namespace):
     """One validated RunSpec per (model, backend), seed 0, and the dataset."""
     from common.data import load_dataset
+    from common.data.defaults import apply_defaults, dataset_defaults
 
     models, backends = options.parse_selection(args)
     modes = options.parse_modes(args.mode, backends)
@@ -52,7 +54,9 @@ def build_specs(args: argparse.Namespace):
     shared["channels_last"] = options.CHANNELS_LAST[args.channels_last]
     specs = [options.make_spec(m, b, 0, modes[b], recipe, shared) for m in models for b in backends]
     dataset = load_dataset(specs[0].data, progress=sys.stderr.isatty())
-    return specs, dataset
+    # the dataset's augmentation and normalisation (1-channel statistics for MNIST...), as `dualbench run` has them
+    recipe = apply_defaults(recipe, dataset_defaults(specs[0].data, dataset), {})
+    return [dataclasses.replace(spec, recipe=recipe) for spec in specs], dataset
 
 
 def main(args: argparse.Namespace) -> int:

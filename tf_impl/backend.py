@@ -261,7 +261,9 @@ class Backend:
         """The tf.data private thread pool read back from a built training dataset (0: tf.data's default)."""
         if self._train is None:
             return None
-        probe = self._train._dataset(epoch_plan(0, 0, self._train.num_examples, 1, crop_padding=self._train.pad))
+        probe = self._train._dataset(epoch_plan(0, 0, self._train.num_examples, 1, crop_padding=self._train.pad,
+                                                augment=self._train.random_crop,
+                                                horizontal_flip=self._train.horizontal_flip))
         return tf_data._private_threadpool_size(probe)
 
     # -- measurement ---------------------------------------------------------
