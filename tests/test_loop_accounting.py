@@ -193,3 +193,40 @@ def test_several_pauses_in_one_epoch_all_stay_off_the_clock(monkeypatch):
     assert [r["wall_s"] for r in rows[:4]] == [BUILD + COMPILE + k * PER_BATCH for k in (1, 2, 3)] + [EPOCH_1]
     assert [e["train_time_s"] for e in result.state.epochs] == [EPOCH_1, EPOCH, EPOCH]
     assert result.steady_wall_s == 3 * PER_BATCH + EPOCH
+
+
+def test_data_parallel_mid_epoch_evaluations_are_the_chiefs_alone(monkeypatch):
+    """--nproc 2 with --eval-every-steps: every replica reaches each evaluation point at the same global
+    step; the chief evaluates (a pause of its clock, one row each), the other replica skips it (no eval
+    call, no row, no pause) and goes on to its next step, whose all-reduce waits for the chief."""
+    from common.distributed import Replica
+
+    spec = RunSpec(model="seed_cnn", backend="torch", warmup_steps=4, eval_every_steps=1, nproc=2,
+                   recipe=Recipe(batch_size=10, epochs=2, lr=0.1, schedule="cosine"))
+    runs = {}
+    for rank in (0, 1):
+        clock = FakeClock()
+        clock.install(monkeypatch, loop)
+        backend = LazyDeviceBackend(clock)
+        calls: list[int] = []
+
+        def eval_step(images, backend=backend, calls=calls):
+            calls.append(len(images))
+            return backend.eval_step(images)
+
+        result = loop.train(backend, backend.train_step([]), eval_step, spec, num_train=40,
+                            test_labels=np.zeros(6, np.int64), replica=Replica(rank=rank, world_size=2))
+        runs[rank] = result, calls, backend.lrs, clock
+    (chief, chief_calls, chief_lrs, chief_clock), (other, other_calls, other_lrs, _) = runs[0], runs[1]
+    # a global batch of 20 (2 x 10): 2 steps per epoch; a mid-epoch evaluation after each epoch's first step
+    rows = chief.state.evaluations
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["epoch_end"] for r in rows] == [False, True] * 2
+    assert len(chief_calls) == 4 * 3 and all(r["eval_s"] == EVAL for r in rows)
+    assert chief_clock.unsynced_reads == []
+    assert other_calls == [] and other.state.evaluations == [] and other.final_logits is None
+    assert [e["test_accuracy"] for e in other.state.epochs] == [None, None]
+    assert other.state.global_step == chief.state.global_step == 4 and other_lrs == chief_lrs
+    # the chief's pauses stay off its clock: both replicas trained for the same time on the fake clock
+    assert [e["train_time_s"] for e in chief.state.epochs] == [e["train_time_s"] for e in other.state.epochs]
+    assert rows[0]["wall_s"] == BUILD + COMPILE + PER_BATCH  # each replica's own batches (10 images per step)
+    assert rows[0]["images_per_sec"] == pytest.approx(20 / rows[0]["wall_s"])  # global images per step

@@ -72,3 +72,23 @@ def test_results_without_evaluation_rows_fall_back_to_epoch_rows():
                     epochs=[{"epoch": 1, "test_accuracy": 0.5, "wall_s": 5.0},
                             {"epoch": 2, "test_accuracy": 0.7, "wall_s": 9.0}])
     assert tta.first_reaching(old, 0.6)["wall_s"] == 9.0
+
+
+def test_the_scaling_table_reads_the_same_time_to_accuracy():
+    """One --target-accuracy, one definition: the scaling table's time_to_target_s is the head to head's,
+    mid-epoch evaluations included, per world size (the runs' own target unless overridden)."""
+    import dataclasses
+
+    from compare.scaling import scaling_table
+
+    world2 = [dataclasses.replace(r, run_id=r.run_id + "__world2", world_size=2, train_images_per_sec=1.0,
+                                  spec={**r.spec, "nproc": 2, "recipe": {"batch_size": 8}}) for r in RUNS]
+    world1 = [dataclasses.replace(r, train_images_per_sec=1.0, spec={**r.spec, "recipe": {"batch_size": 8}})
+              for r in RUNS]
+    target = tta.target_of(world1 + world2)
+    assert target == 0.8
+    table = scaling_table(world1 + world2, target).set_index(["backend", "world_size"])
+    assert table.loc[("torch", 1), "time_to_target_s"] == table.loc[("torch", 2), "time_to_target_s"] == 26.0
+    assert math.isnan(table.loc[("tensorflow", 2), "time_to_target_s"])  # half the seeds never reached it
+    assert scaling_table(world2, 0.5).set_index(["backend", "world_size"]).loc[("tensorflow", 2),
+                                                                                "time_to_target_s"] == 9.0
