@@ -116,7 +116,9 @@ def run_retrieval_request(backend_name: str, request: str, out: str) -> int:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     backend = get_backend(backend_name)
-    backend.setup(RunSpec.from_dict({**raw["spec"], "precision": "fp32"}))  # embeddings in fp32 on both sides
+    # embeddings in fp32 on both sides, in this one process: a data-parallel run's final weights (the
+    # chief's) are embedded without its engine (world 1)
+    backend.setup(RunSpec.from_dict({**raw["spec"], "precision": "fp32", "nproc": 1, "nnodes": 1}))
     dataset = load_dataset(spec.data, train_subset=spec.train_subset, test_subset=spec.test_subset,
                            subset_seed=spec.seed, progress=False)
     recipe = spec.recipe

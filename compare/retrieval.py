@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.distributed import configuration_label
 from common.registry import worker_command
 from common.results import RunResult
 from compare.parity import DEFAULT_RTOL, relative_diff
@@ -70,8 +71,17 @@ def _launch(store: Any, result: RunResult, work: Path, cross: dict[str, Path], t
         return None, f"{how}: {tail[-1] if tail else 'no output'} (see {log})"
 
 
+def _configuration(result: RunResult) -> str:
+    """The run's configuration as tables name it: the model, "<model> (world N)" for a data-parallel run
+    (runs of different world sizes have different weights: never compared or pooled)."""
+    world = result.world_size or 1
+    if world > 1 and result.model.endswith(f" (world {world})"):  # already labelled (tables.as_configurations)
+        return result.model
+    return configuration_label(result.model, world)
+
+
 def _metric_row(result: RunResult, metrics: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
-    row = {"model": result.model, "backend": result.backend, "seed": result.seed,
+    row = {"model": _configuration(result), "backend": result.backend, "seed": result.seed,
            "status": "ok" if metrics else "error", "weights_sha256": result.final_weights_sha256, "error": error}
     for key in METRIC_COLUMNS[4:12]:
         row[key] = (metrics or {}).get(key, math.nan)
@@ -90,7 +100,7 @@ def _agreement_rows(group: list[RunResult], work: Path) -> list[dict[str, Any]]:
             a, b = np.load(own), np.load(crossed)
             scale = float(max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0)))
             rel = relative_diff(a, b) if a.shape == b.shape else math.inf
-            rows.append({"model": owner.model, "seed": owner.seed, "weights_of": owner.backend,
+            rows.append({"model": _configuration(owner), "seed": owner.seed, "weights_of": owner.backend,
                          "embedded_by": f"{owner.backend} vs {other.backend}", "max_rel_diff": rel,
                          "max_abs_diff": float(np.abs(a - b).max()) if a.shape == b.shape else math.inf,
                          "embedding_scale": scale, "rtol": DEFAULT_RTOL, "agrees": bool(rel <= DEFAULT_RTOL)})
@@ -105,8 +115,8 @@ def run_retrieval(store: Any, results: list[RunResult], timeout_s: float | None 
     """
     usable = [r for r in results if r.status == "ok" and final_weights(store, r) is not None]
     groups: dict[tuple[str, int], list[RunResult]] = {}
-    for result in usable:
-        groups.setdefault((result.model, result.seed), []).append(result)
+    for result in usable:  # per configuration (a data-parallel run is "<model> (world N)") and seed
+        groups.setdefault((_configuration(result), result.seed), []).append(result)
     metric_rows, agreement_rows = [], []
     work = Path(tempfile.mkdtemp(prefix=".work-retrieval-", dir=store.root))  # swept by the next run if killed
     try:
@@ -142,6 +152,7 @@ def load_retrieval(store: Any) -> dict[str, Any] | None:
 
 def stale_runs(retrieval: dict[str, Any], results: list[RunResult]) -> list[str]:
     """Runs whose weights changed since their retrieval metrics were computed (rerun since)."""
-    current = {(r.model, r.backend, r.seed): r.final_weights_sha256 for r in results}
-    return [f"{row.model}__{row.backend}__seed{row.seed}" for row in retrieval["metrics"].itertuples()
-            if current.get((row.model, row.backend, row.seed)) not in (None, row.weights_sha256)]
+    current = {(_configuration(r), r.backend, r.seed): (r.run_id, r.final_weights_sha256) for r in results}
+    return [current[key][0] for key, sha in
+            (((row.model, row.backend, row.seed), row.weights_sha256) for row in retrieval["metrics"].itertuples())
+            if key in current and current[key][1] not in (None, sha)]

@@ -4,7 +4,7 @@ One writer for both frameworks is what makes the tags and the step semantics ide
 the workers only record numbers (``RunResult.evaluations``, common.loop), and this module
 turns every run, whatever its backend, into the same events. Layout and content::
 
-    DIR/<model>/<backend>/seed<k>/events.out.tfevents.*
+    DIR/<model>/<backend>/seed<k>/events.out.tfevents.*   (a data-parallel run: DIR/<model>_world<N>/...)
 
     step = optimiser steps done at the evaluation (common.loop), for every tag below
     train/loss, train/accuracy    mean over the steps since the previous evaluation
@@ -16,7 +16,7 @@ turns every run, whatever its backend, into the same events. Layout and content:
     memory/device_peak_mib        device allocator peak so far (GPU runs only; both frameworks alike)
     time/train_wall_s             the training clock (time to accuracy reads it; evaluation excluded)
     test/confusion_matrix         image, at the last step
-    hparams plugin                model, backend, seed, data, recipe and spec settings; final metrics
+    hparams plugin                model, backend, seed, world size, data, recipe and spec settings; final metrics
 
 Every event's wall time is the run's start plus its training clock, so TensorBoard's
 "relative" axis is the training wall-clock: the two frameworks' curves overlay against
@@ -55,8 +55,12 @@ _SPEC_HPARAMS = ("data", "precision", "mode", "device", "train_subset", "eval_ev
 
 
 def run_dir(root: Path, result: RunResult) -> Path:
-    """DIR/<model>/<backend>/seed<k>: one TensorBoard run per dualbench run."""
-    return Path(root) / result.model / result.backend / f"seed{result.seed}"
+    """DIR/<model>/<backend>/seed<k>: one TensorBoard run per dualbench run. A data-parallel run's
+    model folder is its configuration (``<model>_world<N>``, as its figures are named), so runs of
+    several world sizes (`dualbench scale`) never overwrite each other's logs."""
+    world = result.world_size or 1
+    model = result.model if world == 1 else f"{result.model}_world{world}"
+    return Path(root) / model / result.backend / f"seed{result.seed}"
 
 
 def scalar_values(row: dict[str, Any]) -> dict[str, float]:
@@ -76,7 +80,8 @@ def hparams(result: RunResult) -> dict[str, Any]:
     """The run's hyper-parameters and settings as hparams values (bool, number or string)."""
     spec = result.spec or {}
     recipe = spec.get("recipe") or {}
-    values: dict[str, Any] = {"model": result.model, "backend": result.backend, "seed": result.seed}
+    values: dict[str, Any] = {"model": result.model, "backend": result.backend, "seed": result.seed,
+                              "world_size": result.world_size or 1}
     values.update({f"recipe.{k}": recipe[k] for k in _RECIPE_HPARAMS if recipe.get(k) is not None})
     values.update({k: spec[k] for k in _SPEC_HPARAMS if spec.get(k) is not None})
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}
