@@ -243,7 +243,8 @@ def main(args: argparse.Namespace) -> int:
     if launch.node_rank > 0:  # another host's ranks: follow host 0's launches, write no results
         from compare.rendezvous import follow
 
-        return follow(store, specs, launch, timeout_s=args.timeout)
+        # host 0 sends its specs with the dataset's defaults filled in: compare like with like
+        return follow(store, apply_data_defaults(specs, args), launch, timeout_s=args.timeout)
     if args.tensorboard:
         from compare.tensorboard import check_writable
 
