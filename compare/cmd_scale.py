@@ -29,13 +29,13 @@ def main(args: argparse.Namespace) -> int:
     from compare.scaling import scaling_table, shared_host_note
     from compare.store import ResultsStore
     from compare.tables import to_text
-    from compare.time_to_accuracy import target_of
+    from compare.report import report_target
 
     store = ResultsStore(args.out)
     runs = store.load_runs()
     if runs:
         print("\nScaling (all columns in scaling.csv):")
-        print(to_text(scaling_table(runs, target_of(runs, args.target_accuracy))))
+        print(to_text(scaling_table(runs, report_target(store, runs, args.target_accuracy))))
         note = shared_host_note(runs)
         if note:
             print(f"note: {note}")

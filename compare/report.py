@@ -236,6 +236,13 @@ def _audit_blocks(audit: dict[str, Any]) -> list[Block]:
     return blocks + [Block("table", table=frame, highlight=flagged)]
 
 
+def report_target(store: Any, runs: list[RunResult], override: float | None = None) -> float | None:
+    """The time-to-accuracy target of the report and the scaling table: ``override`` (`--target-accuracy`),
+    else the runs' own (compare.time_to_accuracy.target_of); a folder written before the target was a
+    RunSpec field kept it in its manifest."""
+    return time_to_accuracy.target_of(runs, override) or store.load_manifest().get("target_accuracy")
+
+
 def render_all(store: ResultsStore, target_accuracy: float | None = None) -> list[Path]:
     """Tables, plots and reports for the folder; returns every path written.
 
@@ -246,7 +253,7 @@ def render_all(store: ResultsStore, target_accuracy: float | None = None) -> lis
     if not runs:
         raise UserError(f"no results in {store.runs_path}: run `dualbench run --out {store.root} ...` first")
     results = as_configurations(runs)  # per model and world size
-    target = time_to_accuracy.target_of(runs, target_accuracy)
+    target = report_target(store, runs, target_accuracy)
     tables = build_tables(results, target)
     written: list[Path] = []
     for name in ("summary", "head_to_head", "curves", "per_class"):
@@ -283,7 +290,8 @@ def render_and_print(store: Any, target_accuracy: float | None = None) -> None:
     from compare.tables import build_tables, terminal_summary, to_text
 
     written = render_all(store, target_accuracy)
-    tables = build_tables(store.load_runs(), target_accuracy)
+    runs = store.load_runs()
+    tables = build_tables(runs, report_target(store, runs, target_accuracy))
     print("\nSummary (all columns in summary.csv):")
     print(to_text(terminal_summary(tables["summary"])))
     print("\nHead to head (time to accuracy: the table below; all columns in head_to_head.csv):")
