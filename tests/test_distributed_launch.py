@@ -205,6 +205,37 @@ def test_scale_writes_the_scaling_table_plot_and_caveat(fake_env, tmp_path, caps
     assert "curves_seed_cnn_world2.png" in report  # each configuration has its own figures
 
 
+def test_scale_with_mid_epoch_evaluations_target_retrieval_and_tensorboard(fake_env, tmp_path):
+    """`dualbench scale` with issue 16's flags: the chief's mid-epoch evaluations (global steps) feed the
+    scaling table's time to target, which is the time-to-accuracy table's; retrieval runs per configuration
+    (a world-2 run's weights embedded in one process, never compared with world 1's); TensorBoard keeps
+    each world size in its own folder."""
+    import pandas as pd
+
+    out, tb = tmp_path / "out", tmp_path / "tb"
+    assert run_cli("scale", "--models", "seed_cnn", "--backends", "fakea,fakeb", "--nproc", "1,2",
+                   "--eval-every-steps", "3", "--target-accuracy", "0.05", "--retrieval", "--tensorboard", str(tb),
+                   *SMALL, "--out", str(out)) == 0
+    runs = rows(out)
+    row = runs["seed_cnn__fakea__seed0__world2"]
+    # 256 images / global batch 64 = 4 steps per epoch, 2 epochs: every 3 global steps and at epoch ends
+    assert [e["step"] for e in row["evaluations"]] == [3, 4, 6, 8]
+    assert [e["step"] for e in runs["seed_cnn__fakea__seed0"]["evaluations"]] == [3, 6, 8, 9, 12, 15, 16]
+    first = next(e for e in row["evaluations"] if e["test_accuracy"] >= 0.05)
+    scaling = pd.read_csv(out / "scaling.csv").set_index(["backend", "world_size"])
+    assert scaling.loc[("fakea", 2), "time_to_target_s"] == pytest.approx(first["wall_s"])
+    seeds = pd.read_csv(out / "time_to_accuracy.csv").set_index(["model", "backend"])
+    assert seeds.loc[("seed_cnn (world 2)", "fakea"), "tta_s"] == pytest.approx(first["wall_s"])
+    retrieval = json.loads((out / "retrieval.json").read_text())
+    assert {(m["model"], m["backend"], m["status"]) for m in retrieval["metrics"]} == {
+        (model, backend, "ok") for model in ("seed_cnn", "seed_cnn (world 2)") for backend in ("fakea", "fakeb")}
+    assert sorted(a["model"] for a in retrieval["agreement"]) == ["seed_cnn"] * 2 + ["seed_cnn (world 2)"] * 2
+    assert all(a["agrees"] for a in retrieval["agreement"])
+    for folder in ("seed_cnn", "seed_cnn_world2"):
+        for backend in ("fakea", "fakeb"):
+            assert list((tb / folder / backend / "seed0").glob("events.out.tfevents.*")), (folder, backend)
+
+
 def test_two_hosts_meet_and_host_0_records_every_rank(fake_env, tmp_path):
     port = launch_module.free_ports(1)[0]
     hosts = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
