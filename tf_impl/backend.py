@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import re  # noqa: E402
 from typing import Any, Callable, Iterator  # noqa: E402
 
@@ -261,9 +262,10 @@ class Backend:
         """The tf.data private thread pool read back from a built training dataset (0: tf.data's default)."""
         if self._train is None:
             return None
-        probe = self._train._dataset(epoch_plan(0, 0, self._train.num_examples, 1, crop_padding=self._train.pad,
-                                                augment=self._train.random_crop,
-                                                horizontal_flip=self._train.horizontal_flip))
+        # any plan will do, as long as the pipeline accepts it: label it with the pipeline's own augmentation
+        plan = dataclasses.replace(epoch_plan(0, 0, self._train.num_examples, 1, crop_padding=self._train.pad),
+                                   random_crop=self._train.random_crop, horizontal_flip=self._train.horizontal_flip)
+        probe = self._train._dataset(plan)
         return tf_data._private_threadpool_size(probe)
 
     # -- measurement ---------------------------------------------------------
