@@ -1,5 +1,6 @@
 """benchmarks/: the scripts' own arithmetic, and one script end to end on both real backends (quick mode)."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,19 @@ def test_the_readme_has_the_results_markers():
 
     text = (ROOT / "README.md").read_text()
     assert text.count(readme_results.BEGIN) == 1 and text.count(readme_results.END) == 1
+
+
+def test_a_dualbench_command_started_by_a_benchmark_keeps_the_users_onednn_setting(monkeypatch):
+    """An emulated AVX2 CPU sets TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's default there): the benchmark's
+    `dualbench` process must see it, not the fallback configuration's 1 (else the search never meets
+    TensorFlow's default-off state and the emulation measures the wrong machine)."""
+    seen = {}
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
+    monkeypatch.setattr(_common.subprocess, "run", lambda argv, **kwargs: seen.update(kwargs["env"]))
+    _common.dualbench_cli(["tune"], "dualbench tune")
+    assert seen["TF_ENABLE_ONEDNN_OPTS"] == "0" and seen["MALLOC_TRIM_THRESHOLD_"] == "123"
+    assert str(_common.ROOT) in seen["PYTHONPATH"].split(os.pathsep)
 
 
 def test_best_bare_ratio_compares_the_run_ratio_with_the_ratio_of_each_frameworks_best_bare_loop():
