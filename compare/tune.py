@@ -60,7 +60,9 @@ LOSER_FRACTION = 0.7  # a challenger below this fraction of the incumbent stops 
 FORWARD_RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 UPDATE_RTOL = {"fp32": 1e-2, "bf16": 1e-1, "fp16": 1e-1}
 GATE_STEPS, WARMUP_STEPS, TIMED_STEPS = 3, 1, 8  # per candidate process (gate steps include the compile step)
-DEFAULT_BUDGET_S = 70.0  # per (backend, model) search
+# The searches of one command share this budget (compare.tune_resolve: each gets an equal share of
+# what is left); 2 models x 2 backends must stay under 5 minutes on a 2-core CPU.
+DEFAULT_BUDGET_S = 270.0
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,25 @@ def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, monkey
     assert record["elapsed_s"] <= 25.0 and record["complete"] is False
 
 
+def test_the_commands_budget_is_shared_among_the_searches_still_to_run(fake_env, tmp_path):
+    """--tune-budget-s is the command's: 3 searches of 90 s get 30 s, then what the first left over, split."""
+    given = []
+
+    class Recorded(ScriptedSearch):
+        def run(self):
+            given.append(self.budget_s)
+            record = super().run()
+            record["elapsed_s"] = 10.0  # each search took 10 s of its share
+            return record
+
+    resolver = _resolver(tmp_path, search_if_missing=True, budget_s=90.0,
+                         search_factory=lambda base, **kwargs: Recorded(base, {}, **kwargs))
+    specs = [_spec(model=m) for m in ("seed_cnn", "resnet20", "vgg11_bn")]
+    resolver.resolve(specs + [_spec(model="seed_cnn", seed=1)])  # a second seed shares its model's search
+    assert resolver.searches == 3
+    assert given == pytest.approx([30.0, 40.0, 70.0])  # 90/3; (90-10)/2; (90-20)/1
+
+
 def test_a_search_cut_short_by_its_budget_is_used_by_runs_and_redone_by_tune(fake_env, tmp_path):
     def factory(base, **kwargs):
         return ScriptedSearch(base, {"compile": 2.0}, **{**kwargs, "budget_s": 1e-9})
