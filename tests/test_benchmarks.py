@@ -169,6 +169,16 @@ def test_best_bare_ratio_compares_the_run_ratio_with_the_ratio_of_each_framework
     assert best_bare_ratio.summarise(rows)[0]["meets"] == "no"  # 0.8 / 0.95 is 16% off
 
 
+def test_best_bare_ratio_picks_each_side_by_its_median_over_rounds_not_one_lucky_process():
+    # torch "a" is fastest in round 1 only (one lucky process: 300); "b" is faster by its median
+    speeds = {("torch", "a"): [300.0, 200.0], ("torch", "b"): [260.0, 260.0], ("tensorflow", "c"): [208.0, 208.0]}
+    rows = [{"round": 1, "side": "run", "model": "m", "ratio": 0.8}]
+    rows += [{"round": k + 1, "side": "bare", "model": "m", "backend": backend, "config": config,
+              "images_per_sec": value} for (backend, config), values in speeds.items() for k, value in enumerate(values)]
+    [row] = best_bare_ratio.summarise(rows)
+    assert row["best_bare_torch"] == "b" and row["bare_best_ratio"] == pytest.approx(0.8)  # not mean(208/300, 0.8)
+
+
 def test_threads_varies_one_pool_at_a_time_and_interleaves_the_frameworks():
     configs = threads.configurations(["torch", "tensorflow"])
     assert [c[0] for c in configs[:6]] == ["torch", "tensorflow"] * 3
