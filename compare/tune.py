@@ -5,8 +5,10 @@ candidate ``ExecutionConfig``s, each in its own worker process (the ``tune``
 task, common.tuning), and keeps the fastest one that computes the same
 numbers as the framework's reference configuration:
 
-1. the reference (eager, no compiler, framework defaults) runs first: its
-   logits and losses are what every other candidate is gated against;
+1. the reference (the framework's defaults, no compiler: torch eager,
+   TensorFlow graph mode, whose tf.function runs eager's kernels) runs
+   first: its logits and losses are what every other candidate (XLA,
+   torch.compile, oneDNN, ...) is gated against;
 2. the framework's own defaults (``FRAMEWORK_DEFAULT``) are the starting
    point (the report shows how far they are from the choice);
 3. a coordinate search: for each dimension of the backend's ``SearchSpace``,
@@ -24,7 +26,10 @@ numbers as the framework's reference configuration:
    are searched for the first model of a backend and inherited by the next,
    which starts from that model's choice;
 5. a search does not start a candidate that would end after ``budget_s``
-   seconds (elapsed time + the median duration of its processes so far).
+   seconds (elapsed time + the median duration of its processes so far),
+   except its first challenger: every search tries at least the first
+   dimension's other value (TensorFlow's oneDNN switch, torch's allocator
+   or, for a later model, its first per-model dimension).
 
 benchmarks/tune_check.py checks the choice against an exhaustive measurement.
 """
@@ -80,7 +85,7 @@ class Dimension:
 class SearchSpace:
     """Where a backend's search starts and what it varies."""
 
-    reference: ExecutionConfig  # the gate's reference: eager, no compiler (measured first)
+    reference: ExecutionConfig  # the gate's reference: the defaults without a compiler (measured first)
     start: ExecutionConfig  # the framework's own defaults
     dimensions: tuple[Dimension, ...]
 
@@ -93,9 +98,9 @@ SPACES = {
                     Dimension("mode", ("eager", "compile")),
                     Dimension("inter_op_threads", (None, 1, 2)))),
     "tensorflow": SearchSpace(
-        reference=FRAMEWORK_DEFAULT["tensorflow"].replace(mode="eager"), start=FRAMEWORK_DEFAULT["tensorflow"],
+        reference=FRAMEWORK_DEFAULT["tensorflow"], start=FRAMEWORK_DEFAULT["tensorflow"],
         dimensions=(Dimension("onednn", (True, False), per_model=False, cpu_only=True),
-                    Dimension("mode", ("graph", "xla")),  # eager: the reference, measured anyway
+                    Dimension("mode", ("graph", "xla")),  # eager: never faster than graph, not measured
                     Dimension("malloc_tuning", (False, True), per_model=False),
                     Dimension("inter_op_threads", (None, 1, 2)),
                     Dimension("data_threads", (None, 1), per_model=False))),
@@ -222,6 +227,7 @@ class Search:
         self.started = 0.0
         self.device_type: str | None = None
         self.durations: list[float] = []  # wall seconds of each candidate process (startup included)
+        self.challengers = 0  # challengers measured (the budget never skips the first)
 
     # -- measuring ------------------------------------------------------------------
     def _pinned(self, config: ExecutionConfig) -> ExecutionConfig:
@@ -308,9 +314,10 @@ class Search:
             if challenger is None:
                 challenger = Candidate(config, f"{dimension.field}={value}")
                 self.candidates.append(challenger)
-                if self._over_budget():
-                    challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:g} s) spent"
+                if self.challengers and self._over_budget():
+                    challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:.0f} s) spent"
                     continue
+                self.challengers += 1
                 self._run(challenger, stop_below=incumbent.score * LOSER_FRACTION)
             if challenger.status != "ok":
                 continue
