@@ -166,7 +166,7 @@ def verdict(ci: DiffCI, name_a: str, name_b: str, scale: float = 100.0, unit: st
     better = name_b if ci.diff > 0 else name_a
     if _is_finite(spread) and max(abs(ci.lo), abs(ci.hi)) <= float(spread):
         return (f"within seed noise ({better} +{abs(ci.diff) * scale:.2f} {unit}: the 95% interval excludes 0 "
-                f"but lies inside the {float(spread) * scale:.2f}-{unit} seed spread)")
+                f"but lies inside the seed spread of {float(spread) * scale:.2f} {unit})")
     return f"{better} better by {abs(ci.diff) * scale:.2f} {unit}"
 
 
