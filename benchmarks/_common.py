@@ -12,6 +12,7 @@ import csv
 import io
 import datetime
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -97,6 +98,17 @@ def _env(execution: ExecutionConfig | None = None) -> dict[str, str]:
     return env
 
 
+def _cli_env() -> dict[str, str]:
+    """The environment of a `dualbench` command: the user's as it is (its workers get their configuration's
+    process-level settings from the CLI itself; applying a fallback's here, e.g. TF_ENABLE_ONEDNN_OPTS=1,
+    would overwrite what the user set, such as an emulated AVX2 CPU's TF_ENABLE_ONEDNN_OPTS=0)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(
+        os.pathsep))]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
 def _last_json(lines: list[str]) -> Any:
     for line in reversed(lines):
         if line.startswith(("{", "[")):
@@ -168,7 +180,7 @@ def dualbench_cli(args: list[str], tag: str,
     """`dualbench ARGS` in a subprocess (output captured); None when it timed out."""
     argv = [sys.executable, "-m", "compare", *args]
     try:
-        return subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout_s)
+        return subprocess.run(argv, capture_output=True, text=True, env=_cli_env(), cwd=ROOT, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         print(f"  {tag}: timed out", file=sys.stderr)
         return None

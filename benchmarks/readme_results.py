@@ -36,7 +36,7 @@ H2H_COLUMNS = {
     "pipeline_img_s_ratio": "tf/torch pipeline", "host_rss_ratio": "tf/torch host RSS",
     "host_rss_less_data_ratio": "host RSS less data", "device_peak_less_data_ratio": "device peak less data",
     "acc_diff_pts": "acc diff (tf-torch, pts)", "acc_diff_ci_lo_pts": "95% CI lo", "acc_diff_ci_hi_pts": "95% CI hi",
-    "acc_test": "test", "verdict": "verdict",
+    "acc_test": "test", "acc_seed_spread_pts": "seed spread (pts)", "verdict": "verdict",
 }
 
 

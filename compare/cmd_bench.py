@@ -100,11 +100,14 @@ def resolve_executions(args: argparse.Namespace, configs: list[BenchConfig], dat
     from compare.tune_resolve import Resolver
 
     resolver = Resolver(dataset, retune=args.retune, budget_s=args.tune_budget_s)
-    resolved = []
+    specs = []
     for config in configs:
         batch = sorted(config.batch_sizes)[(len(config.batch_sizes) - 1) // 2]
-        spec = replace(config.base, model=config.model, backend=config.backend, precision=config.precision,
-                       mode=config.mode, recipe=replace(config.base.recipe, batch_size=batch))
+        specs.append(replace(config.base, model=config.model, backend=config.backend, precision=config.precision,
+                             mode=config.mode, recipe=replace(config.base.recipe, batch_size=batch)))
+    resolver.plan(specs)
+    resolved = []
+    for config, spec in zip(configs, specs):
         execution = resolver.resolve_one(spec).execution
         print(f"execution {config.backend} / {config.model}: {execution.label()} ({execution.source})",
               file=sys.stderr, flush=True)

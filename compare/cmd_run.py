@@ -130,6 +130,7 @@ def resolve_executions(args: argparse.Namespace, specs: list[RunSpec], dataset: 
     steps = planned_steps(single[0], len(dataset.train_labels), seeds) if single else 0
     resolver = Resolver(dataset, retune=args.retune, search_if_missing=steps >= AUTO_SEARCH_MIN_STEPS,
                         budget_s=args.tune_budget_s)
+    resolver.plan(single)
     resolved = [resolver.resolve_one(s) if s.world_size == 1 else
                 dataclasses.replace(s, execution=requested(s).replace(
                     source="fallback (data-parallel: the search measures single processes)")) for s in specs]

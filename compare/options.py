@@ -144,8 +144,9 @@ def add_tune_options(parser: argparse.ArgumentParser) -> None:
                         help="--mode auto: search again even if this machine has a cached result (and even for "
                              "a short run); the new result replaces the cached one (default: reuse the cached result)")
     parser.add_argument("--tune-budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help="seconds a search (per backend and model) may take: it starts no candidate that would "
-                             "end after them (default %(default)s)")
+                        help="seconds all the searches of this command may take together, shared equally among the "
+                             "(backend, model) searches still to run; a search starts no candidate that would end "
+                             "after its share (default %(default)s)")
 
 
 def check_tune_budget(args: argparse.Namespace) -> None:

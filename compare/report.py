@@ -158,7 +158,10 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                    "interval across seeds of the log ratio; seed_min/seed_max the extreme per-seed ratios. "
                    "Memory ratios are given with and without the dataset bytes each framework holds in that "
                    "memory. The accuracy difference (points) is tested as acc_test says: a paired t test over "
-                   "the seeds both frameworks ran, Welch's interval only where runs do not pair."),
+                   "the seeds both frameworks ran, Welch's interval only where runs do not pair. acc_seed_spread_pts "
+                   "is the pooled standard deviation of each framework's accuracy across seeds: a difference "
+                   "whose 95% interval lies inside +-that spread is within seed noise even where the interval "
+                   "excludes 0 (the verdict then says so)."),
         Block("table", table=tables["head_to_head"]),
         *(scaling or []),
         *sections.time_to_accuracy_blocks(tables),

@@ -38,7 +38,7 @@ HEAD_TO_HEAD_COLUMNS = [
     "model", "comparison", "train_img_s_ratio", "train_img_s_ratio_ci_lo", "train_img_s_ratio_ci_hi",
     "train_img_s_ratio_seed_min", "train_img_s_ratio_seed_max", "pipeline_img_s_ratio", "host_rss_ratio",
     "host_rss_less_data_ratio", "device_peak_ratio", "device_peak_less_data_ratio", "acc_diff_pts",
-    "acc_diff_ci_lo_pts", "acc_diff_ci_hi_pts", "acc_test", "seeds", "verdict",
+    "acc_diff_ci_lo_pts", "acc_diff_ci_hi_pts", "acc_test", "acc_seed_spread_pts", "seeds", "verdict",
     "target_acc_pct", "tta_base", "tta_other", "tta_ratio",  # time to accuracy (compare.time_to_accuracy)
 ]
 CURVE_COLUMNS = ["model", "backend", "seed", "status", "epoch", "train_loss", "train_accuracy", "test_loss",
@@ -212,7 +212,9 @@ def _head_to_head_row(results: list[RunResult], model: str, base: str, other: st
 
     speed = stats.paired_ratio_ci(*pair("train_images_per_sec"))
     pipeline = stats.paired_ratio_ci(*pair("pipeline_images_per_sec"))
-    ci = stats.seed_diff_ci(*pair("test_accuracy"))
+    accuracies = pair("test_accuracy")
+    ci = stats.seed_diff_ci(*accuracies)
+    spread = stats.seed_spread(*(values.values() for values in accuracies))
     return {
         "model": model, "comparison": f"{other}/{base}",
         "train_img_s_ratio": speed.median, "train_img_s_ratio_ci_lo": speed.lo, "train_img_s_ratio_ci_hi": speed.hi,
@@ -223,7 +225,8 @@ def _head_to_head_row(results: list[RunResult], model: str, base: str, other: st
         "device_peak_ratio": _ratio(b["device_peak_mib"], a["device_peak_mib"]),
         "device_peak_less_data_ratio": _ratio(b["device_peak_less_data_mib"], a["device_peak_less_data_mib"]),
         "acc_diff_pts": 100 * ci.diff, "acc_diff_ci_lo_pts": 100 * ci.lo, "acc_diff_ci_hi_pts": 100 * ci.hi,
-        "acc_test": ci.method, "seeds": f"{ci.n_a}/{ci.n_b}", "verdict": stats.verdict(ci, base, other),
+        "acc_test": ci.method, "acc_seed_spread_pts": 100 * spread, "seeds": f"{ci.n_a}/{ci.n_b}",
+        "verdict": stats.verdict(ci, base, other, spread=spread),
         **time_to_accuracy.head_to_head_columns(tta, model, base, other),
     }
 

@@ -49,7 +49,7 @@ def report_blocks(tuning: dict[str, Any]) -> list[Any]:
         return []
     blocks = [Block("h2", "Execution configuration"),
               Block("p", "Each framework runs in the configuration measured fastest on this machine among those "
-                         "that compute the same numbers as its reference (eager) configuration (`--mode auto`, "
+                         "that compute the same numbers as its reference configuration (its defaults without a compiler) (`--mode auto`, "
                          "`dualbench tune`): execution mode, memory format, oneDNN, allocator tuning, thread "
                          "pools. best_over_default: the chosen configuration's training images/s over the "
                          "framework's own defaults, both measured in the search. Rankings can flip between CPU "

@@ -84,6 +84,8 @@ class Resolver:
         self.dataset, self.retune, self.search_if_missing = dataset, retune, search_if_missing
         self.budget_s, self.quick, self.log = budget_s, quick, log
         self.complete_partial = complete_partial  # dualbench tune: redo a search its budget cut short
+        self.planned = 0  # searches this command will run (plan()): the budget is shared among them
+        self.spent_s = 0.0  # seconds the searches so far took
         self.cache = cache if cache is not None else TuningCache()
         self.search_factory = search_factory
         self.records: dict[str, dict[str, Any]] = {}  # search key -> resolution record
@@ -91,7 +93,25 @@ class Resolver:
 
     def resolve(self, specs: list[RunSpec]) -> list[RunSpec]:
         """``specs`` with ``execution`` set (see the module docstring)."""
+        self.plan(specs)
         return [self.resolve_one(spec) for spec in specs]
+
+    def plan(self, specs: list[RunSpec]) -> int:
+        """Count the searches resolving ``specs`` will run: ``budget_s`` is the command's, shared among them."""
+        keys = {search_key(s, self.dataset) for s in specs if s.execution is None and s.mode == "auto"}
+        self.planned = sum(self._will_search(key) for key in keys if key not in self.records)
+        return self.planned
+
+    def _usable_cache(self, key: str) -> dict[str, Any] | None:
+        cached = None if self.retune else self.cache.get(key)
+        # a search the budget cut short is used by runs (they never pay for a search twice); `dualbench tune`
+        # searches it again
+        if cached and cached.get("choice") and (cached.get("complete", True) or not self.complete_partial):
+            return cached
+        return None
+
+    def _will_search(self, key: str) -> bool:
+        return self._usable_cache(key) is None and (self.retune or self.search_if_missing)
 
     def resolve_one(self, spec: RunSpec) -> RunSpec:
         if spec.execution is not None:
@@ -108,10 +128,8 @@ class Resolver:
         return replace(spec, execution=config)
 
     def _decide(self, spec: RunSpec, key: str) -> dict[str, Any]:
-        cached = None if self.retune else self.cache.get(key)
-        # a search the budget cut short is used by runs (they never pay for a search twice); `dualbench tune`
-        # searches it again
-        if cached and cached.get("choice") and (cached.get("complete", True) or not self.complete_partial):
+        cached = self._usable_cache(key)
+        if cached:
             config = _config(cached["choice"], f"auto: cached search of {cached.get('searched_utc', '?')}")
             return self._note(spec, "cache", config, cached)
         if not (self.retune or self.search_if_missing):
@@ -131,15 +149,18 @@ class Resolver:
         self.log(f"tuning {spec.backend} / {spec.model} ({spec.precision}, batch {spec.recipe.batch_size}): "
                  f"measuring execution configurations, one process each"
                  + (f" (machine-level settings from {inherited[1]})" if inherited else ""))
-        search = self.search_factory(candidate_spec(spec, self.dataset), budget_s=self.budget_s,
+        # this search's share: what the command's budget has left, split among the searches still to run
+        budget = max(self.budget_s - self.spent_s, 0.0) / max(self.planned - self.searches, 1)
+        search = self.search_factory(candidate_spec(spec, self.dataset), budget_s=budget,
                                      inherited=inherited[0] if inherited else None, pins=_pins(spec),
                                      quick=self.quick, log=self.log)
         self.searches += 1
         record = search.run()
+        self.spent_s += float(record.get("elapsed_s") or 0.0)
         record["key"] = key
         if not record.get("complete", True):
             skipped = sum(row["status"] == "skipped" for row in record["rows"])
-            self.log(f"tuning {spec.backend} / {spec.model}: the {self.budget_s:g} s budget ran out with {skipped} "
+            self.log(f"tuning {spec.backend} / {spec.model}: its {budget:.0f} s share of the budget ran out with {skipped} "
                      "candidate(s) untried (a busy machine?); runs use the choice, `dualbench tune` searches again "
                      "(raise --tune-budget-s for a complete search)")
         return record

@@ -1,5 +1,6 @@
 """benchmarks/: the scripts' own arithmetic, and one script end to end on both real backends (quick mode)."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,19 @@ def test_the_readme_has_the_results_markers():
     assert text.count(readme_results.BEGIN) == 1 and text.count(readme_results.END) == 1
 
 
+def test_a_dualbench_command_started_by_a_benchmark_keeps_the_users_onednn_setting(monkeypatch):
+    """An emulated AVX2 CPU sets TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's default there): the benchmark's
+    `dualbench` process must see it, not the fallback configuration's 1 (else the search never meets
+    TensorFlow's default-off state and the emulation measures the wrong machine)."""
+    seen = {}
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
+    monkeypatch.setattr(_common.subprocess, "run", lambda argv, **kwargs: seen.update(kwargs["env"]))
+    _common.dualbench_cli(["tune"], "dualbench tune")
+    assert seen["TF_ENABLE_ONEDNN_OPTS"] == "0" and seen["MALLOC_TRIM_THRESHOLD_"] == "123"
+    assert str(_common.ROOT) in seen["PYTHONPATH"].split(os.pathsep)
+
+
 def test_best_bare_ratio_compares_the_run_ratio_with_the_ratio_of_each_frameworks_best_bare_loop():
     configs = best_bare_ratio.bare_configs("tensorflow", None)
     assert len(configs) == 3 * 2 * 2 and len({c.label() for c in configs}) == 12
@@ -180,6 +194,16 @@ def test_best_bare_ratio_compares_the_run_ratio_with_the_ratio_of_each_framework
     assert row["agreement"] == pytest.approx(0.9 / 0.95) and row["meets"] == "yes"
     rows[0]["ratio"] = 0.8
     assert best_bare_ratio.summarise(rows)[0]["meets"] == "no"  # 0.8 / 0.95 is 16% off
+
+
+def test_best_bare_ratio_picks_each_side_by_its_median_over_rounds_not_one_lucky_process():
+    # torch "a" is fastest in round 1 only (one lucky process: 300); "b" is faster by its median
+    speeds = {("torch", "a"): [300.0, 200.0], ("torch", "b"): [260.0, 260.0], ("tensorflow", "c"): [208.0, 208.0]}
+    rows = [{"round": 1, "side": "run", "model": "m", "ratio": 0.8}]
+    rows += [{"round": k + 1, "side": "bare", "model": "m", "backend": backend, "config": config,
+              "images_per_sec": value} for (backend, config), values in speeds.items() for k, value in enumerate(values)]
+    [row] = best_bare_ratio.summarise(rows)
+    assert row["best_bare_torch"] == "b" and row["bare_best_ratio"] == pytest.approx(0.8)  # not mean(208/300, 0.8)
 
 
 def test_threads_varies_one_pool_at_a_time_and_interleaves_the_frameworks():
