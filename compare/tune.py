@@ -16,11 +16,12 @@ numbers as the framework's reference configuration:
    mode wins flips with oneDNN), every other value is tried against the
    current best (the incumbent). A challenger replaces the incumbent when it
    passes the gate and is at least ``MIN_GAIN`` faster; a result within
-   ``CONFIRM_BELOW`` either way (a close win, or a close loss while the
-   budget lasts) is measured again in the reverse order (challenger, then
-   incumbent: ABBA over the two measurements) and decided on the mean of
-   both rounds. A challenger running below ``LOSER_FRACTION`` of the
-   incumbent stops after a few steps (a clear loser);
+   ``CONFIRM_BELOW`` either way (a close win or a close loss) is measured
+   again in the reverse order (challenger, then incumbent: ABBA over the two
+   measurements) and decided on the mean of both rounds, breadth first: only
+   while the budget still holds one process for every challenger not yet
+   tried. A challenger running below ``LOSER_FRACTION`` of the incumbent
+   stops after a few steps (a clear loser);
 4. dimensions whose effect comes from the machine rather than the model's
    graph (allocator, oneDNN kernels, tf.data's pool: ``per_model=False``)
    are searched for the first model of a backend and inherited by the next,
@@ -282,8 +283,9 @@ class Search:
                 self.candidates.append(candidate)
                 if candidate.status == "ok" and candidate.score > incumbent.score:
                     incumbent = candidate
-        for dimension in self.space.dimensions:
-            incumbent = self._try_dimension(dimension, incumbent)
+        dimensions = self.space.dimensions
+        for index, dimension in enumerate(dimensions):
+            incumbent = self._try_dimension(dimension, incumbent, later=dimensions[index + 1:])
         return self._record(incumbent.config, "")
 
     def _values(self, dimension: Dimension, incumbent: Candidate) -> list[Any]:
@@ -307,8 +309,14 @@ class Search:
         typical = float(np.median(self.durations)) if self.durations else 0.0
         return time.monotonic() - self.started + processes * typical > self.budget_s
 
-    def _try_dimension(self, dimension: Dimension, incumbent: Candidate) -> Candidate:
-        for value in self._values(dimension, incumbent):
+    def _first_tries(self, dimensions: tuple[Dimension, ...], incumbent: Candidate) -> int:
+        """Challengers ``dimensions`` would start from ``incumbent`` (one process each, none known yet)."""
+        return sum(self._known(incumbent.config.replace(**{d.field: value})) is None
+                   for d in dimensions for value in self._values(d, incumbent))
+
+    def _try_dimension(self, dimension: Dimension, incumbent: Candidate, later: tuple[Dimension, ...] = ()) -> Candidate:
+        values = self._values(dimension, incumbent)
+        for position, value in enumerate(values):
             config = incumbent.config.replace(**{dimension.field: value})
             challenger = self._known(config)
             if challenger is None:
@@ -324,9 +332,12 @@ class Search:
             wins = challenger.score >= incumbent.score * (1 + MIN_GAIN)
             close = abs(challenger.score / incumbent.score - 1) < CONFIRM_BELOW if incumbent.score else False
             # close either way: BA after the AB above. One process's figure moves by 10-20% on a shared
-            # machine, so a close loss is as likely a hidden win as a close win is a false one; a close
-            # loss is re-measured only while the budget lasts (a close win always is).
-            if close and len(challenger.rounds) == 1 and (wins or not self._over_budget(processes=2)):
+            # machine, so a close loss is as likely a hidden win as a close win is a false one. Breadth
+            # first: the two processes are spent only if the budget still holds one process for every
+            # challenger not tried yet (a dimension never tried can be worth more than a second opinion
+            # on a close call); without them a close win stands on its one measurement (>= MIN_GAIN).
+            untried = len(values) - position - 1 + self._first_tries(later, incumbent)
+            if close and len(challenger.rounds) == 1 and not self._over_budget(processes=2 + untried):
                 self._run(challenger)
                 self._run(incumbent)
                 wins = challenger.status == "ok" and challenger.score >= incumbent.score * (1 + MIN_GAIN)

@@ -141,6 +141,30 @@ def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, monkey
     assert record["elapsed_s"] <= 25.0 and record["complete"] is False
 
 
+def test_a_tight_budget_tries_every_dimension_before_measuring_a_close_call_again(fake_env, monkeypatch):
+    """Breadth first: 5 processes of 10 s fit 55 s. A close win (malloc x1.08) measured again at once would
+    take two of them and leave compile and xla untried; instead it stands on its one measurement."""
+    clock = [0.0]
+    monkeypatch.setattr(tune.time, "monotonic", lambda: clock[0])
+
+    class TimedSearch(ScriptedSearch):
+        def measure(self, config, stop_below):
+            clock[0] += 10.0
+            return super().measure(config, stop_below)
+
+    search = TimedSearch(_spec(), {"malloc=tuned": 1.08}, budget_s=55.0)
+    record = search.run()
+    statuses = {row["role"]: row["status"] for row in record["rows"]}
+    assert set(statuses) == {"reference, framework default", "malloc_tuning=True", "channels_last=True",
+                             "mode=compile", "mode=xla"}
+    assert set(statuses.values()) == {"ok"} and record["complete"] is True
+    assert len(search.calls) == len(set(label for label, _ in search.calls)) == 5  # nothing measured twice
+    assert "malloc=tuned" in record["choice_label"]  # the close win stands on its one measurement (>= MIN_GAIN)
+    roomy = TimedSearch(_spec(), {"malloc=tuned": 1.08}, budget_s=75.0)  # room for all of them and the BA
+    roomy.run()
+    assert len(roomy.calls) == 7
+
+
 def test_the_commands_budget_is_shared_among_the_searches_still_to_run(fake_env, tmp_path):
     """--tune-budget-s is the command's: 3 searches of 90 s get 30 s, then what the first left over, split."""
     given = []
