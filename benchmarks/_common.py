@@ -12,6 +12,7 @@ import csv
 import io
 import datetime
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the scripts run as `python benchmarks/x.py` from anywhere
 
 from common.config import Recipe, RunSpec  # noqa: E402
+from common.execution import ExecutionConfig, requested  # noqa: E402
 from common.manifest import collect_manifest, usable_cores  # noqa: E402
 from common.registry import worker_command  # noqa: E402
 from common.results import write_json_atomic  # noqa: E402
@@ -71,11 +73,16 @@ def median(values: Iterable[float | None]) -> float | None:
 
 
 def run_json(argv: list[str], tag: str, timeout_s: float = SUBPROCESS_TIMEOUT_S,
-             env_extra: dict[str, str] | None = None) -> tuple[dict | None, ProcessOutcome]:
-    """Run ``argv``; return the last JSON object it printed on stdout (None if none) and the outcome (RSS)."""
+             env_extra: dict[str, str] | None = None,
+             execution: ExecutionConfig | None = None) -> tuple[dict | None, ProcessOutcome]:
+    """Run ``argv``; return the last JSON object it printed on stdout (None if none) and the outcome (RSS).
+
+    ``execution``: whose process-level settings (oneDNN, malloc) the process starts with (None: the fallback's).
+    """
     with tempfile.TemporaryDirectory(prefix="dualbench-benchmarks-") as tmp:
         log = Path(tmp) / f"{tag}.stderr.log"
-        outcome = run_process(argv, log_path=log, timeout_s=timeout_s, env={**_env(), **(env_extra or {})})
+        outcome = run_process(argv, log_path=log, timeout_s=timeout_s,
+                              env={**_env(execution), **(env_extra or {})})
         if outcome.interrupted:
             raise KeyboardInterrupt
         result = _last_json(outcome.stdout_tail)
@@ -85,9 +92,20 @@ def run_json(argv: list[str], tag: str, timeout_s: float = SUBPROCESS_TIMEOUT_S,
     return result, outcome
 
 
-def _env() -> dict[str, str]:
-    env = worker_env()
+def _env(execution: ExecutionConfig | None = None) -> dict[str, str]:
+    env = worker_env(execution)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter stays out of the logs
+    return env
+
+
+def _cli_env() -> dict[str, str]:
+    """The environment of a `dualbench` command: the user's as it is (its workers get their configuration's
+    process-level settings from the CLI itself; applying a fallback's here, e.g. TF_ENABLE_ONEDNN_OPTS=1,
+    would overwrite what the user set, such as an emulated AVX2 CPU's TF_ENABLE_ONEDNN_OPTS=0)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(
+        os.pathsep))]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 
 
@@ -102,17 +120,28 @@ def _last_json(lines: list[str]) -> Any:
 
 
 def run_bare(backend: str, model: str, batch_size: int, steps: int, warmup: int, threads: int | None,
-             data: str) -> dict[str, Any]:
-    """One bare loop (benchmarks/bare_loops.py) in its own process: images/s, compile_s, peak RSS."""
+             data: str, execution: ExecutionConfig | None = None) -> dict[str, Any]:
+    """One bare loop (benchmarks/bare_loops.py) in its own process: images/s, compile_s, peak RSS.
+
+    ``execution``: the loop's mode, memory format and inter-op threads, and the
+    process's oneDNN / malloc environment (None: bare_loops.py's defaults, fallback environment).
+    """
     argv = [sys.executable, str(ROOT / "benchmarks" / "bare_loops.py"), "--backend", backend, "--model", model,
             "--batch-size", str(batch_size), "--steps", str(steps), "--warmup", str(warmup), "--data", data]
     if threads:
         argv += ["--threads", str(threads)]
-    result, outcome = run_json(argv, f"bare-{backend}-{model}")
+    if execution is not None:
+        if execution.mode not in ("best", "auto"):
+            argv += ["--mode", execution.mode]
+        if execution.channels_last is not None:
+            argv += ["--channels-last", "on" if execution.channels_last else "off"]
+        if execution.inter_op_threads:
+            argv += ["--inter-op", str(execution.inter_op_threads)]
+    result, outcome = run_json(argv, f"bare-{backend}-{model}", execution=execution)
     result = result or {}
     return {"images_per_sec": result.get("images_per_sec"), "compile_s": result.get("compile_s"),
             "host_peak_rss_bytes": outcome.host_peak_rss_bytes, "process_wall_s": outcome.wall_s,
-            "status": "ok" if result else f"failed (exit {outcome.returncode})"}
+            "onednn": result.get("onednn"), "status": "ok" if result else f"failed (exit {outcome.returncode})"}
 
 
 def run_dualbench(backend: str, model: str, batch_size: int, steps: int, warmup: int, threads: int | None,
@@ -131,7 +160,8 @@ def run_dualbench(backend: str, model: str, batch_size: int, steps: int, warmup:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(spec.to_json())
         argv = [sys.executable, *worker_command(backend), "train", str(spec_path), str(out_path)]
-        outcome = run_process(argv, log_path=Path(tmp) / "stderr.log", timeout_s=SUBPROCESS_TIMEOUT_S, env=_env())
+        outcome = run_process(argv, log_path=Path(tmp) / "stderr.log", timeout_s=SUBPROCESS_TIMEOUT_S,
+                              env=_env(requested(spec)))
         if outcome.interrupted:
             raise KeyboardInterrupt
         result = json.loads(out_path.read_text()) if out_path.exists() else {}
@@ -145,6 +175,17 @@ def run_dualbench(backend: str, model: str, batch_size: int, steps: int, warmup:
             "status": result.get("status") or f"failed (exit {outcome.returncode})"}
 
 
+def dualbench_cli(args: list[str], tag: str,
+                  timeout_s: float = SUBPROCESS_TIMEOUT_S * 4) -> subprocess.CompletedProcess | None:
+    """`dualbench ARGS` in a subprocess (output captured); None when it timed out."""
+    argv = [sys.executable, "-m", "compare", *args]
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, env=_cli_env(), cwd=ROOT, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"  {tag}: timed out", file=sys.stderr)
+        return None
+
+
 def dualbench_bench(args: list[str], tag: str) -> list[dict[str, Any]]:
     """`dualbench bench ... --json` rows (it starts one measurement process per config itself).
 
@@ -152,12 +193,8 @@ def dualbench_bench(args: list[str], tag: str) -> list[dict[str, Any]]:
     process's peak RSS, and the pretty-printed JSON is longer than
     run_process keeps of stdout.
     """
-    argv = [sys.executable, "-m", "compare", "bench", *args, "--json"]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=ROOT,
-                              timeout=SUBPROCESS_TIMEOUT_S * 4)
-    except subprocess.TimeoutExpired:
-        print(f"  {tag}: timed out", file=sys.stderr)
+    done = dualbench_cli(["bench", *args, "--json"], tag)
+    if done is None:
         return []
     start = done.stdout.find("[")
     try:

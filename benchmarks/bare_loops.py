@@ -17,9 +17,15 @@ of what the comparison charges to dualbench).
   Not ``model.fit`` on tf.data: that adds Keras's callback machinery and a
   prefetch thread competing for the same cores.
 
-Started by benchmarks/_common.py with compare.process.worker_env(), so the
-bare loops get the same host allocator tuning as dualbench's workers
-(common.manifest.MALLOC_TUNING); run alone, export those variables to match.
+Configurations (what benchmarks/best_bare_ratio.py sweeps to find each
+framework's best hand-written loop): ``--mode`` (torch eager / compile:
+``torch.compile(model)``; TensorFlow eager / graph: ``tf.function`` / xla:
+``tf.function(jit_compile=True)``), ``--channels-last on|off`` (torch) and
+``--inter-op N`` (default: the framework's own). The process-level settings
+come from the environment the caller starts it with (benchmarks/_common.py
+``run_bare`` uses compare.process.worker_env(config): oneDNN
+``TF_ENABLE_ONEDNN_OPTS``, glibc malloc tuning); the output reads them back
+(``onednn``: TensorFlow's IsMklEnabled() / torch.backends.mkldnn).
 
 Timing mirrors common.loop: the first step is compile time; ``--warmup`` steps
 follow untimed; then ONE wall clock around ``--steps`` steps including each
@@ -42,6 +48,7 @@ from typing import Any, Callable, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from common.config import Recipe  # noqa: E402  (numpy/stdlib only; no framework import)
+from common.execution import allocator_setting  # noqa: E402
 from common.manifest import usable_cores  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4  # the Recipe defaults dualbench trains with
@@ -80,16 +87,20 @@ def load_normalised(data: str) -> tuple[Any, Any]:
     return images, dataset.train_labels.astype(np.int64)
 
 
-def torch_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: int, threads: int) -> dict:
+def torch_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: int, threads: int,
+               mode: str = "eager", channels_last: bool = True, inter_op: int | None = None) -> dict:
     import torch
     import torch.nn.functional as F
 
     from torch_impl.models import create_model
 
     torch.set_num_threads(threads)
-    torch.set_num_interop_threads(1)  # as torch_impl.backend.setup: only the intra-op pool is used
+    if inter_op:
+        torch.set_num_interop_threads(inter_op)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(model_name).to(device, memory_format=torch.channels_last).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model(model_name).to(device, memory_format=memory_format).train()
+    forward = torch.compile(model) if mode == "compile" else model
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
                                 weight_decay=WEIGHT_DECAY, fused=True)
     images, labels = load_normalised(data)
@@ -101,29 +112,35 @@ def torch_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: 
             for start in range(0, len(labels) - batch_size + 1, batch_size):
                 index = order[start:start + batch_size]
                 # NHWC buffer viewed as NCHW = channels_last memory format, no copy
-                yield images[index].permute(0, 3, 1, 2), labels[index]
+                x = images[index].permute(0, 3, 1, 2)
+                yield (x if channels_last else x.contiguous()), labels[index]
 
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(forward(x), y)
         loss.backward()
         optimizer.step()
         return loss
 
     result = timed_loop(step, batches(), steps, warmup, batch_size, lambda loss: float(loss.item()))
     return {**result, "framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
-            "device": str(device), "loop": "eager channels_last, torch.optim.SGD(fused=True)"}
+            "inter_op_threads": torch.get_num_interop_threads(),
+            "onednn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
+            "device": str(device), "loop": f"{mode} {'channels_last' if channels_last else 'NCHW'}, "
+                                            "torch.optim.SGD(fused=True)"}
 
 
-def tf_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: int, threads: int) -> dict:
+def tf_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: int, threads: int,
+            mode: str = "graph", channels_last: bool = True, inter_op: int | None = None) -> dict:
     import tf_impl  # noqa: F401  (chooses Keras's backend before keras loads)
     import keras
     import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
 
     from tf_impl.models import create_model
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))  # as tf_impl.backend.setup
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op or 0)  # 0: TensorFlow's default
     model = create_model(model_name)
     optimizer = keras.optimizers.SGD(learning_rate=LR, momentum=MOMENTUM, nesterov=True,
                                      weight_decay=WEIGHT_DECAY)
@@ -132,13 +149,15 @@ def tf_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: int
     images, labels = tf.constant(images_np), tf.constant(labels_np)
     del images_np, labels_np
 
-    @tf.function
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
         gradients = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         return loss
+
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
 
     def batches():
         n = int(labels.shape[0])
@@ -151,11 +170,14 @@ def tf_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: int
     result = timed_loop(step, batches(), steps, warmup, batch_size, lambda loss: float(loss.numpy()))
     return {**result, "framework": f"tensorflow {tf.__version__} / keras {keras.__version__}",
             "threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            "onednn": bool(_pywrap_util_port.IsMklEnabled()),
             "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
-            "loop": "tf.function step, keras.optimizers.SGD, preloaded tensors"}
+            "loop": f"{mode} step, keras.optimizers.SGD, preloaded tensors"}
 
 
 LOOPS = {"torch": torch_loop, "tensorflow": tf_loop}
+MODES = {"torch": ("eager", "compile"), "tensorflow": ("eager", "graph", "xla")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,11 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the compile step")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all usable cores)")
     parser.add_argument("--data", default="synthetic:5000,500", help="dataset SPEC (common.data)")
+    parser.add_argument("--mode", default=None, help="torch: eager | compile (default eager); tensorflow: "
+                        "eager | graph | xla (default graph)")
+    parser.add_argument("--channels-last", choices=("on", "off"), default="on", help="torch memory format")
+    parser.add_argument("--inter-op", type=int, default=None, help="inter-op threads (default: the framework's)")
     args = parser.parse_args(argv)
+    mode = args.mode or MODES[args.backend][1 if args.backend == "tensorflow" else 0]
+    if mode not in MODES[args.backend]:
+        parser.error(f"--mode {mode} does not exist for {args.backend}: choose from {', '.join(MODES[args.backend])}")
     threads = args.threads or usable_cores()
-    result = LOOPS[args.backend](args.model, args.data, args.batch_size, args.steps, args.warmup, threads)
+    result = LOOPS[args.backend](args.model, args.data, args.batch_size, args.steps, args.warmup, threads,
+                                 mode=mode, channels_last=args.channels_last == "on", inter_op=args.inter_op)
     print(json.dumps({"backend": args.backend, "model": args.model, "batch_size": args.batch_size,
-                      "steps": args.steps, "warmup": args.warmup, "data": args.data, **result}), flush=True)
+                      "steps": args.steps, "warmup": args.warmup, "data": args.data, "mode": mode,
+                      "malloc": allocator_setting(os.environ), **result}), flush=True)
     return 0
 
 

@@ -8,7 +8,8 @@ subprocess:
   ``tf.function`` step + ``keras.optimizers.SGD`` on preloaded tensors);
 * dualbench: the backend worker, i.e. the real ``common.worker.execute`` ->
   ``common.loop.train`` path with the backend's pipeline (augmentation
-  included) and train step in ``--mode best``.
+  included) and train step in ``--mode best``; both sides run in that fixed
+  fallback configuration (common.execution.FALLBACK).
 
 Figure compared: steady-state, pipeline-inclusive images/s (compile step and
 warm-up excluded, one clock over the same number of steps on both sides).
@@ -27,6 +28,7 @@ from typing import Any
 
 from _common import (abba, base_parser, machine_header, median, print_table, run_bare, run_dualbench, split,
                      write_results)
+from common.execution import fallback  # (_common puts the project root on sys.path)
 
 TARGET = 0.95  # dualbench / bare throughput
 SIDES = {"bare": run_bare, "dualbench": run_dualbench}
@@ -67,7 +69,10 @@ def measure_pairs(args) -> list[dict[str, Any]]:
     rows = []
     for round_index, (model, backend, side) in abba(pairs, args.rounds):
         print(f"round {round_index + 1}/{args.rounds}: {side} {backend} {model}", file=sys.stderr, flush=True)
-        found = SIDES[side](backend, model, args.batch_size, args.steps, args.warmup, args.threads, args.data)
+        # both sides in the same execution configuration: the fixed fallback (mode, memory format,
+        # oneDNN, malloc, inter-op threads), so the loop is all that differs
+        found = SIDES[side](backend, model, args.batch_size, args.steps, args.warmup, args.threads, args.data,
+                            execution=fallback(backend))
         rows.append({"round": round_index + 1, "model": model, "backend": backend, "side": side,
                      "batch_size": args.batch_size, "steps": args.steps, **found})
     return rows

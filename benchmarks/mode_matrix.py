@@ -1,4 +1,4 @@
-"""The execution-mode matrix per framework: the evidence behind ``--mode best``.
+"""The execution-mode matrix per framework: the evidence behind the fallback mode (``--mode best``).
 
 torch: eager / compile x channels_last on / off; TensorFlow: eager / graph /
 xla; each in fp32 and bf16 (bf16 where it runs on this CPU; a failure is
@@ -9,10 +9,13 @@ compile step and warm-up excluded) plus the compile step's seconds.
 Configurations alternate torch / TensorFlow within a round; each further
 round runs the sequence in reverse (ABBA) and medians are reported.
 
-The winner per (framework, model, precision) is compared with the backend's
-own ``BEST`` table (torch_impl.backend.BEST, tf_impl.backend.BEST, read
-in a subprocess). Inductor caches compiled code on disk, so torch compile_s
-is a warm-cache figure after the first run on a machine.
+The winner per (framework, model, precision) is compared with the fixed
+fallback (``FALLBACK_MODE`` in torch_impl/backend.py and tf_impl/backend.py,
+with common.execution.FALLBACK's memory format, read in a subprocess), which
+``--mode best`` and runs without a search use; ``--mode auto`` measures the
+choice on each machine instead (compare.tune, benchmarks/tune_check.py).
+Inductor caches compiled code on disk, so torch compile_s is a warm-cache
+figure after the first run on a machine.
 
     .venv/bin/python benchmarks/mode_matrix.py            # ~10+ minutes on 2 cores
     .venv/bin/python benchmarks/mode_matrix.py --quick
@@ -27,13 +30,14 @@ from _common import (abba, base_parser, dualbench_bench, machine_header, median,
 
 TORCH_CONFIGS = [("eager", "on"), ("eager", "off"), ("compile", "on"), ("compile", "off")]
 TF_MODES = ["graph", "xla", "eager"]
-BEST_PROBES = {
-    "torch": "import json, torch; from torch_impl.backend import BEST; "
-             "d = 'cuda' if torch.cuda.is_available() else 'cpu'; m, cl = BEST[d]; "
+FALLBACK_PROBES = {
+    "torch": "import json, torch; from torch_impl.backend import FALLBACK_MODE; "
+             "from common.execution import FALLBACK; cl = FALLBACK['torch'].channels_last; "
+             "d = 'cuda' if torch.cuda.is_available() else 'cpu'; m = FALLBACK_MODE[d]; "
              "print(json.dumps({'device': d, 'config': f\"{m} cl={'on' if cl else 'off'}\"}))",
-    "tensorflow": "import json, tensorflow as tf; from tf_impl.backend import BEST; "
+    "tensorflow": "import json, tensorflow as tf; from tf_impl.backend import FALLBACK_MODE; "
                   "d = 'gpu' if tf.config.list_physical_devices('GPU') else 'cpu'; "
-                  "print(json.dumps({'device': d, 'config': BEST[d]}))",
+                  "print(json.dumps({'device': d, 'config': FALLBACK_MODE[d]}))",
 }
 
 
@@ -64,7 +68,7 @@ def run_config(config, args) -> list[dict]:
         {"config": label(mode, channels_last), "backend": backend, "precision": precision, "status": "no rows"}]
 
 
-def summarise(rows: list[dict], best: dict[str, dict]) -> list[dict]:
+def summarise(rows: list[dict], fallbacks: dict[str, dict]) -> list[dict]:
     """Per (backend, model, precision, config): median images/s and compile_s; the winner marked."""
     out = []
     order = {c: i for i, c in enumerate([label(m, cl) for m, cl in TORCH_CONFIGS] + TF_MODES)}
@@ -78,7 +82,7 @@ def summarise(rows: list[dict], best: dict[str, dict]) -> list[dict]:
                     "batch_size": mine[0].get("batch_size"),
                     "train_img_s": median(r.get("images_per_sec") for r in ok),
                     "compile_s": median(r.get("compile_s") for r in ok), "fastest": "",
-                    "backend_best": "BEST" if best.get(backend, {}).get("config") == config else "",
+                    "fallback": "FALLBACK" if fallbacks.get(backend, {}).get("config") == config else "",
                     "status": "ok" if ok else str(mine[0].get("error") or mine[0].get("status"))[:80]})
     for group in dict.fromkeys((r["backend"], r["model"], r["precision"]) for r in out):
         members = [r for r in out if (r["backend"], r["model"], r["precision"]) == group and r["train_img_s"]]
@@ -87,17 +91,17 @@ def summarise(rows: list[dict], best: dict[str, dict]) -> list[dict]:
     return out
 
 
-def verdicts(summary: list[dict], best: dict[str, dict]) -> list[str]:
-    """One line per (backend, model, precision): which configuration won and whether BEST agrees."""
+def verdicts(summary: list[dict], fallbacks: dict[str, dict]) -> list[str]:
+    """One line per (backend, model, precision): which configuration won and whether the fallback agrees."""
     lines = []
     for row in (r for r in summary if r["fastest"]):
-        chosen = best.get(row["backend"], {}).get("config")
-        mine = next((r for r in summary if r["backend_best"] and (r["backend"], r["model"], r["precision"]) ==
+        chosen = fallbacks.get(row["backend"], {}).get("config")
+        mine = next((r for r in summary if r["fallback"] and (r["backend"], r["model"], r["precision"]) ==
                      (row["backend"], row["model"], row["precision"])), None)
         gap = ""
         if mine and mine["train_img_s"]:
-            gap = f", BEST {1 - mine['train_img_s'] / row['train_img_s']:.1%} slower"
-        agrees = "matches BEST" if chosen == row["config"] else f"differs from BEST ({chosen}{gap})"
+            gap = f", the fallback {1 - mine['train_img_s'] / row['train_img_s']:.1%} slower"
+        agrees = "matches the fallback" if chosen == row["config"] else f"differs from the fallback ({chosen}{gap})"
         lines.append(f"{row['backend']} {row['model']} {row['precision']}: fastest {row['config']} "
                      f"({row['train_img_s']:.0f} img/s) - {agrees}")
     return lines
@@ -116,19 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size, args.steps, args.warmup, args.rounds = 16, 2, 1, 1
         args.models = split(args.models)[0]
     backends = split(args.backends)
-    best = {b: run_json([sys.executable, "-c", BEST_PROBES[b]], f"best-{b}")[0] or {} for b in backends}
+    fallbacks = {b: run_json([sys.executable, "-c", FALLBACK_PROBES[b]], f"fallback-{b}")[0] or {} for b in backends}
     rows = []
     configs = configurations(backends, split(args.precisions))
     for round_index, config in abba(configs, args.rounds):
         print(f"round {round_index + 1}/{args.rounds}: {config}", file=sys.stderr, flush=True)
         rows += [{"round": round_index + 1, **r} for r in run_config(config, args)]
-    summary = summarise(rows, best)
+    summary = summarise(rows, fallbacks)
     print(machine_header(args.threads))
     print_table(f"compute-only training images/s, {args.steps} timed steps, median of {args.rounds} round(s)",
                 summary, list(summary[0]) if summary else [])
-    print("\nBEST in the backends: " + "; ".join(f"{b}: {v.get('config')} on {v.get('device')}"
-                                                 for b, v in best.items()))
-    print("\n".join(verdicts(summary, best)))
+    print("\nthe fallback in the backends: " + "; ".join(f"{b}: {v.get('config')} on {v.get('device')}"
+                                                 for b, v in fallbacks.items()))
+    print("\n".join(verdicts(summary, fallbacks)))
     write_results(args.out, summary, rows)
     return 0
 

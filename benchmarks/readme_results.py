@@ -3,7 +3,9 @@
 Reads a `dualbench run` results folder (summary.csv, head_to_head.csv,
 manifest.json) and the CSVs the benchmark scripts wrote, and prints Markdown;
 with ``--write README.md`` it replaces the text between the two markers
-``<!-- results:begin -->`` and ``<!-- results:end -->``.
+``<!-- results:begin -->`` and ``<!-- results:end -->`` (``--marker NAME``: between
+``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``). Time to accuracy and image retrieval
+are shown where the run measured them (``--target-accuracy``, ``--retrieval``).
 
     python benchmarks/readme_results.py results/cifar10 --bench-dir benchmarks/results --write README.md
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+import _common  # noqa: F401  (puts the project root on sys.path)
 from run_all import SCRIPTS  # the scripts' canonical order (benchmarks/ is on sys.path)
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -33,7 +36,7 @@ H2H_COLUMNS = {
     "pipeline_img_s_ratio": "tf/torch pipeline", "host_rss_ratio": "tf/torch host RSS",
     "host_rss_less_data_ratio": "host RSS less data", "device_peak_less_data_ratio": "device peak less data",
     "acc_diff_pts": "acc diff (tf-torch, pts)", "acc_diff_ci_lo_pts": "95% CI lo", "acc_diff_ci_hi_pts": "95% CI hi",
-    "acc_test": "test", "verdict": "verdict",
+    "acc_test": "test", "acc_seed_spread_pts": "seed spread (pts)", "verdict": "verdict",
 }
 
 
@@ -50,17 +53,65 @@ def run_section(results: Path) -> list[str]:
     packages = manifest.get("packages", {})
     versions = ", ".join(f"{k} {packages[k]}" for k in ("torch", "tensorflow", "keras", "numpy", "pandas")
                          if k in packages)
+    flags = manifest.get("cpu_flags")
+    features = f"CPU features {', '.join(flags)}" if flags else "CPU features not recorded"
     lines = [
         f"Measured {manifest.get('created_utc', '?')} on {manifest.get('cpu_model', '?')} "
-        f"({manifest.get('usable_cores', '?')} usable cores, no GPU), Python {manifest.get('python', '?')}, "
-        f"{versions}; git {manifest.get('git_commit', '?')}; data fingerprint `{manifest.get('data_fingerprint', '?')}`.",
+        f"({manifest.get('usable_cores', '?')} usable cores, no GPU; {features}), "
+        f"Python {manifest.get('python', '?')}, {versions}; git {manifest.get('git_commit', '?')}; "
+        f"data fingerprint `{manifest.get('data_fingerprint', '?')}`.",
         "", "```bash", manifest.get("command", "?"), "```", "",
         "**Summary** (mean over seeds; throughput medians over all steady-state steps of all seeds, 95% "
         "interval across seeds; the step-level interval is secondary):", "",
         _table(pd.read_csv(results / "summary.csv"), SUMMARY_COLUMNS), "",
         "**Head to head**:", "", _table(pd.read_csv(results / "head_to_head.csv"), H2H_COLUMNS), "",
     ]
-    return lines + deployment_section(results / "export")
+    return lines + tuning_section(results) + observability_section(results) + deployment_section(results / "export")
+
+
+def tuning_section(results: Path) -> list[str]:
+    """The execution configuration each framework ran in (tuning.json), when the folder has one."""
+    try:
+        tuning = json.loads((results / "tuning.json").read_text())
+    except (OSError, ValueError):
+        return []
+    from compare.tune_report import choices_frame
+
+    frame = choices_frame(tuning.get("resolutions") or [])
+    if frame.empty:
+        return []
+    return ["**Execution configuration per framework** (`--mode auto`; best_over_default: the chosen "
+            "configuration's training images/s over the framework's own defaults, both measured by the search "
+            "on this machine; the full search table is in the results folder's tuning.csv):", "",
+            _table(frame), ""]
+
+
+TTA_COLUMNS = {"model": "model", "backend": "backend", "target_acc_pct": "target %", "seeds_reached": "seeds reached",
+               "tta_median": "median training time to target", "tta_per_seed": "per seed",
+               "eval_every_steps": "eval every (steps)"}
+RETRIEVAL_COLUMNS = ["model", "backend", "seed", "status", "recall@1", "recall@5", "recall@10", "map@r",
+                     "embedding_dim", "queries", "gallery"]
+AGREEMENT_COLUMNS = ["model", "seed", "weights_of", "embedded_by", "max_rel_diff", "rtol", "agrees"]
+
+
+def observability_section(results: Path) -> list[str]:
+    """Time to accuracy and image retrieval, where the run measured them ([] otherwise)."""
+    from compare.time_to_accuracy import summary_table
+
+    lines = []
+    if (results / "time_to_accuracy.csv").exists():
+        seeds = pd.read_csv(results / "time_to_accuracy.csv")
+        lines += ["**Time to accuracy** (training wall-clock, evaluation excluded, at the first evaluation "
+                  "reaching the target; the median counts a seed that never reached it as infinitely slow):", "",
+                  _table(summary_table(seeds), TTA_COLUMNS), ""]
+    if (results / "retrieval.csv").exists():
+        lines += ["**Image retrieval** (queries: the test split, gallery: the training split, penultimate-layer "
+                  "embeddings, cosine similarity; relevant = same class):", "",
+                  _table(pd.read_csv(results / "retrieval.csv"), {c: c for c in RETRIEVAL_COLUMNS}), ""]
+    if (results / "retrieval_agreement.csv").exists():
+        lines += ["**The same weights embedded by both frameworks** (max |diff| / max |embedding|):", "",
+                  _table(pd.read_csv(results / "retrieval_agreement.csv"), {c: c for c in AGREEMENT_COLUMNS}), ""]
+    return lines
 
 
 VERIFY_COLUMNS = ["model", "backend", "format", "runtime", "status", "images", "max_abs_diff", "max_rel_diff",
@@ -95,7 +146,10 @@ CAPTIONS = {
     "memory": "host peak RSS of a dualbench run over the bare loop's (target <= 1.15)",
     "pipeline_cost": "pipeline-inclusive over compute-only training throughput (target >= 0.9)",
     "roofline": "achieved training GFLOP/s against the machine's fp32 matmul peak",
-    "mode_matrix": "execution modes per framework: the evidence behind `--mode best`",
+    "mode_matrix": "execution modes per framework: the evidence behind the fallback (`--mode best`)",
+    "threads": "thread pools per framework: inter-op 1 / 2 / default, tf.data's pool bounded / default",
+    "tune_check": "the search's choice against an exhaustive measurement in the same sitting (target >= 0.95)",
+    "best_bare_ratio": "tf/torch ratio of `dualbench run --mode auto` against the best bare loops' (target within 10%)",
     "tf_bn_kernels": "TensorFlow BatchNorm kernel per mode",
     "parity_margins": "worst measured parity values against their criteria, per CPU kernel family",
     "gpu_check": "torch CUDA paths on one GPU (benchmarks/gpu_check.py)",
@@ -131,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="a `dualbench run --out` folder")
     parser.add_argument("--bench-dir", type=Path, default=None, help="folder of benchmark CSVs")
     parser.add_argument("--write", type=Path, default=None, help="README to update between the markers")
+    parser.add_argument("--marker", default="results",
+                        help="write between <!-- MARKER:begin --> and <!-- MARKER:end --> (default results)")
     args = parser.parse_args(argv)
+    begin, end = f"<!-- {args.marker}:begin -->", f"<!-- {args.marker}:end -->"
     lines = run_section(args.results)
     if args.bench_dir and args.bench_dir.is_dir():
         lines += bench_section(args.bench_dir)
@@ -140,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
     readme = args.write.read_text()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"{args.write} has no {BEGIN} ... {END} markers")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    args.write.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    if begin not in readme or end not in readme:
+        raise SystemExit(f"{args.write} has no {begin} ... {end} markers")
+    head, rest = readme.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    args.write.write_text(f"{head}{begin}\n{text}{end}{tail}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Run every benchmark script in turn (each writes its CSV to benchmarks/results/), then print a digest.
 
-    .venv/bin/python benchmarks/run_all.py                 # ~50 minutes on 2 cores
+    .venv/bin/python benchmarks/run_all.py                 # ~2.5 hours on 2 cores
     .venv/bin/python benchmarks/run_all.py --quick         # smoke run of every script
     .venv/bin/python benchmarks/run_all.py --only bare_vs_dualbench,memory
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("bench_table", "bare_vs_dualbench", "memory", "pipeline_cost", "roofline", "mode_matrix",
-           "tf_bn_kernels")
+           "tf_bn_kernels", "threads", "tune_check", "best_bare_ratio")
 
 
 def main(argv: list[str] | None = None) -> int:

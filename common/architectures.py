@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 BN_BUFFERS = ("moving_mean", "moving_variance")
+# The classifier every model ends with. Its input is the model's embedding: the penultimate-layer
+# features that Backend.embed returns (eval mode) and retrieval ranks by cosine similarity.
+EMBEDDING_LAYER = "head"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class ArchSpec:
     def macs(self) -> int:
         """Multiply-accumulates of one forward pass for one image (convs and dense)."""
         return sum(l.macs for l in self.layers)
+
+    def embedding_dim(self) -> int:
+        """Features per image of the embedding (the input width of ``EMBEDDING_LAYER``)."""
+        return self.layer(EMBEDDING_LAYER).params["kernel"][0]
 
     def layer(self, name: str) -> LayerSpec:
         for l in self.layers:

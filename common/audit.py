@@ -46,22 +46,43 @@ MUST_MATCH = (
     "batch_size",  # training images per step (common.sampler plans every batch)
     "eval_batch_size",  # read from the built evaluation pipeline
     "crop_padding",  # read from the built training pipeline
+    "augmentation",  # what the built training pipeline applies: random crop (pad), horizontal flip
     "input_normalization",  # per-channel mean/std held by the built pipelines
     "data_fingerprint",
     "sampler_seed",
     "device_type",  # cpu | gpu
-    "host_allocator",  # glibc malloc tuning the worker started with (common.manifest.MALLOC_TUNING)
 )
 NATIVE = (
     "device",  # resolved device name
+    # Each framework's execution configuration, chosen per machine by compare.tune (--mode auto):
+    "execution_config",  # the configuration requested and how it was chosen (search, cache, pin, fallback)
     "execution_mode",  # eager / compile / graph / xla / jit_compile
     "execution_style",  # custom (the hand-written step) | fit (Keras's compile + fit)
     "data_format",  # NCHW, channels_last, NHWC
-    "inter_op_threads",
+    "onednn",  # oneDNN kernels: TF's IsMklEnabled(), torch.backends.mkldnn (read back)
+    "host_allocator",  # glibc malloc tuning the worker started with (common.execution.MALLOC_TUNING)
+    "inter_op_threads",  # 0 = the framework's default (one per core)
+    "data_threads",  # tf.data private thread pool (0 = tf.data's default); torch builds batches in the step's thread
     "input_pipeline",  # where the dataset lives and how batches reach the device
     "fallbacks",  # what this process could not apply as asked ("none" when everything was)
 )
+# Data-parallel runs only (common.distributed.audit_settings); a single-process run reports none of
+# them, so a key is compared only when some backend reports it.
+DISTRIBUTED_MUST_MATCH = (
+    "world_size",  # replicas = processes
+    "global_batch_size",  # per-replica batch x world size
+    "lr_scaling",  # none | linear, with the peak LR it gives
+    "data_sharding",  # how the lockstep plan is split between replicas
+    "gradient_reduction",  # "mean over N replicas", read back from DDP / the strategy
+    "bn_statistics",  # per-replica batch and moving statistics, evaluation with replica 0's
+    "pipeline_threads",  # threads the input pipeline may use per process (torch: intra-op; tf.data: its pool)
+)
+DISTRIBUTED_NATIVE = (
+    "engine",  # torch.distributed DDP / tf.distribute MultiWorkerMirroredStrategy
+    "collective_backend",  # gloo, nccl, ring
+)
 AUDIT_KEYS = MUST_MATCH + NATIVE
+DISTRIBUTED_KEYS = DISTRIBUTED_MUST_MATCH + DISTRIBUTED_NATIVE
 DETAIL_KEYS = ("decayed_param_names",)  # lists kept in audit.json per backend, not compared
 MIXED_PREFIX = "mixed "  # a value that differs between layers: an asymmetry on its own
 
@@ -129,18 +150,21 @@ def compare_settings(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
 
     ``settings`` maps backend name -> its reported settings. A MUST_MATCH key
     whose values differ, that a backend failed to report, or whose value is
-    mixed across the layers of one model, is flagged.
+    mixed across the layers of one model, is flagged. The DISTRIBUTED_KEYS
+    (data-parallel runs) get rows only when some backend reports them, and are
+    then judged the same way.
     """
     backends = sorted(settings)
+    reported = {key for values in settings.values() for key in values}
     rows = []
-    for key in AUDIT_KEYS:
+    for key in AUDIT_KEYS + tuple(k for k in DISTRIBUTED_KEYS if k in reported):
         values = {b: settings[b].get(key, "<not reported>") for b in backends}
         distinct = list(values.values())
         equal = all(_same(distinct[0], v) for v in distinct[1:])
         missing = any(v == "<not reported>" for v in distinct)
         row = {"setting": key, **values,
-               "kind": "must match" if key in MUST_MATCH else "framework-native"}
-        row["asymmetry"] = key in MUST_MATCH and (not equal or missing or any(map(_mixed, distinct)))
+               "kind": "must match" if key in MUST_MATCH + DISTRIBUTED_MUST_MATCH else "framework-native"}
+        row["asymmetry"] = row["kind"] == "must match" and (not equal or missing or any(map(_mixed, distinct)))
         rows.append(row)
     return rows
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 
 from common.config import RunSpec
+from common.distributed import Replica
 from common.sampler import EpochPlan
 
 
@@ -53,6 +54,20 @@ class Backend(Protocol):
     def versions(self) -> dict[str, str]:
         """Library versions that matter for this backend (framework, CUDA, cuDNN...)."""
 
+    def replica(self) -> Replica:
+        """This process's place in the run, after ``setup`` (common.distributed).
+
+        ``setup`` joins the framework's own engine when ``spec.world_size > 1``
+        (torch.distributed + DDP; tf.distribute MultiWorkerMirroredStrategy), from the
+        environment the launcher gave (torchrun's variables; TF_CONFIG). Then models are
+        built under the engine, the train step averages gradients over the replicas and
+        returns the GLOBAL mean loss and correct count, and ``audit`` adds the
+        data-parallel rows (common.distributed.audit_settings).
+        """
+
+    def finish(self) -> None:
+        """Leave the engine after a last barrier (every rank reached the end); no-op for one process."""
+
     def fallback_notes(self) -> list[str]:
         """One line per thing this process could not apply as asked (a thread pool that had
         already started, a data path that is unavailable), with what ran instead.
@@ -83,6 +98,11 @@ class Backend(Protocol):
 
     def predict(self, model: Any, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
         """Logits as numpy; eval mode (BN moving statistics) unless ``training``."""
+
+    def embed(self, model: Any, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        """float32 (N, D) penultimate-layer features in eval mode: the input of the classifier
+        (common.architectures.EMBEDDING_LAYER), D = ``arch_spec.embedding_dim()``. Batched
+        internally; the model is left unchanged. What image retrieval ranks (common.retrieval)."""
 
     def layer_outputs(self, model: Any, images_nhwc_float32: np.ndarray, training: bool = False) -> dict[str, np.ndarray]:
         """Activations after every weight-owning layer, keyed by canonical layer name, NHWC numpy."""

@@ -33,7 +33,7 @@ from common.audit import fallbacks_text
 from common.config import Recipe, RunSpec
 from common.metrics import median_ci, percentile
 from common.results import write_json_atomic
-from common.sampler import epoch_plan
+from common.loop import plan_for
 
 
 def _timed(backend: Any, call: Callable[[], Any], steps: int, warmup: int, batch: int) -> dict[str, Any]:
@@ -147,7 +147,7 @@ def measure(backend: Any, spec: RunSpec, steps: int, phases: tuple[str, ...] = (
     built = build(backend, spec)
     model, train_step, dataset = built["model"], built["train_step"], built["dataset"]
     warmup = spec.warmup_steps
-    plans = (epoch_plan(spec.seed, e, len(dataset.train_labels), batch) for e in itertools.count())
+    plans = (plan_for(spec, e, len(dataset.train_labels)) for e in itertools.count())
     pipeline = (b for plan in plans for b in backend.train_batches(plan))
     first_images, first_labels = next(iter(backend.train_batches(next(plans))))
     lr = spec.recipe.lr

@@ -13,17 +13,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import ConfigError
+from common.execution import ExecutionConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WEIGHT_DECAY_MODES = ("coupled_l2", "decoupled")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16", "fp16")
 INIT_SCHEMES = ("torch_default", "he_normal_fan_out", "glorot_uniform")
-# Execution modes per backend; "best" lets the backend pick its fastest correct one.
+LR_SCALING = ("none", "linear")  # data-parallel LR rule: as given, or x world size (Goyal et al. 2017)
+# Execution modes per backend. "auto": the configuration measured fastest (and correct) on this
+# machine by compare.tune (cached per machine); "best": the fixed fallback (common.execution.FALLBACK).
 BACKEND_MODES = {
-    "torch": ("best", "eager", "compile"),
-    "tensorflow": ("best", "eager", "graph", "xla"),
-    "keras-torch": ("best", "eager", "jit_compile"),  # jit_compile: torch.compile, as Keras's own flag
+    "torch": ("auto", "best", "eager", "compile"),
+    "tensorflow": ("auto", "best", "eager", "graph", "xla"),
+    "keras-torch": ("auto", "best", "eager", "jit_compile"),  # jit_compile: torch.compile, as Keras's own flag
 }
 # Execution styles per backend: "custom" = the hand-written training step; "fit" = Keras's own
 # model.compile + model.fit on the same pipeline, model, optimizer and loss (keras_impl.fit).
@@ -33,9 +36,14 @@ BACKEND_STYLES = {
     "keras-torch": ("custom", "fit"),
 }
 STYLES = ("custom", "fit")
+# Backends without a data-parallel engine (keras-torch: Keras's torch backend has no distribution API
+# for a custom loop; DDP around a Keras model is not Keras's own engine): nproc * nnodes must be 1.
+SINGLE_PROCESS_BACKENDS = ("keras-torch",)
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|(cuda|gpu)(:\d+)?)$", re.IGNORECASE)  # what both backends accept
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of CIFAR-10 train, in [0, 1]
 CIFAR_STD = (0.2470, 0.2435, 0.2616)  # per-channel std of CIFAR-10 train, in [0, 1]
+# Recipe fields whose default depends on the dataset (common.data.defaults fills those a user did not set)
+DATA_DEFAULT_FIELDS = ("crop_padding", "horizontal_flip", "mean", "std")
 
 
 @dataclass(frozen=True)
@@ -67,10 +75,13 @@ class Recipe:
     bn_epsilon: float = 1e-5  # added to the variance in BatchNorm
     dropout: float | None = None  # dropout rate of models that have a dropout layer; None = the architecture's
     init_scheme: str = "torch_default"  # one of INIT_SCHEMES (common.init)
-    augment: bool = True  # random pad-and-crop plus horizontal flip
-    crop_padding: int = 4  # pixels of zero padding before the random crop
-    mean: tuple[float, float, float] = CIFAR_MEAN  # normalisation mean per channel, in [0, 1]
-    std: tuple[float, float, float] = CIFAR_STD  # normalisation std per channel, in [0, 1]
+    augment: bool = True  # random pad-and-crop, plus a horizontal flip where horizontal_flip
+    crop_padding: int = 4  # pixels of zero padding before the random crop (dataset default: side / 8)
+    horizontal_flip: bool = True  # mirror half of the crops at random (dataset default: off for digits)
+    mean: tuple[float, ...] = CIFAR_MEAN  # normalisation mean per channel, in [0, 1]
+    std: tuple[float, ...] = CIFAR_STD  # normalisation std per channel, in [0, 1]
+    defaults_source: str = ""  # whose defaults filled defaulted_fields ("" = this dataclass's own, CIFAR-10's)
+    defaulted_fields: tuple[str, ...] = ()  # DATA_DEFAULT_FIELDS that took the dataset's default, not a flag
 
     def __post_init__(self) -> None:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
@@ -101,6 +112,10 @@ class Recipe:
             raise ConfigError("mean and std need one value per channel", "std")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std must be > 0 per channel, got {self.std}", "std")
+        unknown = sorted(set(self.defaulted_fields) - set(DATA_DEFAULT_FIELDS))
+        if unknown:
+            raise ConfigError(f"defaulted_fields may only name {', '.join(DATA_DEFAULT_FIELDS)}, got {unknown}",
+                              "defaulted_fields")
 
 
 @dataclass(frozen=True)
@@ -113,9 +128,10 @@ class RunSpec:
     seed: int = 0  # drives init weights, sampler order, augmentation, subsets
     device: str = "auto"  # auto | cpu | cuda | cuda:N (TensorFlow: GPU:N)
     precision: str = "fp32"  # one of PRECISIONS
-    mode: str = "best"  # execution mode, one of BACKEND_MODES[backend]
+    mode: str = "auto"  # requested execution mode, one of BACKEND_MODES[backend]
     style: str = "custom"  # execution style, one of BACKEND_STYLES[backend]: custom step or Keras fit
-    channels_last: bool | None = None  # torch memory format; None = backend decides
+    channels_last: bool | None = None  # torch memory format; None = the search / fallback decides
+    execution: ExecutionConfig | None = None  # resolved by the parent (compare.tune); None: fallback + pins
     deterministic: bool = False  # framework determinism switches (slower)
     allow_tf32: bool = False  # TensorFloat-32 matmuls/convs on Ampere+ GPUs
     threads: int | None = None  # intra-op threads for both frameworks; None = all cores
@@ -124,25 +140,54 @@ class RunSpec:
     warmup_steps: int = 5  # steps excluded from throughput (after the compile step)
     max_steps_per_epoch: int | None = None  # cap steps per epoch (smoke tests, bench)
     checkpoint_dir: str | None = None  # per-epoch checkpoints here; resume if present
+    nproc: int = 1  # data-parallel processes per host (each framework's own engine when the world is > 1)
+    nnodes: int = 1  # hosts taking part; world size = nproc * nnodes replicas, one per process
+    lr_scaling: str = "none"  # one of LR_SCALING: peak LR as given, or x world size ("linear")
+    collective_timeout_s: float = 300.0  # a collective waiting longer than this ends the run (seconds)
     final_weights_path: str | None = None  # the worker saves the final canonical weights here (.npz); None: not kept
-    recipe: Recipe = field(default_factory=Recipe)
+    eval_every_steps: int | None = None  # also evaluate every this many optimiser steps (None: epoch ends only)
+    target_accuracy: float | None = None  # test accuracy in (0, 1] whose first crossing is timed (time to accuracy)
+    recipe: Recipe = field(default_factory=Recipe)  # recipe.batch_size is PER REPLICA (global = x world size)
 
     def __post_init__(self) -> None:
         modes = BACKEND_MODES.get(self.backend)
         if modes is not None:
             _one_of("mode", self.mode, modes, what=f"mode for {self.backend}")
+            if self.execution is not None and self.execution.mode != "best":
+                _one_of("mode", self.execution.mode, modes[2:], what=f"execution mode for {self.backend}")
         _one_of("style", self.style, BACKEND_STYLES.get(self.backend, ("custom",)),
                 what=f"execution style for {self.backend}")
         _one_of("precision", self.precision, PRECISIONS)
         if not DEVICE_PATTERN.match(str(self.device).strip()):
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N, gpu or gpu:N", "device")
-        for name in ("threads", "train_subset", "test_subset", "max_steps_per_epoch"):
+        if self.target_accuracy is not None and not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError(f"target_accuracy is a fraction in (0, 1], got {self.target_accuracy}", "target_accuracy")
+        for name in ("threads", "train_subset", "test_subset", "max_steps_per_epoch", "eval_every_steps"):
             value = getattr(self, name)
             if value is not None:
                 _positive(name, value)
         for name in ("warmup_steps", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", name)
+        _positive("nproc", self.nproc)
+        _positive("nnodes", self.nnodes)
+        _positive("collective_timeout_s", self.collective_timeout_s)
+        _one_of("lr_scaling", self.lr_scaling, LR_SCALING)
+        if self.world_size > 1 and not self.recipe.drop_last:
+            # DDP and tf.distribute average per-replica means: replicas need equal batches
+            raise ConfigError("a data-parallel run needs drop_last (equal per-replica batches)", "nproc")
+        if self.world_size > 1 and self.backend in SINGLE_PROCESS_BACKENDS:
+            engines = ", ".join(b for b in BACKEND_MODES if b not in SINGLE_PROCESS_BACKENDS)
+            raise ConfigError(f"{self.backend} has no data-parallel engine here: run it with nproc 1 "
+                              f"(data-parallel runs: {engines})", "nproc")
+        if self.world_size > 1 and self.style != "custom":
+            raise ConfigError(f"the {self.style} style runs in one process: data-parallel runs use the custom step",
+                              "nproc")
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel replicas (processes) in the run."""
+        return self.nproc * self.nnodes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,14 +199,17 @@ class RunSpec:
     def from_dict(cls, raw: dict[str, Any]) -> "RunSpec":
         raw = dict(raw)
         recipe_raw = dict(raw.pop("recipe", {}) or {})
-        for key in ("step_milestones", "mean", "std"):
+        for key in ("step_milestones", "mean", "std", "defaulted_fields"):
             if key in recipe_raw:
                 recipe_raw[key] = tuple(recipe_raw[key])
-        return cls(**raw, recipe=Recipe(**recipe_raw))
+        execution = raw.pop("execution", None)
+        execution = ExecutionConfig.from_dict(execution) if isinstance(execution, dict) else execution
+        return cls(**raw, recipe=Recipe(**recipe_raw), execution=execution)
 
     def run_id(self) -> str:
-        """Stable identifier of this run inside a results folder."""
-        return f"{self.model}__{self.series()}__seed{self.seed}".replace(":", "-")
+        """Stable identifier of this run inside a results folder (``__worldN`` for data-parallel runs)."""
+        base = f"{self.model}__{self.series()}__seed{self.seed}".replace(":", "-")
+        return base if self.world_size == 1 else f"{base}__world{self.world_size}"
 
     def series(self) -> str:
         """What the tables compare: the backend, or "<backend>:fit" for Keras's fit style."""

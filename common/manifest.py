@@ -9,23 +9,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.execution import ISA_LIMIT_ENV
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-# Host allocator tuning given to every worker and benchmark process (both backends alike).
-# glibc's defaults hand big freed blocks back to the kernel (munmap / heap trim), so a training
-# step that frees and re-allocates the same buffers page-faults them all in again: torch eager on
-# the CPU measured ~25% slower that way (10x the minor faults); TensorFlow, which pools its own
-# buffers, measured the same either way (README results: benchmarks/bare_vs_dualbench.py).
-# Keeping freed memory in the process is what the PyTorch CPU tuning guide gets from jemalloc or
-# tcmalloc, without a new dependency. A value the user already set is kept; other libcs ignore these.
-MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# CPU features that decide which kernels the math libraries run (oneDNN, MKL, XNNPACK, inductor):
+# recorded in every manifest and part of the per-machine tuning fingerprint.
+CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
 
 
-def allocator_setting(environ: Any = None) -> str:
-    """The host allocator tuning this process started with, for the fairness audit."""
-    environ = os.environ if environ is None else environ
-    tuned = [f"{name}={environ[name]}" for name in MALLOC_TUNING if name in environ]
-    return " ".join(tuned) if tuned else "libc defaults"
+def cpu_flags() -> list[str]:
+    """The CPU_FEATURES this CPU reports (/proc/cpuinfo 'flags' on x86, 'Features' on ARM), in that order."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                present = set(line.split(":", 1)[1].split())
+                return [name for name in CPU_FEATURES if name in present]
+    except OSError:
+        pass
+    return []
 
 
 def cpu_model() -> str:
@@ -59,7 +62,8 @@ def git_commit() -> str | None:
         return None
 
 
-def _package_versions(names: tuple[str, ...]) -> dict[str, str]:
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed version of each named distribution (importlib.metadata: nothing is imported); absent ones left out."""
     from importlib import metadata
 
     versions = {}
@@ -80,10 +84,13 @@ def collect_manifest(**extra: Any) -> dict[str, Any]:
         "machine": platform.machine(),
         "hostname": platform.node(),
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        # variables that limit the instruction set the math libraries use (an emulated older CPU)
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMIT_ENV if name in os.environ},
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
         "git_commit": git_commit(),
-        "packages": _package_versions(("dualbench", "numpy", "pandas", "torch", "torchvision",
+        "packages": package_versions(("dualbench", "numpy", "pandas", "torch", "torchvision",
                                        "tensorflow", "keras", "tensorflow-datasets")),
     }
     manifest.update(extra)

@@ -21,7 +21,8 @@ MODES = ("eval", "train")
 def backend_outputs(backend: Any, model_name: str, weights: dict[str, np.ndarray], images: np.ndarray,
                     num_classes: int, in_shape: tuple[int, int, int], bn_momentum: float = 0.1,
                     bn_epsilon: float = 1e-5, layers: bool = True) -> dict[str, Any]:
-    """Counts, re-exported weights, logits and (optionally) layer activations for both BN modes."""
+    """Counts, re-exported weights, embeddings (eval mode), logits and (optionally) layer activations
+    for both BN modes."""
     model = backend.build_model(model_name, num_classes, in_shape, bn_momentum=bn_momentum,
                                 bn_epsilon=bn_epsilon)
     backend.set_weights(model, weights)
@@ -30,6 +31,7 @@ def backend_outputs(backend: Any, model_name: str, weights: dict[str, np.ndarray
         "buffers": backend.buffer_count(model),
         "weights": backend.get_weights(model),
     }
+    out["embeddings"] = np.asarray(backend.embed(model, images), np.float32)  # eval mode
     for mode in MODES:
         training = mode == "train"
         out[f"logits_{mode}"] = np.asarray(backend.predict(model, images, training=training), np.float32)
@@ -43,6 +45,7 @@ def backend_outputs(backend: Any, model_name: str, weights: dict[str, np.ndarray
 
 def _save(folder: Path, model_name: str, result: dict[str, Any]) -> None:
     arrays = {f"weights/{k}": v for k, v in result["weights"].items()}
+    arrays["embeddings"] = result["embeddings"]
     for mode in MODES:
         arrays[f"logits_{mode}"] = result[f"logits_{mode}"]
         for layer, value in result.get(f"layers_{mode}", {}).items():

@@ -58,11 +58,15 @@ class RunResult:
     buffers: int | None = None  # non-trainable values (BN statistics)
     macs_per_image: int | None = None  # forward multiply-accumulates per image
     epochs: list[dict[str, Any]] = field(default_factory=list)  # per-epoch rows (EPOCH_KEYS)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # every evaluation (common.loop.EVALUATION_KEYS)
     step_times_s: list[float] = field(default_factory=list)  # steady-state compute-only step times
     step_batch_sizes: list[int] = field(default_factory=list)  # images in each of those steps
     class_names: list[str] = field(default_factory=list)
     per_class: dict[str, list[float]] = field(default_factory=dict)  # precision/recall/f1/support
     confusion_matrix: list[list[int]] = field(default_factory=list)  # rows true, columns predicted
+    world_size: int = 1  # data-parallel replicas (processes) of the run
+    engine: str | None = None  # distributed engine ("none" for one process; common.distributed.Replica)
+    distributed: dict[str, Any] = field(default_factory=dict)  # ranks, hosts, collective backend, batches, launch
     spec: dict[str, Any] = field(default_factory=dict)  # the RunSpec
     settings: dict[str, Any] = field(default_factory=dict)  # fairness-audit values (common.audit)
     manifest: dict[str, Any] = field(default_factory=dict)  # versions, machine, git, data fingerprint

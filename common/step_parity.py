@@ -17,6 +17,12 @@ Both directions run for every backend against torch (torch replays each
 other backend's states and each replays torch's). The free runs are kept too,
 as a figure of how far fp32 noise carries, never as a pass/fail gate.
 Framework-free: only the Backend protocol.
+
+Data-parallel cases (``case["nproc"]`` > 1) run in every rank of a launch
+(compare.launch): each rank trains its shard of the global batch under its
+framework's engine and records ITS state (the weights agree across ranks, BN
+statistics are replica-local), in ``<case>.rank<r>.*.npz`` for r > 0; a replay
+rank r loads the other framework's rank-r states.
 """
 from __future__ import annotations
 
@@ -29,8 +35,8 @@ import numpy as np
 from common.architectures import ArchSpec, arch_spec
 from common.config import Recipe, RunSpec
 from common.data import Dataset
+from common.distributed import global_plan, replica_plan
 from common.init import initial_weights
-from common.sampler import epoch_plan
 from common.schedules import lr_at
 
 SLOTS = {"sgd": ("momentum",), "adam": ("m", "v"), "adamw": ("m", "v")}  # optimizer slot prefixes
@@ -81,23 +87,25 @@ def full_optimizer_state(state: dict[str, np.ndarray], weights: dict[str, np.nda
     return full
 
 
-def _spec(case: dict[str, Any], backend_name: str) -> RunSpec:
+def case_spec(case: dict[str, Any], backend_name: str) -> RunSpec:
+    """The RunSpec a backend runs a case with (``case["nproc"]`` processes, per-replica batch)."""
     return RunSpec(model=case["model"], backend=backend_name, device="cpu", threads=case.get("threads", 2),
-                   deterministic=True, mode=case["modes"][backend_name], recipe=case_recipe(case, backend_name))
+                   seed=case.get("seed", 0), deterministic=True, mode=case["modes"][backend_name],
+                   nproc=case.get("nproc", 1), collective_timeout_s=case.get("collective_timeout_s", 300.0),
+                   recipe=case_recipe(case, backend_name))
 
 
 def _prepare(backend: Any, case: dict[str, Any]) -> tuple[Any, Any, list, ArchSpec, Recipe]:
-    """setup -> model with the case's initial weights -> its K batches -> train step."""
-    spec, arch = _spec(case, backend.name), case_arch(case)
+    """setup -> model with the case's initial weights -> its K batches (this replica's shard) -> train step."""
+    spec, arch = case_spec(case, backend.name), case_arch(case)
     recipe = spec.recipe
     backend.setup(spec)
     model = backend.build_model(case["model"], 10, arch.in_shape, bn_momentum=recipe.bn_momentum,
                                 bn_epsilon=recipe.bn_epsilon, dropout=recipe.dropout)
     backend.set_weights(model, initial_weights(arch, recipe.init_scheme, case.get("seed", 0)))
-    dataset = learnable_dataset(case["hw"], recipe.batch_size * case["steps"])
+    dataset = learnable_dataset(case["hw"], recipe.batch_size * spec.world_size * case["steps"])
     backend.attach_data(dataset, spec)
-    plan = epoch_plan(case.get("seed", 0), 0, len(dataset.train_labels), recipe.batch_size,
-                      augment=recipe.augment, crop_padding=recipe.crop_padding)
+    plan = replica_plan(global_plan(spec, 0, len(dataset.train_labels)), backend.replica())
     batches = list(backend.train_batches(plan))
     return model, backend.make_train_step(model, spec), batches, arch, recipe
 
@@ -161,10 +169,11 @@ def run_step_parity_request(backend_name: str, request: str, out: str) -> int:
     """The ``step-parity`` worker task.
 
     REQUEST/request.json: ``{"cases": [...], "free_run": bool, "replays": [{"source": backend,
-    "states": folder}, ...]}``. Only the cases that give this backend a mode (``case["modes"]``) run.
+    "states": folder}, ...]}``. Only the cases that give this backend a mode (``case["modes"]``) run;
+    a case with ``"replay": false`` gets its free run only.
     Writes OUT/<case>.free.npz (this backend's free run, unless ``free_run`` is false) and, per
     replay, OUT/<case>.replay_<source>.npz: the steps made from ``source``'s free-run states, read
-    from <states>/<case>.free.npz.
+    from <states>/<case>.free.npz (rank r > 0 of a data-parallel case: ``state_file``'s names).
     """
     from common.registry import get_backend
 
@@ -172,15 +181,26 @@ def run_step_parity_request(backend_name: str, request: str, out: str) -> int:
     spec = json.loads((request_dir / "request.json").read_text())
     backend = get_backend(backend_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for case in spec["cases"]:
-        if backend_name not in case["modes"]:
-            continue
+    cases = [case for case in spec["cases"] if backend_name in case["modes"]]
+    if cases:
+        backend.setup(case_spec(cases[0], backend_name))  # joins the engine: this process's rank
+    rank = backend.replica().rank
+    for case in cases:
         if spec.get("free_run", True):
-            save_states(out_dir / f"{case['name']}.free.npz", *free_run(backend, case))
+            states, losses = free_run(backend, case)
+            save_states(out_dir / state_file(case["name"], rank, "free"), states, losses)
+        if not case.get("replay", True):
+            continue
         for replay_request in spec.get("replays", []):
-            source = Path(replay_request["states"]) / f"{case['name']}.free.npz"
+            source = Path(replay_request["states"]) / state_file(case["name"], rank, "free")
             if source.exists():  # the source backend ran this case
                 states, _ = load_states(source)
-                save_states(out_dir / f"{case['name']}.replay_{replay_request['source']}.npz",
+                save_states(out_dir / state_file(case["name"], rank, f"replay_{replay_request['source']}"),
                             *replay(backend, case, states))
+    backend.finish()
     return 0
+
+
+def state_file(case_name: str, rank: int, kind: str) -> str:
+    """``<case>.<kind>.npz`` (rank 0 and single processes), ``<case>.rank<r>.<kind>.npz`` for rank r > 0."""
+    return f"{case_name}.{kind}.npz" if rank == 0 else f"{case_name}.rank{rank}.{kind}.npz"

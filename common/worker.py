@@ -6,11 +6,17 @@ The worker writes its RunResult atomically to OUT.json (also on failure, with
 the status and a one-line error) and reports progress on stdout as lines
 ``DUALBENCH_EVENT {json}`` that the runner turns into progress bars.
 Host peak RSS is filled in by the parent from ``os.wait4``.
+
+In a data-parallel run every rank runs the same task under its framework's
+engine (``Backend.setup`` joins it, ``Backend.finish`` leaves it after a last
+barrier); only the chief (rank 0) reports progress, writes checkpoints and
+writes OUT.json. The other ranks' stdout and stderr go to their own logs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -20,10 +26,12 @@ from typing import Any, Callable
 from common.architectures import arch_spec
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import RunSpec
+from common.distributed import lr_factor
 from common.errors import UserError
 from common.init import initial_weights
 from common.loop import LoopState, final_report, train
-from common.manifest import allocator_setting, collect_manifest
+from common.execution import allocator_setting, requested
+from common.manifest import collect_manifest
 from common.results import RunResult, write_json_atomic
 from common.weights import save_weights
 
@@ -39,18 +47,34 @@ def emit(event: str, **fields: Any) -> None:
 def common_settings(spec: RunSpec, dataset: Any) -> dict[str, Any]:
     """Audit values that come from the spec itself rather than from a framework object."""
     r = spec.recipe
+    execution = requested(spec)
     return {"init_scheme": r.init_scheme, "lr_schedule": f"{r.schedule} (common.schedules, per step)",
             "batch_size": r.batch_size, "data_fingerprint": dataset.fingerprint, "sampler_seed": spec.seed,
-            "host_allocator": allocator_setting()}
+            "host_allocator": allocator_setting(os.environ),  # what this process really started with
+            "execution_config": f"{execution.label()} ({execution.source or 'given'})"}
+
+
+def memory_probe(backend: Any) -> Callable[[], dict[str, Any]]:
+    """Host peak RSS of this process and the device allocator peak so far (evaluation rows, TensorBoard)."""
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+
+    def probe() -> dict[str, Any]:
+        return {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+                "device_peak_bytes": backend.peak_device_memory_bytes()}
+    return probe
 
 
 def build(backend: Any, spec: RunSpec) -> dict[str, Any]:
     """Everything before training: setup, data, model with the initial weights, steps, audit."""
     from common.data import load_dataset
+    from common.data.defaults import check_channels
 
     effective = backend.setup(spec)
     dataset = load_dataset(spec.data, train_subset=spec.train_subset, test_subset=spec.test_subset,
                            subset_seed=spec.seed, progress=False)
+    check_channels(spec.recipe, dataset.in_shape)
     arch = arch_spec(spec.model, dataset.num_classes, dataset.in_shape)
     model = backend.build_model(spec.model, dataset.num_classes, dataset.in_shape,
                                 bn_momentum=spec.recipe.bn_momentum, bn_epsilon=spec.recipe.bn_epsilon,
@@ -60,7 +84,7 @@ def build(backend: Any, spec: RunSpec) -> dict[str, Any]:
     train_step = backend.make_train_step(model, spec)
     settings = {**backend.audit(model, train_step), **common_settings(spec, dataset)}
     return {"effective": effective, "dataset": dataset, "arch": arch, "model": model,
-            "train_step": train_step, "settings": settings}
+            "train_step": train_step, "settings": settings, "replica": backend.replica()}
 
 
 def execute(backend: Any, spec: RunSpec) -> RunResult:
@@ -69,10 +93,16 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
                        spec=spec.to_dict())
     built = build(backend, spec)
     effective, dataset, arch = built["effective"], built["dataset"], built["arch"]
-    model, train_step = built["model"], built["train_step"]
+    model, train_step, replica = built["model"], built["train_step"], built["replica"]
     eval_step = backend.make_eval_step(model)
     state = _resume(backend, model, train_step, spec)
     result.settings = built["settings"]
+    result.world_size, result.engine = replica.world_size, replica.engine
+    if replica.world_size > 1:
+        result.distributed = {**replica.to_dict(), "nproc": spec.nproc, "nnodes": spec.nnodes,
+                              "per_replica_batch_size": spec.recipe.batch_size,
+                              "global_batch_size": spec.recipe.batch_size * replica.world_size,
+                              "lr_scaling": spec.lr_scaling, "lr_factor": lr_factor(spec)}
     result.trainable_params = backend.trainable_param_count(model)
     result.buffers = backend.buffer_count(model)
     result.macs_per_image = arch.macs()
@@ -82,12 +112,16 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
     result.class_names = list(dataset.class_names)
     result.manifest = collect_manifest(versions=backend.versions(), effective=effective,
                                        data_fingerprint=dataset.fingerprint, data_spec=spec.data,
+                                       data_verification=dataset.verification,
                                        train_images=len(dataset.train_labels),
-                                       test_images=len(dataset.test_labels))
+                                       test_images=len(dataset.test_labels), replica=replica.to_dict())
     result.startup_s = time.perf_counter() - _PROCESS_START
-    emit("ready", run_id=result.run_id, epochs=spec.recipe.epochs, settings=result.settings)
+    if replica.is_chief:
+        emit("ready", run_id=result.run_id, epochs=spec.recipe.epochs, settings=result.settings)
 
     def on_epoch_end(loop_state: LoopState) -> None:
+        if not replica.is_chief:
+            return  # the chief's checkpoint and progress speak for the run
         if spec.checkpoint_dir:
             save_checkpoint(spec.checkpoint_dir, backend.get_weights(model), train_step.optimizer_state(),
                             loop_state, spec.run_id())
@@ -95,11 +129,11 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
 
     backend.reset_peak_memory()
     loop = train(backend, train_step, eval_step, spec, len(dataset.train_labels), dataset.test_labels,
-                 state=state, on_epoch_end=on_epoch_end)
+                 state=state, on_epoch_end=on_epoch_end, replica=replica, memory=memory_probe(backend))
     result.device_peak_bytes = backend.peak_device_memory_bytes()
     result.manifest["fallbacks"] = backend.fallback_notes()  # setup, data and any during training
     result.status, result.diverged_step = loop.status, loop.diverged_step
-    result.epochs = loop.state.epochs
+    result.epochs, result.evaluations = loop.state.epochs, loop.state.evaluations
     result.step_times_s, result.step_batch_sizes = loop.step_times_s, loop.step_batch_sizes
     for key, value in loop.summary().items():
         setattr(result, key, value)
@@ -109,7 +143,7 @@ def execute(backend: Any, spec: RunSpec) -> RunResult:
         result.confusion_matrix, result.per_class = report["confusion_matrix"], report["per_class"]
     if loop.status == "diverged":
         result.error = f"loss became NaN/inf at step {loop.diverged_step}"
-    if loop.status == "ok" and spec.final_weights_path:  # what `dualbench export` exports, never retraining
+    if loop.status == "ok" and spec.final_weights_path and replica.is_chief:  # what `dualbench export` exports
         result.final_weights_sha256 = save_weights(spec.final_weights_path, backend.get_weights(model))
         result.final_weights_file = spec.final_weights_path
     return result
@@ -143,10 +177,15 @@ def run_training(backend_name: str, spec_path: str, out_path: str, audit_only: b
     try:
         backend = get_backend(backend_name)
         if audit_only:
-            write_json_atomic(out_path, {"run_id": spec.run_id(), "status": "ok",
-                                         "settings": build(backend, spec)["settings"]})
+            settings = build(backend, spec)["settings"]
+            backend.finish()
+            if backend.replica().is_chief:
+                write_json_atomic(out_path, {"run_id": spec.run_id(), "status": "ok", "settings": settings})
             return 0
         result = execute(backend, spec)
+        backend.finish()  # a last barrier: every rank got here (a failed peer fails this rank too)
+        if not backend.replica().is_chief:
+            return 0
         code = 0
     except Exception as exc:  # recorded, never lost: the parent reads OUT.json
         status = "oom" if backend is not None and backend.is_out_of_memory(exc) else "error"
@@ -176,6 +215,12 @@ def _bench_task(backend_name: str, args: argparse.Namespace) -> int:
     return run_bench_request(backend_name, args.request, args.out)
 
 
+def _tune_task(backend_name: str, args: argparse.Namespace) -> int:
+    from common.tuning import run_tune_request
+
+    return run_tune_request(backend_name, args.request, args.out)
+
+
 def _parity_task(backend_name: str, args: argparse.Namespace) -> int:
     from common.parity import run_parity_request
 
@@ -186,6 +231,12 @@ def _step_parity_task(backend_name: str, args: argparse.Namespace) -> int:
     from common.step_parity import run_step_parity_request
 
     return run_step_parity_request(backend_name, args.request, args.out)
+
+
+def _retrieval_task(backend_name: str, args: argparse.Namespace) -> int:
+    from common.retrieval import run_retrieval_request
+
+    return run_retrieval_request(backend_name, args.request, args.out)
 
 
 def _deploy_task(task: str) -> Callable[[str, argparse.Namespace], int]:
@@ -208,9 +259,16 @@ TASKS: dict[str, Task] = {
     "bench": (_bench_task, "throughput and memory of one configuration (common.bench)",
               [("request", "JSON: {'spec': RunSpec dict, 'steps': int, 'phases': [...]}"),
                ("out", "where to write the rows JSON")]),
+    "tune": (_tune_task, "gate outputs and throughput of one execution configuration (common.tuning)",
+             [("request", "JSON: {'spec': RunSpec dict with execution, 'gate_steps', 'warmup', 'steps', "
+                          "'stop_below'}"),
+              ("out", "where to write the result JSON")]),
     "parity": (_parity_task, "forward outputs for given weights (common.parity)",
                [("request", "folder with request.json, images.npy, <model>.weights.npz"),
                 ("out", "folder for <model>.npz / <model>.json")]),
+    "retrieval": (_retrieval_task, "embed a finished run's test and training splits; retrieval metrics",
+                  [("request", "JSON: {'spec': RunSpec dict, 'weights': .npz, 'cross': {name: .npz}}"),
+                   ("out", "folder for metrics.json, queries.npy, cross_<name>.npy")]),
     "step-parity": (_step_parity_task, "K training steps, free and replayed from another side's states",
                     [("request", "folder with request.json (cases) and the other side's <case>.free.npz"),
                      ("out", "folder for <case>.free.npz / <case>.replay.npz")]),

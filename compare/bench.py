@@ -18,13 +18,14 @@ from typing import Any, Callable
 
 from common.bench import bench_spec
 from common.config import RunSpec, series_name
+from common.execution import ExecutionConfig, requested
 from common.registry import worker_command
-from compare.process import run_process, stderr_tail
+from compare.process import run_process, stderr_tail, worker_env
 
 COLUMNS = ["model", "backend", "mode", "style", "precision", "batch_size", "phase", "measure", "status", "images_per_sec",
            "images_per_sec_ci", "step_time_p50_s", "step_time_p90_s", "compile_s", "host_peak_rss_bytes",
            "device_peak_bytes", "train_data_on", "host_data_bytes", "device_data_bytes", "resolved_mode",
-           "data_format", "device", "threads", "retry_of", "error", "fallbacks"]
+           "execution", "data_format", "device", "threads", "retry_of", "error", "fallbacks"]
 
 
 @dataclass(frozen=True)
@@ -38,23 +39,26 @@ class BenchConfig:
     batch_sizes: tuple[int, ...]
     base: RunSpec  # mode, device, threads, data... (model/backend/batch set per measurement)
     style: str = "custom"  # execution style (RunSpec.style): the custom step or Keras's fit
+    execution: ExecutionConfig | None = None  # resolved for --mode auto / pins (compare.tune_resolve)
 
 
 def measure_once(config: BenchConfig, batch_size: int, steps: int, phases: tuple[str, ...],
                  timeout_s: float | None, workdir: Path) -> list[dict[str, Any]]:
     """Run one measurement subprocess and return its rows (with host peak RSS added)."""
     spec = replace(config.base, model=config.model, backend=config.backend, precision=config.precision,
-                   mode=config.mode, style=config.style,
+                   mode=config.mode, style=config.style, execution=config.execution,
                    recipe=replace(config.base.recipe, batch_size=batch_size, eval_batch_size=batch_size))
     tag = f"{config.model}__{config.backend}__{config.mode}__{config.style}__{config.precision}__b{batch_size}"
     request, out = workdir / f"{tag}.request.json", workdir / f"{tag}.out.json"
     request.write_text(json.dumps({"spec": spec.to_dict(), "steps": steps, "phases": list(phases)}))
     argv = [sys.executable, *worker_command(config.backend), "bench", str(request), str(out)]
-    outcome = run_process(argv, log_path=workdir / f"{tag}.stderr.log", timeout_s=timeout_s)
+    outcome = run_process(argv, log_path=workdir / f"{tag}.stderr.log", timeout_s=timeout_s,
+                          env=worker_env(requested(spec)))
     if outcome.interrupted:
         raise KeyboardInterrupt
     base = {"model": config.model, "backend": config.backend, "precision": config.precision, "mode": config.mode,
-            "style": config.style, "batch_size": batch_size, "host_peak_rss_bytes": outcome.host_peak_rss_bytes}
+            "style": config.style, "batch_size": batch_size, "host_peak_rss_bytes": outcome.host_peak_rss_bytes,
+            "execution": requested(spec).label()}
     if out.exists():
         return [{**row, **base} for row in json.loads(out.read_text())["rows"]]
     status = "timeout" if outcome.timed_out else "crashed"

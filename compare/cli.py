@@ -15,10 +15,13 @@ from common.errors import UserError
 COMMANDS = {
     "run": ("compare.cmd_run", "train models on both backends and write results + report"),
     "bench": ("compare.cmd_bench", "throughput and memory only (batch-size sweep)"),
+    "tune": ("compare.cmd_tune", "measure each framework's fastest correct execution configuration here (cached)"),
     "parity": ("compare.cmd_parity", "prove that the architectures match across frameworks"),
     "report": ("compare.cmd_report", "re-render tables, report and plots from runs.jsonl"),
     "list": ("compare.cmd_list", "list models, backends and dataset SPECs"),
     "data": ("compare.cmd_data", "dataset utilities: `data prepare --data SPEC`"),
+    "scale": ("compare.cmd_scale", "data-parallel runs at several process counts and the scaling table"),
+    "retrieval": ("compare.cmd_retrieval", "image retrieval (recall@k, mAP@R) with every run's final weights"),
     "export": ("compare.cmd_export", "export every trained model, verify each artifact, measure serving"),
 }
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from common.config import PRECISIONS
+from common.config import PRECISIONS, series_name
 from common.errors import ConfigError
 from compare import options
 from compare.bench import COLUMNS, BenchConfig, default_base, fit_ratio_rows, largest_fitting_batch, sweep
@@ -34,6 +34,7 @@ def register(parser: argparse.ArgumentParser) -> None:
       help="dataset SPEC feeding the pipeline measurement (default: synthetic images, enough that the timed "
            "steps stay inside one epoch at the largest batch size)")
     options.add_execution_options(parser)
+    options.add_tune_options(parser)
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -63,6 +64,7 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
     warmup = default_base().warmup_steps if args.measure_warmup_steps is None else args.measure_warmup_steps
     if args.steps <= 0 or warmup < 0:
         raise ConfigError("--steps must be positive and --measure-warmup-steps >= 0")
+    options.check_tune_budget(args)
     modes = options.parse_modes(args.mode, backends)
     series = options.parse_styles(args.style, backends)
     window = max(batch_sizes) * (args.steps + warmup)  # images the pipeline measure draws
@@ -72,9 +74,14 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
         args.data = f"synthetic:{n_train},{n_test}"
     base = default_base(data=args.data, device=args.device or "auto", threads=args.threads, warmup_steps=warmup,
                         channels_last=options.CHANNELS_LAST[args.channels_last])
-    from common.data import load_dataset
+    from dataclasses import replace
 
-    train_images = len(load_dataset(args.data, progress=False).train_labels)  # fails here, once, if missing
+    from common.data import load_dataset
+    from common.data.defaults import apply_defaults, dataset_defaults
+
+    dataset = load_dataset(args.data, progress=False)  # fails here, once, if missing
+    base = replace(base, recipe=apply_defaults(base.recipe, dataset_defaults(args.data, dataset), {}))
+    train_images = len(dataset.train_labels)
     if train_images < window:
         # Each epoch start rebuilds the pipeline (tf.data: a new graph and prefetch); in real training that
         # is amortised over a whole epoch, here it would land inside the timed steps.
@@ -83,7 +90,31 @@ def build_configs(args: argparse.Namespace) -> tuple[list[BenchConfig], tuple[st
               "dataset or fewer --steps", file=sys.stderr)
     configs = [BenchConfig(m, b, p, modes[b], batch_sizes, base, style)
                for m in models for p in precisions for b, style in series]
-    return configs, phases
+    return resolve_executions(args, configs, dataset), phases
+
+
+def resolve_executions(args: argparse.Namespace, configs: list[BenchConfig], dataset) -> list[BenchConfig]:
+    """Each sweep's execution configuration: --mode auto takes a cached search result, searched at the
+    sweep's middle batch size, and searches only with --retune (a sweep is too short to pay for one).
+    A fit sweep takes its backend's configuration (the search measures the custom step)."""
+    from dataclasses import replace
+
+    from compare.tune_resolve import Resolver
+
+    resolver = Resolver(dataset, retune=args.retune, budget_s=args.tune_budget_s)
+    specs = []
+    for config in configs:
+        batch = sorted(config.batch_sizes)[(len(config.batch_sizes) - 1) // 2]
+        specs.append(replace(config.base, model=config.model, backend=config.backend, precision=config.precision,
+                             mode=config.mode, recipe=replace(config.base.recipe, batch_size=batch)))
+    resolver.plan(specs)
+    resolved = []
+    for config, spec in zip(configs, specs):
+        execution = resolver.resolve_one(spec).execution
+        print(f"execution {series_name(config.backend, config.style)} / {config.model}: {execution.label()} "
+              f"({execution.source})", file=sys.stderr, flush=True)
+        resolved.append(replace(config, execution=execution))
+    return resolved
 
 
 def main(args: argparse.Namespace) -> int:

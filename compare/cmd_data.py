@@ -86,6 +86,8 @@ def summary_lines(dataset: Dataset, args: argparse.Namespace, elapsed_s: float, 
     if args.train_subset or args.test_subset:
         lines.append(f"subset       stratified, seed {seed} (train {args.train_subset or 'all'}, "
                      f"test {args.test_subset or 'all'})")
+    if dataset.verification:
+        lines.append(f"check        {dataset.verification}")
     lines += [f"fingerprint  sha256:{dataset.fingerprint}", f"time         {elapsed_s:.2f} s", ""]
     return lines + class_table(dataset)
 

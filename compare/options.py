@@ -20,8 +20,8 @@ import dataclasses
 import os
 from typing import Any
 
-from common.config import (BACKEND_MODES, BACKEND_STYLES, INIT_SCHEMES, OPTIMIZERS, PRECISIONS, SCHEDULES,
-                           STYLES, WEIGHT_DECAY_MODES, Recipe, RunSpec)
+from common.config import (BACKEND_MODES, BACKEND_STYLES, INIT_SCHEMES, LR_SCALING, OPTIMIZERS, PRECISIONS,
+                           SCHEDULES, STYLES, WEIGHT_DECAY_MODES, Recipe, RunSpec)
 from common.errors import ConfigError
 from common.registry import check_backend, parse_models
 
@@ -33,14 +33,17 @@ RECIPE_FLAGS: dict[str, str | tuple[str, ...]] = {
     "--momentum": "momentum", "--no-nesterov": "nesterov", "--adam-betas": ("adam_beta1", "adam_beta2"),
     "--adam-epsilon": "adam_epsilon", "--label-smoothing": "label_smoothing", "--dropout": "dropout",
     "--init": "init_scheme", "--bn-momentum": "bn_momentum", "--bn-epsilon": "bn_epsilon",
-    "--no-augment": "augment",
+    "--no-augment": "augment", "--crop-padding": "crop_padding", "--hflip": "horizontal_flip", "--mean": "mean",
+    "--std": "std",
 }
 # flag -> the RunSpec field it sets
 SPEC_FLAGS = {
     "--data": "data", "--device": "device", "--precision": "precision", "--threads": "threads",
     "--deterministic": "deterministic", "--allow-tf32": "allow_tf32", "--train-subset": "train_subset",
     "--test-subset": "test_subset", "--measure-warmup-steps": "warmup_steps",
-    "--max-steps-per-epoch": "max_steps_per_epoch",
+    "--max-steps-per-epoch": "max_steps_per_epoch", "--nnodes": "nnodes", "--lr-scaling": "lr_scaling",
+    "--collective-timeout": "collective_timeout_s", "--eval-every-steps": "eval_every_steps",
+    "--target-accuracy": "target_accuracy",
 }
 SWITCHES_OFF = ("--no-nesterov", "--no-augment")  # store_false: given = the field is False
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}
@@ -54,7 +57,7 @@ def _dest(flag: str) -> str:
 def field_flags() -> dict[str, str]:
     """Recipe / RunSpec field -> the flag that sets it (what a ConfigError about that field names)."""
     flags: dict[str, str] = {"seed": "--seeds", "mode": "--mode", "style": "--style",
-                             "channels_last": "--channels-last"}
+                             "channels_last": "--channels-last", "nproc": "--nproc"}
     for flag, fields in [*RECIPE_FLAGS.items(), *SPEC_FLAGS.items()]:
         for name in (fields if isinstance(fields, tuple) else (fields,)):
             flags[name] = flag
@@ -78,6 +81,13 @@ def _float_pair(text: str) -> tuple[float, float]:
     return first, second
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def add_selection_options(parser: argparse.ArgumentParser, run_order: bool = True) -> None:
     """--models and --backends."""
     parser.add_argument("--models", required=True,
@@ -91,9 +101,10 @@ def add_execution_options(parser: argparse.ArgumentParser) -> None:
     """Where and how steps execute, shared by `run` and `bench`: device, mode, threads, layout, warm-up steps."""
     p = parser.add_argument
     p("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto: the first GPU, else the CPU)")
-    p("--mode", default="best",
-      help="execution mode: one mode for every backend (e.g. best, eager) or per backend "
-           "'torch=compile,tensorflow=xla' (default best: each backend's fastest correct mode); modes: "
+    p("--mode", default="auto",
+      help="execution mode: auto (default: the configuration measured fastest and correct on this machine, "
+           "cached; see `dualbench tune`), best (a fixed fallback, no measuring), one mode for every backend, "
+           "or per backend 'torch=compile,tensorflow=xla' (a pinned backend is not searched); modes: "
            + "; ".join(f"{b}: {'/'.join(m)}" for b, m in BACKEND_MODES.items()))
     p("--style", default="custom",
       help="execution style(s), comma-separated: custom (the hand-written training step, every backend) and/or "
@@ -103,7 +114,7 @@ def add_execution_options(parser: argparse.ArgumentParser) -> None:
     p("--threads", type=int, default=None,
       help="intra-op threads for both frameworks (default: every core this process may use)")
     p("--channels-last", choices=tuple(CHANNELS_LAST), default="auto",
-      help="torch memory format (default auto: the backend decides)")
+      help="torch memory format (default auto: the search or the fallback decides; on/off pins it)")
     p("--measure-warmup-steps", type=int, default=None, metavar="STEPS",
       help="training steps after the compile step that are left out of the throughput figure "
            f"(default {_default(RunSpec, 'warmup_steps')}; not the learning-rate warm-up)")
@@ -128,6 +139,80 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
       help="stratified test subset size, in images (default: the whole test split)")
     p("--max-steps-per-epoch", type=int, default=None, metavar="STEPS",
       help="cap on training steps per epoch, for smoke runs (default: no cap)")
+
+
+def add_tune_options(parser: argparse.ArgumentParser) -> None:
+    """--retune and --tune-budget-s: how --mode auto searches (compare.tune)."""
+    from compare.tune import DEFAULT_BUDGET_S
+
+    parser.add_argument("--retune", action="store_true",
+                        help="--mode auto: search again even if this machine has a cached result (and even for "
+                             "a short run); the new result replaces the cached one (default: reuse the cached result)")
+    parser.add_argument("--tune-budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="seconds all the searches of this command may take together, shared equally among the "
+                             "(backend, model) searches still to run; a search starts no candidate that would end "
+                             "after its share (default %(default)s)")
+
+
+def check_tune_budget(args: argparse.Namespace) -> None:
+    if args.tune_budget_s <= 0:
+        raise ConfigError(f"--tune-budget-s must be a positive number of seconds, got {args.tune_budget_s:g}")
+
+
+def add_distributed_options(parser: argparse.ArgumentParser, nproc_default: str = "1") -> None:
+    """Data-parallel runs on each framework's own engine (README "Scale-out"); the same flags on every host."""
+    p = parser.add_argument
+    p("--nproc", default=nproc_default, metavar="N[,N...]",
+      help="data-parallel processes per host, or a list (1,2,4) to run each; --batch-size is per process, the "
+           f"global batch is that x the world size (default {nproc_default})")
+    p("--nnodes", type=int, default=None, metavar="HOSTS",
+      help="hosts taking part; start dualbench on each with the same flags (default 1)")
+    p("--node-rank", type=int, default=0, metavar="R",
+      help="this host's index among --nnodes; host 0 writes the results (default 0)")
+    p("--master-addr", default=None, metavar="HOST",
+      help="address of host 0, reachable from every host (default 127.0.0.1)")
+    p("--master-port", type=int, default=None, metavar="PORT",
+      help="one host: torch's store port, replaced when busy (default: a free one); several hosts: where "
+           "they meet (required)")
+    p("--lr-scaling", choices=LR_SCALING, default=None,
+      help="learning rate of a data-parallel run: none (as given) or linear (x world size) (default "
+           f"{_default(RunSpec, 'lr_scaling')})")
+    p("--collective-timeout", type=float, default=None, metavar="SECONDS",
+      help="seconds a collective may wait for the other replicas before the run fails (default "
+           f"{_default(RunSpec, 'collective_timeout_s'):g})")
+
+
+def parse_nprocs(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] (positive, distinct)."""
+    values: list[int] = []
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        if not part.isdigit() or int(part) < 1:
+            raise ConfigError(f"--nproc takes positive integers like 1,2,4; got {part!r}", "nproc")
+        if int(part) in values:
+            raise ConfigError(f"--nproc lists {part} twice", "nproc")
+        values.append(int(part))
+    if not values:
+        raise ConfigError("no process count given; try --nproc 2", "nproc")
+    return values
+
+
+def launch_from_args(args: argparse.Namespace) -> Any:
+    """compare.launch.Launch from the host flags, checked (one line naming the fix otherwise)."""
+    from compare.launch import Launch
+
+    nnodes = 1 if args.nnodes is None else args.nnodes
+    if nnodes < 1 or not 0 <= args.node_rank < nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} must be in 0..{nnodes - 1} (fix --node-rank or --nnodes)")
+    if args.master_port is not None and not 0 < args.master_port < 65536:
+        raise ConfigError(f"--master-port {args.master_port} is not a port number (1-65535)")
+    if nnodes > 1 and (args.master_addr is None or args.master_port is None):
+        raise ConfigError("--nnodes > 1 needs --master-addr HOST --master-port PORT (host 0's address, "
+                          "the same on every host)")
+    if nnodes > 1 and getattr(args, "checkpoint", False):
+        raise ConfigError("--checkpoint with --nnodes > 1 is not supported (every host would need host 0's "
+                          "checkpoint files): drop --checkpoint")
+    return Launch(nnodes=nnodes, node_rank=args.node_rank, master_addr=args.master_addr or "127.0.0.1",
+                  master_port=args.master_port)
 
 
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +255,27 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     p("--bn-epsilon", type=float, default=None, help=f"BatchNorm epsilon (default {r.bn_epsilon})")
     p("--no-augment", action="store_false", default=None,
       help="no random crop / flip; the sampler still fixes the order (default: augment)")
+    p("--crop-padding", type=int, default=None, metavar="PIXELS",
+      help="zero padding before the random crop (default: per dataset, an eighth of the image side)")
+    p("--hflip", action=argparse.BooleanOptionalAction, default=None,
+      help="random horizontal flips; --no-hflip: none (default: per dataset, off for MNIST digits)")
+    p("--mean", type=_floats, default=None, metavar="M[,M,M]",
+      help="normalisation mean per channel, in [0, 1] (default: the dataset's training-set mean)")
+    p("--std", type=_floats, default=None, metavar="S[,S,S]",
+      help="normalisation std per channel, in [0, 1] (default: the dataset's training-set std)")
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """Time to accuracy: evaluations within epochs and the target accuracy."""
+    p = parser.add_argument
+    p("--eval-every-steps", type=int, default=None, metavar="STEPS",
+      help="also evaluate every STEPS optimiser steps (global steps in a data-parallel run, where the chief "
+           "evaluates), never counted as training time (default: at epoch ends only)")
+    p("--target-accuracy", type=float, default=None, metavar="FRACTION",
+      help="test accuracy as a fraction in (0, 1], e.g. 0.85 for 85%%, for time to accuracy: the training "
+           "wall-clock in seconds (evaluation excluded) at the first evaluation that reaches it, as DAWNBench / "
+           "MLPerf; in the head to head, the report and the scaling table (default: none, those columns stay "
+           "n/a)")
 
 
 def name_the_flag(exc: ConfigError) -> ConfigError:
@@ -178,13 +284,26 @@ def name_the_flag(exc: ConfigError) -> ConfigError:
     return ConfigError(f"{exc} (fix {flag})", exc.field) if flag else exc
 
 
-def build_recipe(args: argparse.Namespace) -> Recipe:
-    """The Recipe from the recipe options (dataclass defaults for options not given)."""
+def explicit_recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """{Recipe field: value} of every field the user set on the command line (they win over the
+    per-dataset defaults of common.data.defaults)."""
     given: dict[str, Any] = {}
     for flag, fields in RECIPE_FLAGS.items():
         value = getattr(args, _dest(flag), None)
         if value is not None:
             given.update(zip(fields, value) if isinstance(fields, tuple) else {fields: value})
+    return given
+
+
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    """The Recipe from the recipe options (dataclass defaults for options not given).
+
+    A --mean or --std given without the other is left to common.data.defaults.apply_defaults,
+    which pairs it with the dataset's value for the other.
+    """
+    given = explicit_recipe_fields(args)
+    if len({"mean", "std"} & set(given)) == 1:
+        given.pop("mean", None), given.pop("std", None)
     try:
         return Recipe(**given)
     except ConfigError as exc:
@@ -241,7 +360,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def parse_modes(text: str, backends: list[str]) -> dict[str, str]:
     """--mode -> {backend: mode}. One mode applies to all backends; 'b=m,...' sets them one by one."""
-    text = str(text or "best").strip()
+    text = str(text or "auto").strip()
     if "=" not in text:
         mismatched = [b for b in backends if b in BACKEND_MODES and text not in BACKEND_MODES[b]]
         if mismatched:
@@ -249,7 +368,7 @@ def parse_modes(text: str, backends: list[str]) -> dict[str, str]:
             raise ConfigError(f"--mode {text} does not exist for {b} (it has {', '.join(BACKEND_MODES[b])}); "
                               f"give modes per backend, e.g. --mode torch=compile,tensorflow=xla")
         return {b: text for b in backends}
-    modes = {b: "best" for b in backends}
+    modes = {b: "auto" for b in backends}
     for item in filter(None, (p.strip() for p in text.split(","))):
         backend, sep, mode = (s.strip() for s in item.partition("="))
         if not sep or not mode:
@@ -272,11 +391,11 @@ def spec_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_spec(model: str, backend: str, seed: int, mode: str, recipe: Recipe, shared: dict[str, Any],
-              checkpoint_dir: str | None = None, style: str = "custom") -> RunSpec:
+              checkpoint_dir: str | None = None, style: str = "custom", nproc: int = 1) -> RunSpec:
     """One validated RunSpec (ConfigError names the flag to fix)."""
     try:
         return RunSpec(model=model, backend=backend, seed=seed, mode=mode, style=style, recipe=recipe,
-                       checkpoint_dir=checkpoint_dir, **shared)
+                       checkpoint_dir=checkpoint_dir, nproc=nproc, **shared)
     except ConfigError as exc:
         raise name_the_flag(exc) from None
 
@@ -295,10 +414,13 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     models = list(dict.fromkeys(s["model"] for s in specs))
     backends = list(dict.fromkeys(s["backend"] for s in specs))
     seeds = sorted({int(s["seed"]) for s in specs})
+    nprocs = list(dict.fromkeys(int(s.get("nproc", 1)) for s in specs))
     words = ["dualbench", "run", "--models", ",".join(models), "--backends", ",".join(backends),
              "--seeds", ",".join(map(str, seeds))]
-    modes = {s["backend"]: s.get("mode", "best") for s in specs}
-    if set(modes.values()) != {"best"}:
+    if nprocs != [1]:
+        words += ["--nproc", ",".join(map(str, nprocs))]
+    modes = {s["backend"]: s.get("mode", "auto") for s in specs}
+    if set(modes.values()) != {"auto"}:
         distinct = set(modes.values())
         words += ["--mode", distinct.pop() if len(distinct) == 1 else ",".join(f"{b}={m}" for b, m in modes.items())]
     styles = list(dict.fromkeys(s.get("style", "custom") for s in specs))
@@ -308,7 +430,7 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
     for flag, name in SPEC_FLAGS.items():
         value = first.get(name, defaults[name])
         if value != defaults[name]:
-            words += [flag] if isinstance(value, bool) else [flag, str(value)]
+            words += [flag] if isinstance(value, bool) else [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     channels = first.get("channels_last")
     if channels is not None:
         words += ["--channels-last", "on" if channels else "off"]
@@ -321,17 +443,21 @@ def command_for(specs: list[dict[str, Any]], out: str | None = None) -> str:
 
 
 def _recipe_words(recipe: dict[str, Any]) -> list[str]:
-    """The recipe flags that reproduce ``recipe`` (a Recipe dict): only values that differ from the defaults."""
+    """The recipe flags that reproduce ``recipe`` (a Recipe dict): only values that differ from the defaults
+    and that the dataset's defaults did not fill (the same data fills them again)."""
     defaults, words = dataclasses.asdict(Recipe()), []
+    filled = set(recipe.get("defaulted_fields") or ())
     for flag, fields in RECIPE_FLAGS.items():
         names = fields if isinstance(fields, tuple) else (fields,)
-        values = [recipe.get(n, defaults[n]) for n in names]
-        if values == [defaults[n] for n in names]:
+        values = [tuple(v) if isinstance(v, list) else v for v in (recipe.get(n, defaults[n]) for n in names)]
+        if values == [defaults[n] for n in names] or filled.issuperset(names):
             continue
         if flag in SWITCHES_OFF:
             words.append(flag)
         elif isinstance(values[0], bool):
             words.append(flag if values[0] else flag.replace("--", "--no-", 1))
+        elif isinstance(values[0], tuple):
+            words += [flag, ",".join(f"{v:g}" for v in values[0])]
         else:
             words += [flag, ",".join(map(str, values))]
     return words

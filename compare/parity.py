@@ -9,7 +9,8 @@ reference whose conventions the contract fixes):
    batch statistics), in both directions: torch's exported weights into the
    other backend and the other's exported weights into torch; the non-reference
    backends also against each other on the same weights (tensorflow vs
-   keras-torch: the same Keras code on two frameworks);
+   keras-torch: the same Keras code on two frameworks); the embeddings
+   (penultimate features, eval mode: what retrieval ranks) likewise;
 4. per-layer activations, naming the first layer that diverges.
 
 Inputs are not friendly: images from N(0, 1) and every BN layer's gamma, beta,
@@ -221,6 +222,11 @@ def compare_model(model: str, initial: dict, own: dict[str, dict], into_other: d
             own[other].get(f"layers_{mode}", {}), mode, other)]
         report[f"layers_{mode}"] = rows
         report[f"first_divergent_layer_{mode}"] = first_divergence(rows)
+    for direction, (a, b) in _logit_pairs(own, into_other, into_torch).items():
+        if "embeddings" in a and "embeddings" in b:  # penultimate features, eval mode (Backend.embed)
+            rel = relative_diff(a["embeddings"], b["embeddings"])
+            report[f"embedding_{direction}_max_rel_diff"] = rel
+            worst_rel = max(worst_rel, rel)
     report["max_abs_diff"], report["max_rel_diff"] = worst, worst_rel
     report["rtol"] = rtol
     published_ok = report["published_params"] in (None, expected)

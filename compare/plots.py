@@ -9,10 +9,15 @@
   dataset bytes each framework's pipelines hold in that memory hatched on top.
 * ``confusion_<model>.png``: confusion matrices side by side (summed over the
   ok seeds, rows normalised to recall).
+* ``scaling.png``: data-parallel throughput and scaling efficiency against the
+  world size (compare.scaling), when runs of several sizes are present.
+
+A data-parallel configuration's figures are named after it (``curves_resnet20_world2.png``).
 """
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import matplotlib
@@ -39,6 +44,11 @@ _FIT_HATCH = "xx"
 
 def _base(series: str) -> str:
     return series.split(":", 1)[0]
+
+
+def file_stem(name: str) -> str:
+    """A configuration's name as a file name part ("resnet20 (world 2)" -> "resnet20_world2")."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name.replace(" (world ", "_world")).strip("_")
 
 
 def color(backend: str, index: int) -> str:
@@ -168,6 +178,29 @@ def plot_memory(summary: pd.DataFrame, backends: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_scaling(table: pd.DataFrame, path: Path) -> Path | None:
+    """Throughput against world size (left) and scaling efficiency with the ideal at 1 (right)."""
+    if table.empty or table["world_size"].nunique() < 2:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for index, ((model, backend), rows) in enumerate(table.groupby(["model", "backend"], sort=False)):
+        style = {"color": color(backend, index), "marker": "o",
+                 "linestyle": "-" if index % 2 == 0 or backend in ("torch", "tensorflow") else "--"}
+        left.plot(rows["world_size"], rows["train_img_s"], label=f"{model} {backend}", **style)
+        right.plot(rows["world_size"], rows["efficiency"], label=f"{model} {backend}", **style)
+    worlds = sorted(table["world_size"].unique())
+    right.axhline(1.0, color="grey", linewidth=0.8, linestyle=":", label="ideal")
+    for ax, title, label in ((left, "training images/s (global batch, compute-only)", "images/s"),
+                             (right, "scaling efficiency E_N = img/s_N / (N x img/s_1)", "efficiency")):
+        ax.set_xticks(worlds)
+        ax.set_xlabel("replicas (processes), fixed per-replica batch")
+        ax.set_ylabel(label)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def summed_confusion(results: list[RunResult], model: str, backend: str) -> np.ndarray | None:
     """Confusion matrix summed over the ok runs of (model, backend); None when none has one."""
     matrices = [np.asarray(r.confusion_matrix, dtype=np.int64) for r in results
@@ -210,11 +243,11 @@ def render_plots(results: list[RunResult], tables: dict[str, pd.DataFrame], plot
     plots_dir = Path(plots_dir)
     written: list[Path | None] = []
     for model in models:
-        written.append(plot_curves(tables["curves"], model, backends, plots_dir / f"curves_{model}.png"))
+        written.append(plot_curves(tables["curves"], model, backends, plots_dir / f"curves_{file_stem(model)}.png"))
     summary = tables["summary"]
     if not summary.empty:
         written.append(plot_throughput(summary, backends, plots_dir / "throughput.png"))
         written.append(plot_memory(summary, backends, plots_dir / "memory.png"))
     for model in models:
-        written.append(plot_confusion(results, model, backends, plots_dir / f"confusion_{model}.png"))
+        written.append(plot_confusion(results, model, backends, plots_dir / f"confusion_{file_stem(model)}.png"))
     return [p for p in written if p is not None]

@@ -10,6 +10,10 @@ is then set by hand so the Popen object never waits a second time. The group
 is signalled only while its leader is unreaped (a zombie still holds the pid,
 so the id cannot have been reused), plus one SIGKILL right after reaping to
 clear stragglers that might hold the stdout pipe open.
+
+``run_group`` does the same for the ranks of a data-parallel run (one process
+group per rank), with a watchdog: once a rank ends badly the others get a grace
+period to end on their own, then they are killed.
 """
 from __future__ import annotations
 
@@ -46,22 +50,23 @@ class ProcessOutcome:
     stdout_tail: list[str] = field(default_factory=list)  # non-event stdout lines (last TAIL_LINES)
 
 
-def worker_env() -> dict[str, str]:
-    """The parent's environment, the project root on PYTHONPATH (so `-m common.worker` imports) and
-    common.manifest.MALLOC_TUNING (unless the user set those variables), without KERAS_BACKEND: each
-    Keras worker chooses its own (tensorflow: Keras on TensorFlow, keras-torch: on torch), and a parent
-    that runs Keras itself (the tests) must not hand its choice on. The CLI refuses a user's
-    KERAS_BACKEND that contradicts a selected backend before any worker starts."""
-    from common.manifest import MALLOC_TUNING, PROJECT_ROOT
+def worker_env(execution: Any = None) -> dict[str, str]:
+    """The environment of one worker: the parent's, the project root on PYTHONPATH (so the worker
+    modules import), and the process-level parts of ``execution`` (a common.execution.ExecutionConfig:
+    oneDNN switch, malloc tuning; None: the fallback's), which the framework reads when it loads;
+    without KERAS_BACKEND: each Keras worker chooses its own (tensorflow: Keras on TensorFlow,
+    keras-torch: on torch), and a parent that runs Keras itself (the tests) must not hand its choice
+    on. The CLI refuses a user's KERAS_BACKEND that contradicts a selected backend before any worker
+    starts."""
+    from common.execution import process_env
+    from common.manifest import PROJECT_ROOT
 
     env = dict(os.environ)
     env.pop("KERAS_BACKEND", None)
     parts = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    for name, value in MALLOC_TUNING.items():  # the same host allocator settings for every backend
-        env.setdefault(name, value)
-    return env
+    return dict(process_env(execution, env))
 
 
 def _pump(stream, lines: "queue.Queue[str | None]") -> None:
@@ -212,3 +217,143 @@ def stderr_tail(log_path: Path, lines: int = TAIL_LINES, max_bytes: int = 65536)
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class RankOutcome:
+    """How one rank of a data-parallel group ended."""
+
+    rank: int
+    returncode: int | None = None  # exit code; -N when killed by signal N
+    signal_name: str | None = None
+    killed_by_parent: bool = False  # ended by the watchdog (a peer failed first, timeout, Ctrl-C)
+    host_peak_rss_bytes: int | None = None
+    ended_s: float | None = None  # seconds after the start when it was reaped
+
+
+@dataclass
+class GroupOutcome:
+    """How a group of rank processes ended; ``first_failure`` is the first rank seen to end badly."""
+
+    ranks: list[RankOutcome] = field(default_factory=list)
+    timed_out: bool = False
+    interrupted: bool = False
+    first_failure: int | None = None
+    wall_s: float = 0.0
+    events: list[dict[str, Any]] = field(default_factory=list)  # rank 0's
+    stdout_tail: list[str] = field(default_factory=list)  # rank 0's non-event lines
+
+
+class _Group:
+    """The rank processes of one launch, reaped one by one with ``os.wait4`` (see ``run_group``)."""
+
+    def __init__(self, procs: list[subprocess.Popen], started: float):
+        self.procs, self.started = procs, started
+        self.ranks = [RankOutcome(rank) for rank in range(len(procs))]
+        self.alive = dict(enumerate(procs))
+
+    def reap(self, rank: int, status: int, rusage: Any) -> None:
+        outcome, proc = self.ranks[rank], self.alive.pop(rank)
+        proc.returncode = outcome.returncode = os.waitstatus_to_exitcode(status)
+        if outcome.returncode < 0:
+            outcome.signal_name = _signal_name(-outcome.returncode)
+        outcome.host_peak_rss_bytes = _rss_bytes(rusage)
+        outcome.ended_s = time.monotonic() - self.started
+
+    def poll(self) -> list[int]:
+        """Reap whatever ended; the ranks that ended badly."""
+        failed = []
+        for rank, proc in list(self.alive.items()):
+            reaped, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if reaped == proc.pid:
+                self.reap(rank, status, rusage)
+                if self.ranks[rank].returncode != 0:
+                    failed.append(rank)
+        return failed
+
+    def kill_all(self, sig: int = signal.SIGKILL, wait: bool = True) -> None:
+        """Signal every live rank's process group; with ``wait``, reap them (SIGKILL cannot be ignored)."""
+        for rank, proc in list(self.alive.items()):
+            self.ranks[rank].killed_by_parent = True
+            _signal_group(proc.pid, sig)
+        for rank, proc in list(self.alive.items()) if wait else ():
+            _, status, rusage = os.wait4(proc.pid, 0)
+            self.reap(rank, status, rusage)
+
+
+def run_group(argvs: list[list[str]], envs: list[dict[str, str]], log_paths: list[Path], *,
+              timeout_s: float | None = None, grace_s: float = 10.0,
+              on_event: Callable[[dict[str, Any]], None] | None = None) -> GroupOutcome:
+    """Run one process per rank (each in its own process group) until all end; a failure ends them all.
+
+    Rank 0's stdout is followed for events (as ``run_process``); every rank's stderr, and the
+    other ranks' stdout, go to its log. When a rank ends badly the others get ``grace_s`` to
+    end on their own (their collectives fail or time out), then the watchdog kills them, so
+    a dead or hung replica never leaves the rest waiting. ``timeout_s`` bounds the whole
+    group; Ctrl-C terminates it. Nothing is left running: every rank's group is SIGKILLed
+    after it is reaped.
+    """
+    outcome, started = GroupOutcome(), time.monotonic()
+    procs: list[subprocess.Popen] = []
+    handles = []
+    try:
+        for rank, (argv, env, log_path) in enumerate(zip(argvs, envs, log_paths)):
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            handles.append(open(log_path, "wb"))
+            stdout = subprocess.PIPE if rank == 0 else handles[-1]
+            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=handles[-1],
+                                          start_new_session=True, env=env))
+    except BaseException:
+        _Group(procs, started).kill_all()  # a rank that could not start: none of the others may linger
+        raise
+    finally:
+        for handle in handles:
+            handle.close()  # the children hold their own descriptors
+    group = _Group(procs, started)
+    lines: "queue.Queue[str | None]" = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(procs[0].stdout, lines), daemon=True)
+    reader.start()
+    follower = _Follower(on_event, ProcessOutcome())
+    try:
+        _watch(group, outcome, follower, lines, timeout_s, grace_s)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        group.kill_all(signal.SIGTERM, wait=False)
+        give_up = time.monotonic() + TERMINATE_GRACE_S
+        while group.alive and time.monotonic() < give_up:
+            group.poll()
+            time.sleep(POLL_S)
+        group.kill_all()
+    for proc in procs:
+        _signal_group(proc.pid, signal.SIGKILL)  # stragglers of every rank
+    reader.join(timeout=2.0)
+    follower.take(lines, 0)
+    procs[0].stdout.close()
+    outcome.ranks, outcome.wall_s = group.ranks, time.monotonic() - started
+    outcome.events, outcome.stdout_tail = follower.outcome.events, follower.outcome.stdout_tail
+    return outcome
+
+
+def _watch(group: _Group, outcome: GroupOutcome, follower: _Follower, lines, timeout_s: float | None,
+           grace_s: float) -> None:
+    """Poll the ranks until all ended; first failure -> grace -> kill the rest; deadline -> kill all."""
+    deadline = group.started + timeout_s if timeout_s else None
+    failed_at = None
+    while group.alive:
+        failed = group.poll()
+        if failed and outcome.first_failure is None:
+            # a rank killed by a signal is the likelier cause than a peer that saw it die
+            outcome.first_failure = next((r for r in failed if group.ranks[r].signal_name), failed[0])
+            failed_at = time.monotonic()
+        if not group.alive:
+            break
+        if follower.eof:
+            time.sleep(POLL_S)
+        else:
+            follower.take(lines, POLL_S)
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
+            outcome.timed_out = True
+            group.kill_all()
+        elif failed_at is not None and now > failed_at + grace_s:
+            group.kill_all()

@@ -15,12 +15,15 @@ import pandas as pd
 from common.audit import compare_settings
 from common.errors import UserError
 from common.results import RunResult
-from compare import plots
+from compare import plots, time_to_accuracy, tune_report
+from compare import report_sections as sections
 from compare.deployment import report_blocks
 from compare.document import Block, to_html, to_markdown
 from compare.options import command_for
+from compare.scaling import has_scaling, scaling_blocks, scaling_table
 from compare.store import ResultsStore
-from compare.tables import audit_frame, build_tables, by_series, ordered_backends, ordered_models, runs_table
+from compare.tables import (as_configurations, audit_frame, build_tables, by_series, ordered_backends,
+                            ordered_models, runs_table)
 
 SPEC_SETTINGS = ("data", "device", "precision", "threads", "channels_last", "deterministic", "allow_tf32",
                  "train_subset", "test_subset", "warmup_steps", "max_steps_per_epoch")
@@ -58,9 +61,10 @@ def _settings_table(results: list[RunResult]) -> pd.DataFrame:
 def _environment(manifest: dict[str, Any], results: list[RunResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(machine table, per-backend table) from manifest.json or, failing that, the first run's manifest."""
     base = manifest or next((r.manifest for r in results if r.manifest), {})
-    keys = ("cpu_model", "cpu_count", "usable_cores", "os", "python", "hostname", "git_commit",
-            "data_spec", "data_fingerprint", "train_images", "test_images", "created_utc")
-    machine = [{"item": k, "value": str(base.get(k))} for k in keys if base.get(k) is not None]
+    keys = ("cpu_model", "cpu_flags", "isa_limits", "cpu_count", "usable_cores", "os", "python", "hostname", "git_commit",
+            "data_spec", "data_fingerprint", "data_verification", "train_images", "test_images", "created_utc")
+    machine = [{"item": k, "value": ", ".join(map(str, v)) if isinstance(v, list) else str(v)}
+               for k in keys if (v := base.get(k)) is not None and v not in ([], {})]
     packages = base.get("packages") or {}
     machine += [{"item": f"package {k}", "value": v} for k, v in packages.items()]
     per_backend = []
@@ -123,8 +127,8 @@ def _title(results: list[RunResult]) -> str:
 
 
 def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], plot_paths: list[Path],
-                   store: ResultsStore) -> list[Block]:
-    """The report, as blocks (rendered to Markdown and HTML)."""
+                   store: ResultsStore, scaling: list[Block] | None = None) -> list[Block]:
+    """The report, as blocks (rendered to Markdown and HTML); ``scaling``: compare.scaling's section."""
     models, backends = ordered_models(results), ordered_backends(results)
     manifest = store.load_manifest()
     audit = audit_models(store, results)
@@ -155,9 +159,16 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                    "interval across seeds of the log ratio; seed_min/seed_max the extreme per-seed ratios. "
                    "Memory ratios are given with and without the dataset bytes each framework holds in that "
                    "memory. The accuracy difference (points) is tested as acc_test says: a paired t test over "
-                   "the seeds both frameworks ran, Welch's interval only where runs do not pair."),
+                   "the seeds both frameworks ran, Welch's interval only where runs do not pair. acc_seed_spread_pts "
+                   "is the pooled standard deviation of each framework's accuracy across seeds: a difference "
+                   "whose 95% interval lies inside +-that spread is within seed noise even where the interval "
+                   "excludes 0 (the verdict then says so)."),
         Block("table", table=tables["head_to_head"]),
         *_idiom_blocks(tables["idiom_cost"]),
+        *(scaling or []),
+        *sections.time_to_accuracy_blocks(tables),
+        *sections.retrieval_blocks(store, results),
+        *sections.data_blocks(results, manifest),
         Block("h2", "Runs"),
         Block("table", table=runs_table(results)),
     ]
@@ -168,6 +179,7 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
                 blocks += [Block("p", f"`{r.run_id}`: last lines of the worker's stderr"),
                            Block("code", text=r.stderr_tail)]
     blocks += _per_class_blocks(tables["per_class"])
+    blocks += sections.tensorboard_blocks(manifest)
     blocks.append(Block("h2", "Plots"))
     for path in plot_paths:
         blocks.append(Block("image", text=path.stem.replace("_", " "), path=path,
@@ -175,6 +187,7 @@ def build_document(results: list[RunResult], tables: dict[str, pd.DataFrame], pl
     blocks += report_blocks(store.root / "export", store.root)  # `dualbench export`, if it ran here
     blocks += [Block("h2", "Settings used"), Block("table", table=_settings_table(results))]
     blocks += _audit_blocks(audit)
+    blocks += tune_report.report_blocks(_read_json(store.root / "tuning.json"))
     blocks += [Block("h2", "Environment"), Block("table", table=machine), Block("table", table=per_backend)]
     blocks += [Block("h2", "Caveats"), Block("list", items=caveats(results, tables, audit))]
     command = manifest.get("command") or command_for([r.spec for r in results if r.spec], str(store.root))
@@ -194,6 +207,14 @@ def _idiom_blocks(idiom_cost: pd.DataFrame) -> list[Block]:
                        "the hand-written training step. Below 1: fit is slower. Compile times are each style's "
                        "first step."),
             Block("table", table=idiom_cost)]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def machine_value(machine: pd.DataFrame, item: str) -> str:
@@ -233,15 +254,38 @@ def _audit_blocks(audit: dict[str, Any]) -> list[Block]:
     return blocks + [Block("table", table=frame, highlight=flagged)]
 
 
-def render_all(store: ResultsStore) -> list[Path]:
-    """Tables, plots and reports for the folder; returns every path written."""
-    results = by_series(store.load_runs())
-    if not results:
+def report_target(store: Any, runs: list[RunResult], override: float | None = None) -> float | None:
+    """The time-to-accuracy target of the report and the scaling table: ``override`` (`--target-accuracy`),
+    else the runs' own (compare.time_to_accuracy.target_of); a folder written before the target was a
+    RunSpec field kept it in its manifest."""
+    return time_to_accuracy.target_of(runs, override) or store.load_manifest().get("target_accuracy")
+
+
+def render_all(store: ResultsStore, target_accuracy: float | None = None) -> list[Path]:
+    """Tables, plots and reports for the folder; returns every path written.
+
+    ``target_accuracy``: time to accuracy (also the scaling table's) for this target instead of the one
+    the runs were started with.
+    """
+    runs = by_series(store.load_runs())  # a Keras backend's fit runs are their own series
+    if not runs:
         raise UserError(f"no results in {store.runs_path}: run `dualbench run --out {store.root} ...` first")
-    tables = build_tables(results)
+    results = as_configurations(runs)  # per model and world size
+    target = report_target(store, runs, target_accuracy)
+    tables = build_tables(results, target)
     written: list[Path] = []
     for name in ("summary", "head_to_head", "idiom_cost", "curves", "per_class"):
         written += store.write_table(name, tables[name])
+    if not tables["time_to_accuracy"].empty:
+        written += store.write_table("time_to_accuracy", tables["time_to_accuracy"])
+    resolutions = _read_json(store.root / "tuning.json").get("resolutions") or []
+    if resolutions:  # the search table, beside tuning.json (which keeps every record in full)
+        written += store.write_table("tuning", tune_report.search_frame(resolutions), parquet=False)
+    scaling: list[Block] = []
+    if has_scaling(runs):
+        table = scaling_table(runs, target)
+        written += store.write_table("scaling", table)
+        scaling = scaling_blocks(runs, table, store.plots_dir, store.root, target)
     failures_csv = store.root / "failures.csv"
     if not tables["failures"].empty:
         written += store.write_table("failures", tables["failures"], parquet=False)
@@ -250,29 +294,43 @@ def render_all(store: ResultsStore) -> list[Path]:
     plot_paths = plots.render_plots(results, tables, store.plots_dir, ordered_models(results),
                                     ordered_backends(results))
     written += plot_paths
-    blocks = build_document(results, tables, plot_paths, store)
+    blocks = build_document(results, tables, plot_paths, store, scaling)
+    written += [block.path for block in scaling if block.path is not None]
     written.append(store.write_text("report.md", to_markdown(blocks)))
     written.append(store.write_text("report.html", to_html(blocks, _title(results))))
     return written
 
 
-def render_and_print(store: Any) -> None:
-    """Render every output of ``store`` and print the summary, head-to-head and failures tables."""
+def render_and_print(store: Any, target_accuracy: float | None = None) -> None:
+    """Render every output of ``store`` and print the summary, head-to-head, time-to-accuracy,
+    retrieval and failures tables."""
+    from compare.retrieval import load_retrieval
     from compare.tables import build_tables, terminal_summary, to_text
 
-    written = render_all(store)
-    tables = build_tables(by_series(store.load_runs()))
+    written = render_all(store, target_accuracy)
+    runs = by_series(store.load_runs())
+    tables = build_tables(runs, report_target(store, runs, target_accuracy))
     print("\nSummary (all columns in summary.csv):")
     print(to_text(terminal_summary(tables["summary"])))
-    print("\nHead to head:")
-    print(to_text(tables["head_to_head"]))
+    print("\nHead to head (time to accuracy: the table below; all columns in head_to_head.csv):")
+    print(to_text(tables["head_to_head"].drop(columns=["tta_base", "tta_other"])))
     if not tables["idiom_cost"].empty:
         print("\nThe cost of the idiom (Keras fit over the custom step, same backend):")
         print(to_text(tables["idiom_cost"]))
+    if not tables["time_to_accuracy_summary"].empty:
+        print("\nTime to accuracy (training wall-clock, evaluation excluded):")
+        print(to_text(tables["time_to_accuracy_summary"].drop(columns=["tta_median_s"])))
+    retrieval = load_retrieval(store)
+    if retrieval is not None and not retrieval["metrics"].empty:
+        print("\nImage retrieval (test queries against the training split, cosine similarity):")
+        print(to_text(retrieval["metrics"].drop(columns=["weights_sha256", "error"])))
+        if not retrieval["agreement"].empty:
+            print(to_text(retrieval["agreement"]))
     if not tables["failures"].empty:
         print("\nFailures:")
         print(to_text(tables["failures"]))
     print("\nWritten:")
-    for path in [store.runs_path, store.manifest_path, store.audit_json, store.audit_csv, *written]:
+    extra = [store.root / name for name in ("retrieval.json", "retrieval.csv", "retrieval_agreement.csv")]
+    for path in [store.runs_path, store.manifest_path, store.audit_json, store.audit_csv, *extra, *written]:
         if path.exists():
             print(f"  {path}")

@@ -3,12 +3,15 @@
 Each run is one ``python -m <worker> train SPEC.json OUT.json`` subprocess
 (compare.process): a framework never loads in this process, a crash or a
 hang costs one run, never the others, and every finished run is upserted
-into ``OUT/runs.jsonl`` atomically before the next one starts.
+into ``OUT/runs.jsonl`` atomically before the next one starts. A data-parallel
+run (``--nproc N``) is N such processes on this host (compare.launch), judged
+as one run (compare.group_result); rank r > 0 logs to ``OUT/logs/<run_id>.rank<r>.log``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 import re
 import shutil
 import sys
@@ -18,9 +21,13 @@ from typing import Any, Iterator
 
 from common.audit import asymmetries, compare_settings, details
 from common.config import RunSpec
+from common.distributed import configuration_label
 from common.errors import UserError
+from common.execution import requested
 from common.registry import worker_command
 from common.results import STATUSES, RunResult, write_json_atomic
+from compare.group_result import read_json_object, result_from_group
+from compare.launch import GroupRun, Launch, launch_local, local_ranks
 from compare.process import ProcessOutcome, run_process, stderr_tail, worker_env
 
 CHECKPOINT_SPEC = "runspec.json"  # the spec a checkpoint folder belongs to (written by the runner)
@@ -43,14 +50,35 @@ def abba(sides: list[Any], rounds: int) -> Iterator[tuple[int, Any]]:
 def plan_runs(models: list[str], sides: list[Any], seeds: list[int]) -> list[tuple[str, int, Any]]:
     """(model, seed, side) in execution order: the sides (backends, or (backend, style) series) in ABBA
     order, one round per (model, seed)."""
-    pairs = [(model, seed) for model in models for seed in seeds]
-    return [(*pairs[i], side) for i, side in abba(list(sides), len(pairs))]
+    return [(model, seed, side) for model, seed, side, _ in plan_world_runs(models, sides, seeds, [1])]
+
+
+def plan_world_runs(models: list[str], sides: list[Any], seeds: list[int],
+                    nprocs: list[int]) -> list[tuple[str, int, Any, int]]:
+    """(model, seed, side, nproc) in execution order: one ABBA round of the sides (backends, or
+    (backend, style) series) per (model, nproc, seed), so every side runs each process count back to back."""
+    pairs = [(model, seed, nproc) for model in models for nproc in nprocs for seed in seeds]
+    return [(model, seed, side, nproc) for i, side in abba(list(sides), len(pairs))
+            for model, seed, nproc in [pairs[i]]]
+
+
+def audit_label(spec: RunSpec) -> str:
+    """What the audit is keyed by: the model, with the world size of a data-parallel run."""
+    return configuration_label(spec.model, spec.world_size)
 
 
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
-    """A stored or current spec as JSON values, without fields that do not change results."""
+    """A stored or current spec as JSON values, without fields that do not change results.
+
+    Fields added to RunSpec since a row was stored take their defaults (which is what that run used).
+    """
+    try:
+        spec = RunSpec.from_dict(spec).to_dict()
+    except (TypeError, ValueError):
+        pass  # a spec this version cannot read back: compared as stored
     clean = json.loads(json.dumps(spec, sort_keys=True))
-    for where in ("checkpoint_dir", "final_weights_path"):  # where files go, not how the run trains
+    # where files go, and the time-to-accuracy target (read from the stored evaluations), not how the run trains
+    for where in ("checkpoint_dir", "final_weights_path", "target_accuracy"):
         clean.pop(where, None)
     return clean
 
@@ -105,26 +133,40 @@ def _bare(spec: RunSpec, status: str, error: str) -> RunResult:
                      status=status, error=error, spec=spec.to_dict())
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
+@dataclass
+class Launched:
+    """One launch: how it ended, rank 0's OUT.json, the log to quote, and a group's judged result."""
+
+    outcome: ProcessOutcome  # a group's is a summary: the culprit's exit, rank 0's events
+    raw: dict[str, Any] | None
+    log_path: Path
+    result: RunResult | None = None  # data-parallel runs only (compare.group_result)
+
+
+def _group_summary(group: GroupRun, result: RunResult) -> ProcessOutcome:
+    """The ProcessOutcome fields the audit reads, for a group (exit code of the rank to blame)."""
+    ranks = group.outcome.ranks
+    blamed = next((r for r in ranks if r.returncode == result.exit_code and r.returncode), ranks[0])
+    return ProcessOutcome(returncode=result.exit_code, signal_name=blamed.signal_name,
+                          timed_out=group.outcome.timed_out, interrupted=group.outcome.interrupted,
+                          host_peak_rss_bytes=ranks[0].host_peak_rss_bytes, wall_s=group.outcome.wall_s,
+                          events=group.outcome.events, stdout_tail=group.outcome.stdout_tail)
 
 
 class Runner:
     """Runs specs against one results folder; counts worker launches (tests and the summary use it)."""
 
     def __init__(self, store: Any, *, timeout_s: float | None = None, force: bool = False,
-                 progress: Any = None):
-        """``store``: a compare.store.ResultsStore; ``progress``: a compare.progress.Progress or None."""
+                 progress: Any = None, launch: Launch | None = None):
+        """``store``: a compare.store.ResultsStore; ``progress``: a compare.progress.Progress or None;
+        ``launch``: how this host takes part in data-parallel runs (default: the only host)."""
         self.store = store
         self.timeout_s = timeout_s
         self.force = force
         self.progress = progress
         self.launches = 0
-        self.env = worker_env()
+        self.launch_config = launch or Launch()
+        self.on_result: Any = None  # called with every finished run's RunResult once it is stored
 
     # -- resume -----------------------------------------------------------------
     def check_existing(self, specs: list[RunSpec]) -> None:
@@ -148,56 +190,88 @@ class Runner:
         return [spec for spec in specs if spec.run_id() not in done]
 
     # -- one worker ---------------------------------------------------------------
-    def launch(self, spec: RunSpec, *, audit_only: bool = False, on_event=None):
-        """Start one worker for ``spec`` and wait for it: (outcome, OUT.json contents or None, log path)."""
+    def launch(self, spec: RunSpec, *, audit_only: bool = False, on_event=None) -> Launched:
+        """Start the worker(s) for ``spec`` and wait for them (one process, or one per rank)."""
         workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=self.store.root))
         try:
             spec_path, out_path = workdir / "spec.json", workdir / "result.json"
             write_json_atomic(spec_path, spec.to_dict())
             task = "audit" if audit_only else "train"
-            argv = [sys.executable, *worker_command(spec.backend), task, str(spec_path), str(out_path)]
-            log_path = self.store.log_path(("audit__" if audit_only else "") + spec.run_id())
+            name = ("audit__" if audit_only else "") + spec.run_id()
+            log_path = self.store.log_path(name)
             self.launches += 1
+            if spec.world_size > 1:
+                return self._launch_group(spec, task, spec_path, workdir, name, on_event)
+            argv = [sys.executable, *worker_command(spec.backend), task, str(spec_path), str(out_path)]
+            # the spec's execution configuration decides the process-level settings (oneDNN, malloc)
             outcome = run_process(argv, log_path=log_path, timeout_s=self.timeout_s, on_event=on_event,
-                                  env=self.env)
-            return outcome, _read_json(out_path), log_path
+                                  env=worker_env(requested(spec)))
+            return Launched(outcome, read_json_object(out_path), log_path)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    def _launch_group(self, spec: RunSpec, task: str, spec_path: Path, workdir: Path, name: str,
+                      on_event) -> Launched:
+        """This host's ranks of a data-parallel run, judged as one run (compare.group_result)."""
+        outs = {rank: workdir / ("result.json" if rank == 0 else f"result.rank{rank}.json")
+                for rank in local_ranks(spec, self.launch_config)}
+        task_args = lambda rank: [task, str(spec_path), str(outs[rank])]  # noqa: E731
+        if self.launch_config.nnodes > 1:
+            from compare.rendezvous import launch_leader
+
+            group = launch_leader(spec, task_args, self._rank_log(name), worker_env(requested(spec)), self.launch_config,
+                                  timeout_s=self.timeout_s, on_event=on_event)
+        else:
+            clear = lambda: [path.unlink(missing_ok=True) for path in outs.values()]  # noqa: E731
+            group = launch_local(spec, task_args, self._rank_log(name), worker_env(requested(spec)), self.launch_config,
+                                 timeout_s=self.timeout_s, on_event=on_event, before_retry=clear)
+        out_paths = [outs.get(rank, workdir / f"remote.rank{rank}.json") for rank in group.ranks]  # remote: none
+        result = result_from_group(spec, group, out_paths, self.timeout_s)
+        culprit_log = next((Path(row["log"]) for row in result.distributed["ranks"]
+                            if row["exit_code"] and row["exit_code"] == result.exit_code), group.log_paths[0])
+        return Launched(_group_summary(group, result), read_json_object(out_paths[0]), culprit_log, result)
+
+    def _rank_log(self, name: str):
+        return lambda rank: self.store.log_path(name if rank == 0 else f"{name}.rank{rank}")
+
     # -- fairness audit -----------------------------------------------------------
     def audit(self, specs: list[RunSpec]) -> dict[str, dict[str, Any]]:
-        """Audit-only worker per (model, series) (first seed); merge into audit.json; write audit.csv.
+        """Audit-only worker per (model, world size, series) (first seed); merge into audit.json; audit.csv.
 
         A worker that exits 2 (a user error: unusable device, bad dataset) stops
         everything with its message; other failures are recorded and the
-        backend's settings show as '<not reported>'.
+        backend's settings show as '<not reported>'. Data-parallel runs are audited
+        with all their ranks, under ``audit_label`` (e.g. "resnet20 (world 2)").
         """
-        first: dict[tuple[str, str], RunSpec] = {}  # (model, series): a backend's fit style is audited apart
+        first: dict[tuple[str, str], RunSpec] = {}  # (configuration, series): a fit style is audited apart
         for spec in specs:
-            first.setdefault((spec.model, spec.series()), dataclasses.replace(spec, checkpoint_dir=None))
+            first.setdefault((audit_label(spec), spec.series()), dataclasses.replace(spec, checkpoint_dir=None))
         audit = self.store.load_audit()
-        for model in dict.fromkeys(spec.model for spec in specs):
+        for label in dict.fromkeys(audit_label(spec) for spec in specs):
             settings: dict[str, dict[str, Any]] = {}
             failures: dict[str, str] = {}
-            for (m, backend), spec in first.items():
-                if m != model:
+            for (group, backend), spec in first.items():
+                if group != label:
                     continue
-                print(f"auditing {model} on {backend} ...", flush=True)
-                outcome, raw, log_path = self.launch(spec, audit_only=True)
+                print(f"auditing {label} on {backend} ...", flush=True)
+                launched = self.launch(spec, audit_only=True)
+                outcome, raw, log_path = launched.outcome, launched.raw, launched.log_path
                 if outcome.interrupted:
                     raise KeyboardInterrupt
                 if raw and raw.get("status") == "ok" and isinstance(raw.get("settings"), dict):
                     settings[backend] = raw["settings"]
                     continue
                 error = _one_line((raw or {}).get("error")) or _one_line(stderr_tail(log_path, 1)) or "no output"
+                if launched.result is not None and launched.result.status != "ok":
+                    error = _one_line(launched.result.error) or error  # the rank to blame, not rank 0's echo
                 if outcome.returncode == 2:
-                    raise UserError(f"the {backend} worker refused {model}: {re.sub(r'^[A-Za-z]*Error: ', '', error)}")
+                    raise UserError(f"the {backend} worker refused {label}: {re.sub(r'^[A-Za-z]*Error: ', '', error)}")
                 how = f"{outcome.signal_name}, " if outcome.signal_name else ""
                 how += "timed out, " if outcome.timed_out else ""
                 failures[backend] = f"exit {outcome.returncode}, {how}{error}"
                 settings[backend] = {}
             rows = compare_settings(settings)
-            audit["models"][model] = {"backends": list(settings), "rows": rows, "failures": failures,
+            audit["models"][label] = {"backends": list(settings), "rows": rows, "failures": failures,
                                       "asymmetries": [row["setting"] for row in asymmetries(rows)],
                                       "details": details(settings)}  # e.g. the decayed parameter names
         self.store.write_json("audit.json", audit)
@@ -213,7 +287,7 @@ class Runner:
         folder = Path(spec.checkpoint_dir)
         marker = folder / CHECKPOINT_SPEC
         current = _comparable(spec.to_dict())
-        if folder.exists() and (self.force or _read_json(marker) != current):
+        if folder.exists() and (self.force or read_json_object(marker) != current):
             shutil.rmtree(folder, ignore_errors=True)
         write_json_atomic(marker, current)
 
@@ -229,13 +303,17 @@ class Runner:
             self._prepare_checkpoint(spec)
         if self.progress:
             self.progress.start_run(spec.run_id(), spec.recipe.epochs)
-        outcome, raw, log_path = self.launch(spec, on_event=self.progress.event if self.progress else None)
-        result = result_from_outcome(spec, outcome, raw, log_path, self.timeout_s)
+        launched = self.launch(spec, on_event=self.progress.event if self.progress else None)
+        outcome = launched.outcome
+        result = launched.result or result_from_outcome(spec, outcome, launched.raw, launched.log_path,
+                                                        self.timeout_s)
         if result.final_weights_file:
             result.final_weights_file = weights_path.relative_to(self.store.root).as_posix()
         previous = {r.get("run_id"): r for r in self.store.load_rows()}.get(spec.run_id())
         if not (outcome.interrupted and previous and previous.get("status") == "ok"):
             self.store.upsert_run(result)  # UserError (old file intact) if the write fails
+        if self.on_result is not None:
+            self.on_result(result)
         if result.status == "ok" and spec.checkpoint_dir:
             shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
         if self.progress:

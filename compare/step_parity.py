@@ -8,6 +8,11 @@ compares each replayed step with the original one made from the same state
 (the pass/fail criterion); ``trajectory_rows`` compares the free runs (a figure
 of how far fp32 noise carries, never a gate). A case runs on the backends its
 ``modes`` name.
+
+Data-parallel cases (``nproc`` > 1: torch DDP against tf.distribute
+MultiWorkerMirroredStrategy) run each phase as a launch of ``nproc`` ranks
+(compare.launch, the runner's own launcher); every rank's states come back, so
+the per-replica BN statistics are compared replica by replica.
 """
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ from common.config import Recipe
 from common.optim_reference import ReferenceOptimizer, decays
 from common.registry import worker_command
 from common.schedules import lr_at
-from common.step_parity import case_arch, case_recipe, load_states
-from compare.process import worker_env
+from common.step_parity import case_arch, case_recipe, case_spec, load_states, state_file
+from compare.process import stderr_tail, worker_env
 
 BACKENDS = ("torch", "tensorflow", "keras-torch")
 REFERENCE = "torch"
@@ -68,7 +73,11 @@ def make_case(base: str, steps: int = _STEPS, **changes: Any) -> dict[str, Any]:
     return case
 
 
-def _run(backend: str, request_dir: Path, out_dir: Path, timeout: float) -> None:
+def _run(backend: str, request_dir: Path, out_dir: Path, timeout: float, case: dict[str, Any]) -> None:
+    """One phase: a worker process, or ``case["nproc"]`` ranks of a data-parallel launch."""
+    if case.get("nproc", 1) > 1:
+        _run_ranks(backend, request_dir, out_dir, timeout, case)
+        return
     command = [sys.executable, *worker_command(backend), "step-parity", str(request_dir), str(out_dir)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=worker_env())
     if proc.returncode != 0:
@@ -76,42 +85,75 @@ def _run(backend: str, request_dir: Path, out_dir: Path, timeout: float) -> None
         raise RuntimeError(f"{backend} step-parity worker failed (exit {proc.returncode}):\n{tail}")
 
 
+def _run_ranks(backend: str, request_dir: Path, out_dir: Path, timeout: float, case: dict[str, Any]) -> None:
+    from compare.launch import launch_local
+
+    logs = out_dir.parent / f"{out_dir.name}-{backend}-logs"
+    run = launch_local(case_spec(case, backend), lambda rank: ["step-parity", str(request_dir), str(out_dir)],
+                       lambda rank: logs / f"rank{rank}.log", worker_env(), timeout_s=timeout)
+    failed = [(rank, o) for rank, o in zip(run.ranks, run.outcome.ranks) if o.returncode != 0]
+    if failed or run.outcome.timed_out:
+        tails = "\n".join(f"rank {rank} (exit {o.returncode}, {o.signal_name or 'no signal'}):\n"
+                          + stderr_tail(logs / f"rank{rank}.log", 15) for rank, o in failed)
+        raise RuntimeError(f"{backend} step-parity ranks failed:\n{tails}")
+
+
 def run_cases(cases: list[dict[str, Any]], timeout: float = 1800,
               backends: tuple[str, ...] = BACKENDS) -> dict[str, dict[str, Any]]:
     """Free runs and replays of every case, every backend against torch in both directions:
     {case: {"free": {backend: (states, losses)}, "replay": {"<replayer>_from_<source>": (states, losses)}}}.
 
-    A case runs on the backends among ``backends`` that its ``modes`` name.
+    A case runs on the backends among ``backends`` that its ``modes`` name (a backend no case
+    names starts no process). The cases of one call share their process count (``nproc``); with
+    several ranks the result is rank 0's, and ``"ranks"`` holds every rank's ({"free", "replay"}
+    each, by rank).
     """
-    others = [b for b in backends if b != REFERENCE]
+    nprocs = {case.get("nproc", 1) for case in cases}
+    if len(nprocs) != 1:
+        raise ValueError(f"the cases of one run_cases call share nproc, got {sorted(nprocs)}")
+    world = nprocs.pop()
+    named = {b: next((case for case in cases if b in case["modes"]), None) for b in backends}
+    others = [b for b in backends if b != REFERENCE and named[b] is not None]
     with tempfile.TemporaryDirectory(prefix="dualbench-step-parity-") as tmp:
         root = Path(tmp)
-        folders = {b: root / b for b in backends}
+        folders = {b: root / b for b in (REFERENCE, *others)}
         folders[REFERENCE].mkdir()
         (folders[REFERENCE] / "request.json").write_text(json.dumps({"cases": cases}))
-        _run(REFERENCE, folders[REFERENCE], folders[REFERENCE], timeout)  # torch: free runs
+        _run(REFERENCE, folders[REFERENCE], folders[REFERENCE], timeout, cases[0])  # torch: free runs
         reference_replay = {"source": REFERENCE, "states": str(folders[REFERENCE])}
         for other in others:  # free run + replay of torch's states
             (folders[other] / "request").mkdir(parents=True)
             (folders[other] / "request" / "request.json").write_text(
                 json.dumps({"cases": cases, "replays": [reference_replay]}))
-            _run(other, folders[other] / "request", folders[other], timeout)
+            _run(other, folders[other] / "request", folders[other], timeout, named[other])
         replays = root / "torch_replays"
         replays.mkdir()
-        (replays / "request.json").write_text(json.dumps({"cases": cases, "free_run": False, "replays": [
-            {"source": other, "states": str(folders[other])} for other in others]}))
-        _run(REFERENCE, replays, replays, timeout)  # torch: replay of every other backend's states
-        return {case["name"]: _collect(case["name"], folders, replays, others) for case in cases}
+        if others and any(case.get("replay", True) for case in cases):
+            (replays / "request.json").write_text(json.dumps({"cases": cases, "free_run": False, "replays": [
+                {"source": other, "states": str(folders[other])} for other in others]}))
+            _run(REFERENCE, replays, replays, timeout, cases[0])  # torch: replay of every other backend's states
+        out = {}
+        for case in cases:
+            ranks = [_collect(case, rank, folders, replays, others) for rank in range(world)]
+            out[case["name"]] = {**ranks[0], "ranks": ranks} if world > 1 else ranks[0]
+        return out
 
 
-def _collect(name: str, folders: dict[str, Path], replays: Path, others: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"free": {REFERENCE: load_states(folders[REFERENCE] / f"{name}.free.npz")}, "replay": {}}
+def _collect(case: dict[str, Any], rank: int, folders: dict[str, Path], replays: Path,
+             others: list[str]) -> dict[str, Any]:
+    """One rank's free runs and replays of one case (no replays for a case with ``"replay": false``)."""
+    name, replayed = case["name"], case.get("replay", True)
+    out: dict[str, Any] = {"free": {REFERENCE: load_states(folders[REFERENCE] / state_file(name, rank, "free"))},
+                           "replay": {}}
     for other in others:
-        if not (folders[other] / f"{name}.free.npz").exists():
+        if not (folders[other] / state_file(name, rank, "free")).exists():
             continue  # the case gives this backend no mode
-        out["free"][other] = load_states(folders[other] / f"{name}.free.npz")
-        out["replay"][f"{other}_from_{REFERENCE}"] = load_states(folders[other] / f"{name}.replay_{REFERENCE}.npz")
-        out["replay"][f"{REFERENCE}_from_{other}"] = load_states(replays / f"{name}.replay_{other}.npz")
+        out["free"][other] = load_states(folders[other] / state_file(name, rank, "free"))
+        if replayed:
+            out["replay"][f"{other}_from_{REFERENCE}"] = load_states(
+                folders[other] / state_file(name, rank, f"replay_{REFERENCE}"))
+            out["replay"][f"{REFERENCE}_from_{other}"] = load_states(
+                replays / state_file(name, rank, f"replay_{other}"))
     return out
 
 

@@ -16,9 +16,10 @@ import pandas as pd
 
 from common.architectures import ARCHITECTURES
 from common.config import STYLES, series_name
+from common.distributed import configuration_label
 from common.registry import REAL_BACKENDS
 from common.results import RunResult
-from compare import stats
+from compare import stats, time_to_accuracy
 
 MIB = 1024 * 1024
 # train_img_s_seeds_ci_*: 95% t interval across seeds of the runs' images/s (run-to-run spread);
@@ -39,7 +40,8 @@ HEAD_TO_HEAD_COLUMNS = [
     "model", "comparison", "train_img_s_ratio", "train_img_s_ratio_ci_lo", "train_img_s_ratio_ci_hi",
     "train_img_s_ratio_seed_min", "train_img_s_ratio_seed_max", "pipeline_img_s_ratio", "host_rss_ratio",
     "host_rss_less_data_ratio", "device_peak_ratio", "device_peak_less_data_ratio", "acc_diff_pts",
-    "acc_diff_ci_lo_pts", "acc_diff_ci_hi_pts", "acc_test", "seeds", "verdict",
+    "acc_diff_ci_lo_pts", "acc_diff_ci_hi_pts", "acc_test", "acc_seed_spread_pts", "seeds", "verdict",
+    "target_acc_pct", "tta_base", "tta_other", "tta_ratio",  # time to accuracy (compare.time_to_accuracy)
 ]
 # fit / custom step of one Keras backend (idiom_cost_table): the head-to-head's ratio columns, renamed
 IDIOM_RATIO_COLUMNS = ("train_img_s_ratio", "train_img_s_ratio_ci_lo", "train_img_s_ratio_ci_hi",
@@ -51,11 +53,35 @@ CURVE_COLUMNS = ["model", "backend", "seed", "status", "epoch", "train_loss", "t
 FAILURE_COLUMNS = ["run_id", "status", "exit_code", "error"]
 
 
+def as_configurations(results: Iterable[RunResult]) -> list[RunResult]:
+    """The runs with a data-parallel run's model named by its configuration ("resnet20 (world 2)").
+
+    Every table, figure and audit entry is per model AND world size: runs of different
+    sizes are different configurations, never pooled or paired across sizes (the scaling
+    table, compare.scaling, puts the sizes side by side).
+    """
+    out = []
+    for r in results:
+        label = configuration_label(r.model, r.world_size or 1)
+        already = r.model.endswith(f" (world {r.world_size})")  # idempotent
+        out.append(r if label == r.model or already else dataclasses.replace(r, model=label))
+    return out
+
+
 def ordered_models(results: Iterable[RunResult]) -> list[str]:
-    """Models in registry order (unknown names after, in first-seen order)."""
+    """Models in registry order (unknown names after, in first-seen order); a model's data-parallel
+    configurations right after it, by world size."""
+    results = list(results)
     seen = list(dict.fromkeys(r.model for r in results))
-    known = [m for m in ARCHITECTURES if m in seen]
-    return known + [m for m in seen if m not in known]
+    worlds = {r.model: r.world_size or 1 for r in results}
+    order = list(ARCHITECTURES)
+
+    def key(name: str) -> tuple[int, int, int]:
+        base = name.split(" (world ")[0]
+        return (order.index(base) if base in order else len(order), seen.index(name) if base not in order else 0,
+                worlds.get(name, 1))
+
+    return sorted(seen, key=key)
 
 
 def ordered_backends(results: Iterable[RunResult]) -> list[str]:
@@ -69,7 +95,8 @@ def ordered_backends(results: Iterable[RunResult]) -> list[str]:
 def by_series(results: Iterable[RunResult]) -> list[RunResult]:
     """Copies of ``results`` whose ``backend`` is what the tables compare: the backend, or "<backend>:fit"
     for runs in Keras's fit style (RunSpec.series). Every table, plot and report section groups by it."""
-    return [dataclasses.replace(r, backend=series_name(r.backend, (r.spec or {}).get("style", "custom")))
+    return [r if ":" in r.backend else  # already a series name (idempotent)
+            dataclasses.replace(r, backend=series_name(r.backend, (r.spec or {}).get("style", "custom")))
             for r in results]
 
 
@@ -194,14 +221,16 @@ def _by_seed(results: list[RunResult], model: str, backend: str, name: str) -> d
 
 
 def _head_to_head_row(results: list[RunResult], model: str, base: str, other: str,
-                      a: pd.Series, b: pd.Series) -> dict[str, Any]:
+                      a: pd.Series, b: pd.Series, tta: pd.DataFrame) -> dict[str, Any]:
     """``other`` against ``base``: paired per seed (the runner runs one seed's two runs back to back)."""
     def pair(name: str) -> tuple[dict[int, float], dict[int, float]]:
         return _by_seed(results, model, base, name), _by_seed(results, model, other, name)
 
     speed = stats.paired_ratio_ci(*pair("train_images_per_sec"))
     pipeline = stats.paired_ratio_ci(*pair("pipeline_images_per_sec"))
-    ci = stats.seed_diff_ci(*pair("test_accuracy"))
+    accuracies = pair("test_accuracy")
+    ci = stats.seed_diff_ci(*accuracies)
+    spread = stats.seed_spread(*(values.values() for values in accuracies))
     return {
         "model": model, "comparison": f"{other}/{base}",
         "train_img_s_ratio": speed.median, "train_img_s_ratio_ci_lo": speed.lo, "train_img_s_ratio_ci_hi": speed.hi,
@@ -212,12 +241,18 @@ def _head_to_head_row(results: list[RunResult], model: str, base: str, other: st
         "device_peak_ratio": _ratio(b["device_peak_mib"], a["device_peak_mib"]),
         "device_peak_less_data_ratio": _ratio(b["device_peak_less_data_mib"], a["device_peak_less_data_mib"]),
         "acc_diff_pts": 100 * ci.diff, "acc_diff_ci_lo_pts": 100 * ci.lo, "acc_diff_ci_hi_pts": 100 * ci.hi,
-        "acc_test": ci.method, "seeds": f"{ci.n_a}/{ci.n_b}", "verdict": stats.verdict(ci, base, other),
+        "acc_test": ci.method, "acc_seed_spread_pts": 100 * spread, "seeds": f"{ci.n_a}/{ci.n_b}",
+        "verdict": stats.verdict(ci, base, other, spread=spread),
+        **time_to_accuracy.head_to_head_columns(tta, model, base, other),
     }
 
 
-def head_to_head_table(results: list[RunResult]) -> pd.DataFrame:
-    """Per model, every pair of backends (series): the later one in ``ordered_backends`` over the earlier."""
+def head_to_head_table(results: list[RunResult], tta: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per model, every pair of backends (series): the later one in ``ordered_backends`` over the earlier.
+
+    ``tta``: compare.time_to_accuracy.summary_table (its columns stay empty without one).
+    """
+    tta = pd.DataFrame() if tta is None else tta
     summary = summary_table(results).set_index(["model", "backend"])
     backends = ordered_backends(results)
     rows = []
@@ -225,7 +260,7 @@ def head_to_head_table(results: list[RunResult]) -> pd.DataFrame:
         present = [b for b in backends if (model, b) in summary.index]
         for base, other in itertools.combinations(present, 2):
             rows.append(_head_to_head_row(results, model, base, other, summary.loc[(model, base)],
-                                          summary.loc[(model, other)]))
+                                          summary.loc[(model, other)], tta))
     return pd.DataFrame(rows, columns=HEAD_TO_HEAD_COLUMNS)
 
 
@@ -297,12 +332,20 @@ def per_class_table(results: list[RunResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "backend", "class", "precision", "recall", "f1", "support"])
 
 
-def build_tables(results: list[RunResult]) -> dict[str, pd.DataFrame]:
-    """All tables by name (the file stem they are written to)."""
-    summary, head_to_head = summary_table(results), head_to_head_table(results)
+def build_tables(results: list[RunResult], target_accuracy: float | None = None) -> dict[str, pd.DataFrame]:
+    """All tables by name (the file stem they are written to), per configuration (``as_configurations``)
+    and series (``by_series``: a Keras backend's fit runs apart from its custom-step runs).
+
+    ``target_accuracy``: the time-to-accuracy target (default: the one the runs were started with).
+    """
+    results = by_series(as_configurations(results))
+    target = time_to_accuracy.target_of(results, target_accuracy)
+    tta_seeds = time_to_accuracy.seed_table(results, target)
+    tta = time_to_accuracy.summary_table(tta_seeds)
+    summary, head_to_head = summary_table(results), head_to_head_table(results, tta)
     return {"summary": summary, "head_to_head": head_to_head, "idiom_cost": idiom_cost_table(head_to_head, summary),
             "curves": curves_table(results), "per_class": per_class_table(results),
-            "failures": failures_table(results)}
+            "failures": failures_table(results), "time_to_accuracy": tta_seeds, "time_to_accuracy_summary": tta}
 
 
 def format_value(value: Any) -> str:

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from common.architectures import ArchSpec, LayerSpec
+from common.architectures import EMBEDDING_LAYER, ArchSpec, LayerSpec
 from common.weights import WeightLayoutError, check_weights
 from keras_impl.layers import BatchNorm, keras_layer_name
 
@@ -126,6 +126,15 @@ def predict(model: keras.Model, images: np.ndarray, training: bool = False) -> n
     chunks = [to_numpy(model(images[i:i + PREDICT_CHUNK], training=False))
               for i in range(0, len(images), PREDICT_CHUNK)]
     return np.concatenate(chunks)
+
+
+def embed(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """float32 (N, D) penultimate-layer features: the input of the classifier (EMBEDDING_LAYER), eval mode."""
+    probe = keras.Model(model.input, model.get_layer(keras_layer_name(EMBEDDING_LAYER)).input)  # shared layers
+    images = np.asarray(images, np.float32)
+    chunks = [to_numpy(probe(images[i:i + PREDICT_CHUNK], training=False))
+              for i in range(0, len(images), PREDICT_CHUNK)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
 def layer_outputs(model: keras.Model, spec: ArchSpec, images: np.ndarray,

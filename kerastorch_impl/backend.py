@@ -18,6 +18,8 @@ import torch
 
 from common.audit import fallbacks_text
 from common.config import RunSpec
+from common.errors import UserError
+from common.execution import requested
 from keras_impl import weights as _keras_weights
 from keras_impl import audit as _keras_audit
 from keras_impl import fit as _keras_fit
@@ -26,20 +28,20 @@ from kerastorch_impl.models import create_model
 from kerastorch_impl.optim import EvalStep, TrainStep, _fit_step
 from torch_impl import backend as _torch_backend
 
-# "best" execution mode per device type, measured with benchmarks/mode_matrix.py (see the README's
-# mode matrix): eager on the CPU, where torch.compile of a Keras model costs minutes of compilation per
-# process for no steady-state gain; jit_compile (torch.compile) on CUDA, the usual fastest there
-# (fused BN/ReLU epilogues) - not measured here, the development machine has no GPU.
-BEST = {"cpu": "eager", "cuda": "jit_compile"}
-INTER_OP_THREADS = _torch_backend.INTER_OP_THREADS  # torch's pool, torch's reason (torch_impl.backend)
+# The fixed fallback mode per device type ("best": used where no per-machine search chose one, see
+# common.execution.FALLBACK): eager on the CPU, where torch.compile of a Keras model costs minutes of
+# compilation per process for no steady-state gain (benchmarks/mode_matrix.py); jit_compile
+# (torch.compile) on CUDA, the usual fastest there (fused BN/ReLU epilogues), unmeasured until a GPU
+# run of benchmarks/tune_check.py confirms it.
+FALLBACK_MODE = {"cpu": "eager", "cuda": "jit_compile"}
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 _PRECISION_OF_POLICY = {v: k for k, v in _POLICIES.items()}
 resolve_device = _torch_backend.resolve_device  # the same device syntax and checks as the torch side
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """Resolve "best" for this device type."""
-    return BEST[device.type] if mode == "best" else mode
+    """Resolve "best" (and "auto" when no search resolved it) to this device type's fallback mode."""
+    return FALLBACK_MODE[device.type] if mode in ("best", "auto") else mode
 
 
 class Backend(_torch_backend.Backend):
@@ -53,9 +55,13 @@ class Backend(_torch_backend.Backend):
 
     # -- environment ---------------------------------------------------------
     def setup(self, spec: RunSpec) -> dict[str, Any]:
+        if spec.world_size > 1:  # RunSpec refuses it already; a spec built around that check is refused here
+            raise UserError("keras-torch has no data-parallel engine here: run it with --nproc 1")
+        self.spec = spec
         self.device = resolve_device(spec.device)
-        self.mode = resolve_mode(spec.mode, self.device)
-        self._configure_torch(spec)  # threads, TF32, determinism, cuDNN autotune, torch's seed
+        execution = requested(spec)  # mode and inter-op pool; oneDNN/malloc were applied to the environment
+        self.mode = resolve_mode(execution.mode, self.device)
+        self._configure_torch(spec, execution)  # threads, TF32, determinism, cuDNN autotune, torch's seed
         # Python's and NumPy's seeds (Keras draws a layer's own seed, e.g. Dropout's, from Python's
         # random). Not keras.utils.set_random_seed: it imports TensorFlow when it is installed, and a
         # keras-torch process never loads TensorFlow.
@@ -71,7 +77,8 @@ class Backend(_torch_backend.Backend):
         return {"device": self._device_name(), "device_type": self._device_type(), "execution_mode": self.mode,
                 "precision": _PRECISION_OF_POLICY.get(policy, "unknown"), "dtype_policy": policy,
                 "data_format": _data_format(), "intra_op_threads": torch.get_num_threads(),
-                "inter_op_threads": torch.get_num_interop_threads(), "tf32": self._tf32(),
+                "inter_op_threads": torch.get_num_interop_threads(), "onednn": _torch_backend._onednn_enabled(),
+                "tf32": self._tf32(),
                 "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "cudnn_benchmark": torch.backends.cudnn.benchmark, "fallbacks": self.fallback_notes()}
 
@@ -105,6 +112,10 @@ class Backend(_torch_backend.Backend):
         with torch.no_grad(), keras.device(self._keras_device):
             return _keras_weights.predict(model, images_nhwc_float32, training)
 
+    def embed(self, model: keras.Model, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        with torch.no_grad(), keras.device(self._keras_device):
+            return _keras_weights.embed(model, images_nhwc_float32)
+
     def layer_outputs(self, model: keras.Model, images_nhwc_float32: np.ndarray,
                       training: bool = False) -> dict[str, np.ndarray]:
         with torch.no_grad(), keras.device(self._keras_device):
@@ -115,7 +126,8 @@ class Backend(_torch_backend.Backend):
         r = spec.recipe
         normalisation = {"mean": r.mean, "std": r.std}
         self._train = TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
-                                    crop_padding=r.crop_padding, **normalisation)
+                                    crop_padding=r.crop_padding, random_crop=r.augment,
+                                    horizontal_flip=r.augment and r.horizontal_flip, **normalisation)
         self._eval = EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
                                   batch_size=r.eval_batch_size, **normalisation)
 
@@ -141,7 +153,9 @@ class Backend(_torch_backend.Backend):
         return {**_keras_audit.model_settings(model, train_step), **self._pipeline_settings(),
                 "precision": settings["precision"], "tf32": settings["tf32"],
                 "deterministic": settings["deterministic"], "intra_op_threads": settings["intra_op_threads"],
-                "inter_op_threads": settings["inter_op_threads"], "device_type": settings["device_type"],
+                "inter_op_threads": settings["inter_op_threads"], "onednn": settings["onednn"],
+                "data_threads": None,  # torch_impl's pipeline builds batches in the step's thread
+                "device_type": settings["device_type"],
                 "device": settings["device"], "data_format": settings["data_format"],
                 "fallbacks": fallbacks_text(self.fallback_notes())}
 

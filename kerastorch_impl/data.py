@@ -36,8 +36,9 @@ class TrainPipeline(_torch_data.TrainPipeline):
     """Training batches of an EpochPlan: torch_impl's pipeline, normalised images as NHWC."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device, *, crop_padding: int,
-                 mean: Sequence[float], std: Sequence[float]):
-        super().__init__(images, labels, device, crop_padding=crop_padding, mean=mean, std=std, channels_last=True)
+                 mean: Sequence[float], std: Sequence[float], random_crop: bool = True, horizontal_flip: bool = True):
+        super().__init__(images, labels, device, crop_padding=crop_padding, mean=mean, std=std, channels_last=True,
+                         random_crop=random_crop, horizontal_flip=horizontal_flip)
 
     def batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images, labels)`` for every batch of ``plan``, in order: float32 NHWC (uint8 NHWC if ``raw``)."""

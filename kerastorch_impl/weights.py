@@ -5,5 +5,5 @@ The canonical layout IS Keras's (conv HWIO, depthwise (kh, kw, C, 1), dense
 (in, out), NHWC flatten order), so nothing is transposed; Keras's torch
 backend transposes to torch's layouts inside each op.
 """
-from keras_impl.weights import (PREDICT_CHUNK, canonical_layers, canonical_variables, get_weights,  # noqa: F401
+from keras_impl.weights import (PREDICT_CHUNK, canonical_layers, canonical_variables, embed, get_weights,  # noqa: F401
                                 inference, layer_outputs, predict, set_weights, trainable_variable_names)

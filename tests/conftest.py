@@ -17,3 +17,24 @@ for _name in ("torch", "triton"):
         importlib.import_module(_name)
     except ImportError:
         pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_real_execution_search(monkeypatch):
+    """A test never starts a real execution-configuration search (minutes of CI time) by accident:
+    `--mode auto` on a real backend must hit the fallback (short runs) or be pinned. Searches of the
+    fake backend (tests/fake_backend.py) are allowed."""
+    from compare import tune
+
+    measure = tune.Search.measure
+
+    def guarded(self, config, stop_below):
+        if tune.is_real(self.base.backend):
+            raise AssertionError(f"a test started a real execution-configuration search for {self.base.backend}: "
+                                 "pin --mode or use the fake backend")
+        return measure(self, config, stop_below)
+
+    monkeypatch.setattr(tune.Search, "measure", guarded)

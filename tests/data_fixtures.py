@@ -126,3 +126,38 @@ socket.socket.connect_ex = _refuse
 socket.create_connection = _refuse
 socket.getaddrinfo = _refuse
 """
+
+
+IDX_STEMS = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` (uint8) in the idx format: 0, 0, type 0x08, ndim, big-endian uint32 dims, values."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    return header + array.tobytes()
+
+
+def idx_arrays(n_train: int = 20, n_test: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random 28x28 grey images (N, 28, 28) and labels cycling over 0..9."""
+    rng = np.random.default_rng(seed)
+    return {"train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+            "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
+            "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+            "test_labels": (np.arange(n_test) * 3 % 10).astype(np.uint8)}
+
+
+def write_idx_files(folder: Path, arrays: dict[str, np.ndarray], compress: bool = True,
+                    gzip_level: int = 9) -> dict[str, Path]:
+    """The four idx files (``.gz`` with ``compress``; the compression level changes the .gz bytes, not the content)."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, stem in IDX_STEMS.items():
+        data = idx_bytes(arrays[name])
+        path = folder / (f"{stem}.gz" if compress else stem)
+        path.write_bytes(gzip.compress(data, compresslevel=gzip_level, mtime=0) if compress else data)
+        written[name] = path
+    return written

@@ -12,16 +12,31 @@ rises on the synthetic dataset. The canonical initial weights the worker loads
 (which is what a checkpoint stores and a resume loads back).
 
 Misbehaviour, from ``DUALBENCH_FAKE_FAULT`` = "TARGET:KIND[@STEP];...":
-TARGET is ``*``, ``seedN``, a backend name, or ``backend/seedN``; KIND is
+TARGET is ``*``, ``seedN``, a backend name, ``backend/seedN`` or ``rankN`` (one process of a
+data-parallel launch); KIND is
 ``segfault`` (SIGSEGV at training step STEP, default 1), ``hang`` (sleeps at
 that step), ``diverge`` (NaN loss at that step), ``error`` (RuntimeError),
-``oom`` (MemoryError -> status oom), ``oombatch@N`` (MemoryError in every step when
+``oom`` (MemoryError -> status oom), ``bind`` (rank 0 of a data-parallel launch binds MASTER_PORT
+at setup, as torch's TCPStore does, and fails like it when the port is taken), ``oombatch@N`` (MemoryError in every step when
 the batch size is >= N: an out-of-memory boundary for `dualbench bench`), ``slow`` (0.2 s per step), ``asym``
 (reports bn_epsilon 1e-3 in the audit), ``wrong=KEY`` (reports a different value of audit key KEY),
-``fallback`` (notes a fallback) or ``audit_segfault`` (SIGSEGV while auditing). Faults in training steps
+``fallback`` (notes a fallback), ``audit_segfault`` (SIGSEGV while auditing) or ``embedshift``
+(embeddings 1% larger: two frameworks that disagree on identical weights). Faults in training steps
 never fire in ``audit`` workers, which build but do not train.
 
-``DUALBENCH_FAKE_LAUNCH_LOG``: each worker appends "audit|train RUN_ID PID" there.
+``DUALBENCH_FAKE_LAUNCH_LOG``: each worker appends "audit|train|tune RUN_ID PID" there.
+
+Execution configurations (compare.tune searches the fake's ``SEARCH_SPACE``): a
+training step sleeps ``FAKE_STEP_S`` divided by the speed-ups that
+``DUALBENCH_FAKE_TUNE`` = "FIELD=VALUE:xFACTOR[:wrong];..." gives the run's
+configuration (``mode=compile:x3`` makes compile three times as fast); ``wrong``
+shifts that configuration's logits and losses, so the correctness gate must
+exclude it. Without the variable a step does not sleep.
+
+Data-parallel launches (``--nproc N``): each process reads its rank from torchrun's
+variables (what compare.launch gives a non-TensorFlow backend) and trains its shard
+alone: the fake has no engine and no collectives. It exercises the launcher, the
+watchdog and the chief-only writing, never gradient averaging.
 """
 from __future__ import annotations
 
@@ -36,16 +51,46 @@ import numpy as np
 from common.backend import residency_summary
 from common.audit import decay_settings, fallbacks_text, normalization_text
 from common.config import RunSpec
-from common.sampler import EpochPlan, normalize_reference, plan_batch_reference
+from common.distributed import Replica, single_process
+from common.execution import ExecutionConfig, requested
+from common.sampler import EpochPlan, augmentation_text, normalize_reference, plan_batch_reference
+from compare.tune import Dimension, SearchSpace
 
 FAULT_ENV = "DUALBENCH_FAKE_FAULT"
 LAUNCH_LOG_ENV = "DUALBENCH_FAKE_LAUNCH_LOG"
+TUNE_ENV = "DUALBENCH_FAKE_TUNE"
 POOL = 8  # pixels averaged per feature along each axis
+FAKE_STEP_S = 0.03  # a step's sleep at speed 1 when DUALBENCH_FAKE_TUNE is set
+WRONG_OFFSET = 0.5  # added to the logits and losses of a configuration marked wrong
+SEARCH_SPACE = SearchSpace(
+    reference=ExecutionConfig("eager", channels_last=False, malloc_tuning=False),
+    start=ExecutionConfig("eager", channels_last=False, malloc_tuning=False),
+    dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
+                Dimension("channels_last", (False, True)),
+                Dimension("mode", ("eager", "compile", "xla"))))
+
+
+def tune_effects(config: ExecutionConfig) -> tuple[float, bool]:
+    """(speed-up, wrong) of ``config`` under $DUALBENCH_FAKE_TUNE (speed-up 0: not set, no sleeping)."""
+    text = os.environ.get(TUNE_ENV)
+    if not text:
+        return 0.0, False
+    speed, wrong = 1.0, False
+    for item in filter(None, text.split(";")):
+        setting, _, effect = item.partition(":")
+        name, _, value = setting.partition("=")
+        if str(getattr(config, name.strip())) == value.strip():
+            factor, _, flag = effect.partition(":")
+            speed *= float(factor.strip().lstrip("x"))
+            wrong = wrong or flag.strip() == "wrong"
+    return speed, wrong
 
 
 def faults_for(spec: RunSpec) -> dict[str, int]:
     """{kind: step} of the faults in $DUALBENCH_FAKE_FAULT that target this run."""
     targets = {"*", f"seed{spec.seed}", spec.backend, f"{spec.backend}/seed{spec.seed}"}
+    if spec.world_size > 1:
+        targets.add(f"rank{os.environ.get('RANK', '0')}")
     found = {}
     for item in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
         target, _, kind = item.partition(":")
@@ -77,11 +122,14 @@ class FakeTrainStep:
 
     def __init__(self, model: FakeModel, spec: RunSpec):
         self.model, self.spec, self.faults = model, spec, faults_for(spec)
+        self.speed, self.wrong = tune_effects(requested(spec))
         self.buffers = {"kernel": np.zeros_like(model.kernel), "bias": np.zeros_like(model.bias)}
         self.step = 0
 
     def _fault(self) -> None:
         f = self.faults
+        if self.speed:
+            time.sleep(FAKE_STEP_S / self.speed)
         if f.get("slow"):
             time.sleep(0.2)
         if f.get("segfault") == self.step:
@@ -112,6 +160,7 @@ class FakeTrainStep:
         loss = float(-(target * np.log(p + 1e-12)).sum(axis=1).mean())
         if self.faults.get("diverge") == self.step:
             loss = float("nan")
+        loss += WRONG_OFFSET if self.wrong else 0.0
         grad_z = (p - target) / len(labels)
         grads = {"kernel": x.T @ grad_z + r.weight_decay * m.kernel, "bias": grad_z.sum(axis=0) + r.weight_decay * m.bias}
         for name, grad in grads.items():
@@ -140,14 +189,31 @@ class FakeBackend:
 
     def setup(self, spec: RunSpec) -> dict[str, Any]:
         self.spec, self.name = spec, spec.backend
+        if "bind" in faults_for(spec) and spec.world_size > 1 and os.environ.get("RANK") == "0":
+            import socket
+
+            self._store = socket.socket()  # held for the process's life, like a store's listening socket
+            self._store.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))  # OSError: Address already in use
         log = os.environ.get(LAUNCH_LOG_ENV)
         if log:
+            task = next((t for t in ("audit", "tune") if t in sys.argv[2:3]), "train")
             with open(log, "a", encoding="utf-8") as handle:
-                handle.write(f"{'audit' if 'audit' in sys.argv[2:3] else 'train'} {spec.run_id()} {os.getpid()}\n")
-        return {"device": "cpu", "mode": spec.mode, "threads": spec.threads or 1}
+                handle.write(f"{task} {spec.run_id()} {os.getpid()}\n")
+        self.execution = requested(spec)
+        return {"device": "cpu", "mode": self.execution.mode, "threads": spec.threads or 1}
 
     def versions(self) -> dict[str, str]:
         return {"fake": "1.0", "numpy": np.__version__}
+
+    def replica(self) -> Replica:
+        if self.spec.world_size == 1:
+            return single_process()
+        world = int(os.environ["WORLD_SIZE"])
+        return Replica(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]),
+                       engine="fake (no collectives)", hosts=(single_process().hosts[0],) * world)
+
+    def finish(self) -> None:
+        pass
 
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
                     bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> FakeModel:
@@ -170,6 +236,10 @@ class FakeBackend:
 
     def predict(self, model: FakeModel, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
         return model.logits(images_nhwc_float32).astype(np.float32)
+
+    def embed(self, model: FakeModel, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        features = pooled_features(images_nhwc_float32).astype(np.float32)  # what the fake's classifier reads
+        return features * np.float32(1.01) if "embedshift" in faults_for(self.spec) else features
 
     def layer_outputs(self, model: FakeModel, images_nhwc_float32: np.ndarray, training: bool = False):
         return {"fake": self.predict(model, images_nhwc_float32)}
@@ -196,6 +266,8 @@ class FakeBackend:
         return FakeTrainStep(model, spec)
 
     def make_eval_step(self, model: FakeModel):
+        if tune_effects(self.execution)[1]:
+            return lambda images: model.logits(images) + WRONG_OFFSET
         return model.logits
 
     def to_numpy(self, value: Any) -> np.ndarray:
@@ -219,7 +291,12 @@ class FakeBackend:
             "tf32": spec.allow_tf32, "deterministic": spec.deterministic, "intra_op_threads": spec.threads or 1,
             "eval_batch_size": r.eval_batch_size, "crop_padding": r.crop_padding,
             "input_normalization": normalization_text(r.mean, r.std), "device_type": "cpu",
-            "device": "cpu", "execution_mode": spec.mode, "data_format": "NHWC", "inter_op_threads": 1,
+            "device": "cpu", "execution_mode": self.execution.mode,
+            "data_format": "NHWC channels_last" if self.execution.channels_last else "NHWC",
+            "inter_op_threads": self.execution.inter_op_threads or 0, "onednn": self.execution.onednn,
+            "data_threads": self.execution.data_threads,
+            # the fake has no pipelines of its own: what it applies is the recipe's plan (plan_batch_reference)
+            "augmentation": augmentation_text(r.crop_padding, r.augment, r.augment and r.horizontal_flip),
             "input_pipeline": "numpy arrays in host memory", "fallbacks": fallbacks_text(self.fallback_notes()),
         }
         faults = faults_for(spec)

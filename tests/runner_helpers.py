@@ -11,7 +11,8 @@ import pytest
 
 from common.registry import EXTRA_BACKENDS_ENV
 from compare.cli import main as cli_main
-from tests.fake_backend import FAULT_ENV, LAUNCH_LOG_ENV
+from compare.tune_cache import CACHE_ENV as TUNING_CACHE_ENV
+from tests.fake_backend import FAULT_ENV, LAUNCH_LOG_ENV, TUNE_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FAKES = "fakea=tests.fake_backend:FakeBackend;fakeb=tests.fake_backend:FakeBackend"
@@ -26,6 +27,8 @@ def fake_env(monkeypatch, tmp_path, tmp_path_factory):
     # one cache per session (the synthetic set is generated once), never the user's own cache
     monkeypatch.setenv("DUALBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "dualbench-cache"))
     monkeypatch.delenv(FAULT_ENV, raising=False)
+    monkeypatch.delenv(TUNE_ENV, raising=False)
+    monkeypatch.setenv(TUNING_CACHE_ENV, str(tmp_path / "tuning-cache"))  # every test tunes from scratch
     log = tmp_path / "launches.txt"
     monkeypatch.setenv(LAUNCH_LOG_ENV, str(log))
     return log

@@ -140,7 +140,9 @@ BREAKS = [
     ("adamw", "torch", lambda b, mp: mp.setattr(_torch_dropout(b), "p", 0.5), {"dropout"}),
     ("adamw", "torch", lambda b, mp: mp.setattr(b["step"].loss, "label_smoothing", 0.0), {"label_smoothing"}),
     ("adamw", "torch", lambda b, mp: mp.setattr(b["backend"]._eval, "batch_size", 5), {"eval_batch_size"}),
-    ("adamw", "torch", lambda b, mp: mp.setattr(b["backend"]._train, "pad", 2), {"crop_padding"}),
+    # the augmentation text includes the pad: both rows are read from the same built pipeline
+    ("adamw", "torch", lambda b, mp: mp.setattr(b["backend"]._train, "pad", 2), {"crop_padding", "augmentation"}),
+    ("adamw", "torch", lambda b, mp: mp.setattr(b["backend"]._train, "horizontal_flip", False), {"augmentation"}),
     ("sgd", "torch", lambda b, mp: mp.setitem(_torch_group(b), "momentum", 0.9), {"momentum"}),
     ("sgd", "torch", lambda b, mp: mp.setitem(_torch_group(b), "nesterov", False), {"nesterov"}),
     ("adamw", "tensorflow", lambda b, mp: mp.setattr(b["step"].inner_optimizer, "beta_2", 0.999), {"adam_beta2"}),
@@ -159,6 +161,7 @@ BREAKS = [
     ("adamw", "tensorflow", lambda b, mp: mp.setattr(_tf_layer(b, "dropout"), "rate", 0.5), {"dropout"}),
     ("adamw", "tensorflow", lambda b, mp: mp.setattr(b["step"].loss, "label_smoothing", 0.2), {"label_smoothing"}),
     ("adamw", "tensorflow", lambda b, mp: mp.setattr(b["backend"]._eval, "batch_size", 5), {"eval_batch_size"}),
+    ("adamw", "tensorflow", lambda b, mp: mp.setattr(b["backend"]._train, "random_crop", False), {"augmentation"}),
     ("adamw", "tensorflow", lambda b, mp: mp.setattr(b["backend"]._train.io, "mean", tf.constant([0.5] * 3)),
      {"input_normalization"}),
     ("sgd", "tensorflow", lambda b, mp: mp.setattr(b["step"].inner_optimizer, "sgd_momentum", 0.9), {"momentum"}),

@@ -1,5 +1,6 @@
 """benchmarks/: the scripts' own arithmetic, and one script end to end on both real backends (quick mode)."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _common  # noqa: E402
 import bare_vs_dualbench  # noqa: E402
+import best_bare_ratio  # noqa: E402
 import mode_matrix  # noqa: E402
 import pipeline_cost  # noqa: E402
 import roofline  # noqa: E402
+import threads  # noqa: E402
+import tune_check  # noqa: E402
 
 
 def test_abba_interleaves_sides_and_reverses_every_other_round():
@@ -46,9 +50,10 @@ def test_mode_matrix_interleaves_frameworks_and_marks_the_winner():
     rows = [{"backend": "tensorflow", "model": "m", "precision": "fp32", "config": c, "batch_size": 8,
              "status": "ok", "images_per_sec": v, "compile_s": 1.0} for c, v in [("graph", 300.0), ("xla", 200.0)]]
     summary = mode_matrix.summarise(rows, {"tensorflow": {"config": "xla"}})
-    assert [(r["config"], r["fastest"], r["backend_best"]) for r in summary] == [
-        ("graph", "fastest", ""), ("xla", "", "BEST")]
-    assert "differs from BEST (xla, BEST 33.3% slower)" in mode_matrix.verdicts(summary, {"tensorflow": {"config": "xla"}})[0]
+    assert [(r["config"], r["fastest"], r["fallback"]) for r in summary] == [
+        ("graph", "fastest", ""), ("xla", "", "FALLBACK")]
+    verdict = mode_matrix.verdicts(summary, {"tensorflow": {"config": "xla"}})[0]
+    assert "differs from the fallback (xla, the fallback 33.3% slower)" in verdict
 
 
 def test_roofline_uses_six_macs_per_trained_image():
@@ -127,11 +132,115 @@ def test_readme_results_replaces_only_the_marked_section(tmp_path):
         readme_results.main(argv)
 
 
+def test_readme_results_shows_time_to_accuracy_and_retrieval_between_named_markers(tmp_path):
+    import json
+
+    import readme_results
+
+    results = tmp_path / "run"
+    results.mkdir()
+    (results / "manifest.json").write_text(json.dumps({"command": "dualbench run --target-accuracy 0.85"}))
+    (results / "summary.csv").write_text("model,backend,test_acc_mean_pct\nm,torch,86.0\n")
+    (results / "head_to_head.csv").write_text("model,verdict\nm,within seed noise\n")
+    (results / "time_to_accuracy.csv").write_text(
+        "model,backend,seed,status,target_acc_pct,reached,tta_s,tta_step,tta_epoch,best_acc_pct,evaluations,"
+        "eval_every_steps,eval_s_total\n"
+        "m,torch,0,ok,85,True,12.5,300,2,86,2,,3.0\nm,torch,1,ok,85,False,inf,,,84,2,,3.0\n")
+    (results / "retrieval.csv").write_text("model,backend,seed,status,recall@1,map@r,weights_sha256\n"
+                                           "m,torch,0,ok,0.81,0.55,abc\n")
+    (results / "retrieval_agreement.csv").write_text("model,seed,weights_of,embedded_by,max_rel_diff,rtol,agrees\n"
+                                                     "m,0,torch,tensorflow,3e-07,0.0001,True\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- fmnist:begin -->\nold\n<!-- fmnist:end -->\nb\n")
+    assert readme_results.main([str(results), "--write", str(readme), "--marker", "fmnist"]) == 0
+    text = readme.read_text()
+    assert text.startswith("a\n<!-- fmnist:begin -->\n") and text.endswith("<!-- fmnist:end -->\nb\n")
+    assert "seed 0: 12.5 s, seed 1: not reached" in text and "1/2" in text
+    assert "0.81" in text and "abc" not in text and "3e-07" in text
+
+
 def test_the_readme_has_the_results_markers():
     import readme_results
 
     text = (ROOT / "README.md").read_text()
     assert text.count(readme_results.BEGIN) == 1 and text.count(readme_results.END) == 1
+
+
+def test_a_dualbench_command_started_by_a_benchmark_keeps_the_users_onednn_setting(monkeypatch):
+    """An emulated AVX2 CPU sets TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's default there): the benchmark's
+    `dualbench` process must see it, not the fallback configuration's 1 (else the search never meets
+    TensorFlow's default-off state and the emulation measures the wrong machine)."""
+    seen = {}
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
+    monkeypatch.setattr(_common.subprocess, "run", lambda argv, **kwargs: seen.update(kwargs["env"]))
+    _common.dualbench_cli(["tune"], "dualbench tune")
+    assert seen["TF_ENABLE_ONEDNN_OPTS"] == "0" and seen["MALLOC_TRIM_THRESHOLD_"] == "123"
+    assert str(_common.ROOT) in seen["PYTHONPATH"].split(os.pathsep)
+
+
+def test_best_bare_ratio_compares_the_run_ratio_with_the_ratio_of_each_frameworks_best_bare_loop():
+    configs = best_bare_ratio.bare_configs("tensorflow", None)
+    assert len(configs) == 3 * 2 * 2 and len({c.label() for c in configs}) == 12
+    assert {c.mode for c in best_bare_ratio.bare_configs("torch", ["mode"])} == {"eager", "compile"}
+    rows = [{"round": 1, "side": "run", "model": "m", "ratio": 0.9, "tensorflow_onednn": True}]
+    for backend, config, speed in [("torch", "a", 100.0), ("torch", "b", 200.0), ("tensorflow", "c", 150.0),
+                                   ("tensorflow", "d", 190.0)]:
+        rows.append({"round": 1, "side": "bare", "model": "m", "backend": backend, "config": config,
+                     "images_per_sec": speed})
+    [row] = best_bare_ratio.summarise(rows)
+    assert row["bare_best_ratio"] == pytest.approx(190 / 200)  # best vs best, not the first configs
+    assert (row["best_bare_torch"], row["best_bare_tensorflow"]) == ("b", "d")
+    assert row["agreement"] == pytest.approx(0.9 / 0.95) and row["meets"] == "yes"
+    rows[0]["ratio"] = 0.8
+    assert best_bare_ratio.summarise(rows)[0]["meets"] == "no"  # 0.8 / 0.95 is 16% off
+
+
+def test_best_bare_ratio_picks_each_side_by_its_median_over_rounds_not_one_lucky_process():
+    # torch "a" is fastest in round 1 only (one lucky process: 300); "b" is faster by its median
+    speeds = {("torch", "a"): [300.0, 200.0], ("torch", "b"): [260.0, 260.0], ("tensorflow", "c"): [208.0, 208.0]}
+    rows = [{"round": 1, "side": "run", "model": "m", "ratio": 0.8}]
+    rows += [{"round": k + 1, "side": "bare", "model": "m", "backend": backend, "config": config,
+              "images_per_sec": value} for (backend, config), values in speeds.items() for k, value in enumerate(values)]
+    [row] = best_bare_ratio.summarise(rows)
+    assert row["best_bare_torch"] == "b" and row["bare_best_ratio"] == pytest.approx(0.8)  # not mean(208/300, 0.8)
+
+
+def test_threads_varies_one_pool_at_a_time_and_interleaves_the_frameworks():
+    configs = threads.configurations(["torch", "tensorflow"])
+    assert [c[0] for c in configs[:6]] == ["torch", "tensorflow"] * 3
+    tf = [c for c in configs if c[0] == "tensorflow"]
+    assert [c[2].inter_op_threads for c in tf[:3]] == [1, 2, None]
+    assert [c[2].data_threads for c in tf[3:]] == [None, 1]
+    rows = [{"backend": "torch", "model": "m", "config": label, "images_per_sec": v, "os_threads": 9}
+            for label, v in [("inter-op default", 100.0), ("inter-op 1", 110.0)]]
+    summary = threads.summarise(rows)
+    assert [r["vs_default_inter_op"] for r in summary] == [1.0, pytest.approx(1.1)]
+
+
+def _fake_env():
+    import os
+
+    from tests.runner_helpers import FAKES
+
+    return {**os.environ, "DUALBENCH_EXTRA_BACKENDS": FAKES, "PYTHONPATH": str(ROOT),
+            "DUALBENCH_FAKE_TUNE": "mode=compile:x3;mode=xla:x6:wrong"}
+
+
+@pytest.mark.parametrize("script, extra", [("tune_check", ["--dims", "mode"]), ("threads", [])])
+def test_search_benchmarks_quick_run_on_the_fake_backend(tmp_path, script, extra):
+    out = tmp_path / f"{script}.csv"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--backends",
+                           "fakea", "--models", "seed_cnn", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=600, env=_fake_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out) as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(r["backend"] == "fakea" for r in rows)
+    if script == "tune_check":
+        [row] = rows
+        assert row["search_choice"].startswith("compile") and row["exhaustive_best"].startswith("compile")
+        assert int(row["excluded"]) >= 1 and row["meets"] == "yes"  # xla: faster, but wrong
 
 
 def test_parity_margins_rows_put_each_worst_value_beside_its_limit():

@@ -23,8 +23,11 @@ BAD_FLAG_VALUES = {
     "--data": "folder:/nonexistent",
     "--device": "tpu", "--precision": "fp8", "--threads": "0", "--train-subset": "0", "--test-subset": "-3",
     "--measure-warmup-steps": "-1", "--max-steps-per-epoch": "0",
+    "--nnodes": "0", "--lr-scaling": "sqrt", "--collective-timeout": "0",
+    "--crop-padding": "-1", "--mean": "0.5,0.5", "--std": "0,0,0", "--eval-every-steps": "0",
+    "--target-accuracy": "1.5",
 }
-SWITCHES = {"--no-nesterov", "--no-augment", "--decay-bn-and-bias", "--deterministic", "--allow-tf32"}
+SWITCHES = {"--no-nesterov", "--no-augment", "--decay-bn-and-bias", "--deterministic", "--allow-tf32", "--hflip"}
 # A value each dataclass field rejects (the field the ConfigError must carry).
 BAD_FIELD_VALUES = {
     Recipe: {"epochs": 0, "batch_size": 0, "eval_batch_size": -2, "lr": 0.0, "optimizer": "lion",
@@ -32,9 +35,11 @@ BAD_FIELD_VALUES = {
              "momentum": 1.0, "adam_beta1": 1.0, "adam_beta2": -0.1, "adam_epsilon": 0.0, "label_smoothing": 1.0,
              "dropout": 1.0, "init_scheme": "zeros", "bn_momentum": 1.0, "bn_epsilon": 0.0, "crop_padding": -1,
              "std": (0.2, 0.0, 0.2), "step_gamma": 0.0, "step_milestones": (0.5, 1.5), "onecycle_pct_start": 1.0,
-             "final_lr_fraction": -0.1},
+             "final_lr_fraction": -0.1, "defaulted_fields": ("crop_padding", "lr")},
     RunSpec: {"device": "tpu", "mode": "warp", "precision": "fp8", "threads": 0, "train_subset": 0, "test_subset": 0,
-              "warmup_steps": -1, "max_steps_per_epoch": 0, "seed": -1, "style": "fit"},
+              "warmup_steps": -1, "max_steps_per_epoch": 0, "seed": -1, "style": "fit", "nproc": 0, "nnodes": 0,
+              "lr_scaling": "sqrt", "collective_timeout_s": 0.0, "eval_every_steps": 0,
+              "target_accuracy": 1.5},
 }
 
 
@@ -76,7 +81,9 @@ def test_every_field_validation_error_carries_its_field_and_maps_to_its_flag(cls
     checked = {f.name for f in dataclasses.fields(cls)} - {"nesterov", "augment", "drop_last", "decay_bn_and_bias",
                                                           "mean", "model", "backend", "data",
                                                           "channels_last", "deterministic", "allow_tf32",
-                                                          "checkpoint_dir", "final_weights_path", "recipe"}
+                                                          "checkpoint_dir", "final_weights_path", "recipe",
+                                                          "horizontal_flip", "defaults_source",
+                                                          "execution"}  # resolved by the parent, not a flag
     assert checked == set(BAD_FIELD_VALUES[cls])
 
 
@@ -118,7 +125,7 @@ def test_parity_init_takes_the_same_choices_as_run_init_and_backends_help_is_not
     commands = _visible_options(build_parser())
     init = {cmd: next(a for a in actions if "--init" in a.option_strings).choices
             for cmd, actions in commands.items() if any("--init" in a.option_strings for a in actions)}
-    assert {"dualbench run", "dualbench parity", "dualbench export"} <= set(init)
+    assert {"dualbench run", "dualbench parity", "dualbench export", "dualbench scale"} <= set(init)  # scale takes run's options
     assert all(tuple(choices) == INIT_SCHEMES for choices in init.values())
     backends = next(a for a in commands["dualbench run"] if "--backends" in a.option_strings)
     assert "ABBA" in backends.help and "in run order" not in backends.help

@@ -78,17 +78,18 @@ class LazyDeviceBackend:
         return np.zeros((len(images), 10), np.float32)
 
 
-def _spec(epochs: int = 3) -> RunSpec:
-    return RunSpec(model="seed_cnn", backend="torch", warmup_steps=4,
+def _spec(epochs: int = 3, eval_every_steps: int | None = None) -> RunSpec:
+    return RunSpec(model="seed_cnn", backend="torch", warmup_steps=4, eval_every_steps=eval_every_steps,
                    recipe=Recipe(batch_size=10, epochs=epochs, lr=0.1, schedule="cosine"))
 
 
-def _train(monkeypatch, state: LoopState | None = None):
+def _train(monkeypatch, state: LoopState | None = None, eval_every_steps: int | None = None):
     clock = FakeClock()
     clock.install(monkeypatch, loop)
     backend = LazyDeviceBackend(clock)
-    result = loop.train(backend, backend.train_step([]), backend.eval_step, _spec(), num_train=40,
-                        test_labels=np.zeros(6, np.int64), state=state)
+    result = loop.train(backend, backend.train_step([]), backend.eval_step, _spec(eval_every_steps=eval_every_steps),
+                        num_train=40, test_labels=np.zeros(6, np.int64), state=state,
+                        memory=lambda: {"host_peak_rss_bytes": 7, "device_peak_bytes": None})
     return clock, backend, result
 
 
@@ -149,3 +150,83 @@ def test_step_time_p50_is_the_median_of_steady_steps():
         result.record_step(2, elapsed, 10)
     assert result.step_times_s == [2.0, 2.0, 3.0, 100.0] and result.compile_s == 9.0
     assert result.summary()["step_time_p50_s"] == 2.5  # the median; the mean would be 26.75
+
+
+EVAL = 3 * (2 * EVAL_FETCH + EVAL_STEP)  # one evaluation: 3 batches, fetch (host + device) and step each
+
+
+def test_evaluations_every_s_steps_pause_the_training_clock(monkeypatch):
+    """--eval-every-steps 2 adds evaluations after steps 2, 6, 10 (4 steps per epoch; epoch ends
+    evaluate anyway); the training clock, the epochs' times and the steady window are unchanged."""
+    clock, _, result = _train(monkeypatch, eval_every_steps=2)
+    assert clock.unsynced_reads == []
+    rows = result.state.evaluations
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert [r["epoch_end"] for r in rows] == [False, True] * 3 and [r["epoch"] for r in rows] == [0.5, 1.0, 1.5,
+                                                                                                2.0, 2.5, 3.0]
+    assert [e["train_time_s"] for e in result.state.epochs] == [EPOCH_1, EPOCH, EPOCH]
+    assert result.steady_wall_s == 3 * PER_BATCH + EPOCH
+    # the training clock at each evaluation: everything trained so far, no evaluation in it
+    mid = BUILD + 2 * PER_BATCH  # an epoch's first two steps, its build included
+    assert [r["wall_s"] for r in rows] == [mid + COMPILE, EPOCH_1, EPOCH_1 + mid, EPOCH_1 + EPOCH,
+                                           EPOCH_1 + EPOCH + mid, EPOCH_1 + 2 * EPOCH]
+    assert all(r["eval_s"] == EVAL for r in rows)
+    # throughput of the steps since the previous evaluation: 20 images over that stretch of the clock
+    assert rows[0]["images_per_sec"] == pytest.approx(20 / (mid + COMPILE))
+    assert rows[1]["images_per_sec"] == pytest.approx(20 / (EPOCH_1 - mid - COMPILE))
+    assert rows[0]["step_ms"] == 1000 * STEP  # the compile step is not in it
+    assert all(r["train_accuracy"] == 1.0 and r["train_loss"] == 1.0 for r in rows)
+    assert all(r["host_peak_rss_bytes"] == 7 and r["device_peak_bytes"] is None for r in rows)
+
+
+def test_epoch_end_evaluations_alone_without_eval_every_steps(monkeypatch):
+    _, _, result = _train(monkeypatch)
+    rows = result.state.evaluations
+    assert [r["step"] for r in rows] == [4, 8, 12] and all(r["epoch_end"] for r in rows)
+    assert [r["wall_s"] for r in rows] == [e["wall_s"] for e in result.state.epochs]
+
+
+def test_several_pauses_in_one_epoch_all_stay_off_the_clock(monkeypatch):
+    _, _, result = _train(monkeypatch, eval_every_steps=1)
+    rows = result.state.evaluations
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["wall_s"] for r in rows[:4]] == [BUILD + COMPILE + k * PER_BATCH for k in (1, 2, 3)] + [EPOCH_1]
+    assert [e["train_time_s"] for e in result.state.epochs] == [EPOCH_1, EPOCH, EPOCH]
+    assert result.steady_wall_s == 3 * PER_BATCH + EPOCH
+
+
+def test_data_parallel_mid_epoch_evaluations_are_the_chiefs_alone(monkeypatch):
+    """--nproc 2 with --eval-every-steps: every replica reaches each evaluation point at the same global
+    step; the chief evaluates (a pause of its clock, one row each), the other replica skips it (no eval
+    call, no row, no pause) and goes on to its next step, whose all-reduce waits for the chief."""
+    from common.distributed import Replica
+
+    spec = RunSpec(model="seed_cnn", backend="torch", warmup_steps=4, eval_every_steps=1, nproc=2,
+                   recipe=Recipe(batch_size=10, epochs=2, lr=0.1, schedule="cosine"))
+    runs = {}
+    for rank in (0, 1):
+        clock = FakeClock()
+        clock.install(monkeypatch, loop)
+        backend = LazyDeviceBackend(clock)
+        calls: list[int] = []
+
+        def eval_step(images, backend=backend, calls=calls):
+            calls.append(len(images))
+            return backend.eval_step(images)
+
+        result = loop.train(backend, backend.train_step([]), eval_step, spec, num_train=40,
+                            test_labels=np.zeros(6, np.int64), replica=Replica(rank=rank, world_size=2))
+        runs[rank] = result, calls, backend.lrs, clock
+    (chief, chief_calls, chief_lrs, chief_clock), (other, other_calls, other_lrs, _) = runs[0], runs[1]
+    # a global batch of 20 (2 x 10): 2 steps per epoch; a mid-epoch evaluation after each epoch's first step
+    rows = chief.state.evaluations
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["epoch_end"] for r in rows] == [False, True] * 2
+    assert len(chief_calls) == 4 * 3 and all(r["eval_s"] == EVAL for r in rows)
+    assert chief_clock.unsynced_reads == []
+    assert other_calls == [] and other.state.evaluations == [] and other.final_logits is None
+    assert [e["test_accuracy"] for e in other.state.epochs] == [None, None]
+    assert other.state.global_step == chief.state.global_step == 4 and other_lrs == chief_lrs
+    # the chief's pauses stay off its clock: both replicas trained for the same time on the fake clock
+    assert [e["train_time_s"] for e in chief.state.epochs] == [e["train_time_s"] for e in other.state.epochs]
+    assert rows[0]["wall_s"] == BUILD + COMPILE + PER_BATCH  # each replica's own batches (10 images per step)
+    assert rows[0]["images_per_sec"] == pytest.approx(20 / rows[0]["wall_s"])  # global images per step

@@ -62,6 +62,9 @@ def test_parity_ladder_cifar_shape(backends, model):
             assert rel <= DEFAULT_RTOL, f"{mode} {direction}: max |logit diff| / max |logit| = {rel:.2e}"
         assert report[f"first_divergent_layer_{mode}"] is None, report[f"layers_{mode}"]
         assert [r["layer"] for r in report[f"layers_{mode}"]] == [l.name for l in spec.layers]
+    for direction in ("same_weights_tf", "torch_into_tf", "tf_into_torch"):
+        rel = report[f"embedding_{direction}_max_rel_diff"]
+        assert rel <= DEFAULT_RTOL, f"embeddings {direction}: max |diff| / max |value| = {rel:.2e}"
     assert report["passed"]
 
 
@@ -70,6 +73,7 @@ def test_parity_small_grayscale_input(backends, model):
     report = _ladder(backends, model, (28, 28, 1), num_classes=5, scheme="he_normal_fan_out", layers=False)
     assert report["counts_match"] and report["round_trip_exact"]
     assert report["max_rel_diff"] <= DEFAULT_RTOL, report["max_rel_diff"]
+    assert report["embedding_same_weights_tf_max_rel_diff"] <= DEFAULT_RTOL
 
 
 def test_unfriendly_weights_randomise_every_bn_value_and_nothing_else():
@@ -99,7 +103,7 @@ def test_parity_ladder_keras_torch_every_model_in_worker_processes():
     """keras-torch (Keras on PyTorch: one process per phase, as `dualbench parity` runs it) against torch:
     counts, exact weight round trip both ways, logits in eval and training mode in both directions at the
     same relative criterion as tensorflow, no divergent layer (`dualbench parity` adds tensorflow against
-    keras-torch on the same weights). The broken variant of this code (Keras's BN epsilon) is
+    keras-torch on the same weights), and the embeddings (what retrieval ranks) likewise. The broken variant of this code (Keras's BN epsilon) is
     test_keras_default_bn_epsilon_fails_parity_at_the_first_bn: the same keras_impl layers."""
     reports = run_parity(list_models(), backends=("torch", "keras-torch"), threads=2)
     for report in reports:
@@ -111,4 +115,25 @@ def test_parity_ladder_keras_torch_every_model_in_worker_processes():
                 rel = report[f"{mode}_{direction}_max_rel_diff"]
                 assert rel <= DEFAULT_RTOL, f"{report['model']} {mode} {direction}: {rel:.2e}"
             assert report[f"first_divergent_layer_{mode}"] is None, report["model"]
+        for direction in ("same_weights_kt", "torch_into_kt", "kt_into_torch"):
+            rel = report[f"embedding_{direction}_max_rel_diff"]
+            assert rel <= DEFAULT_RTOL, f"{report['model']} embeddings {direction}: {rel:.2e}"
         assert report["passed"], report["model"]
+
+
+@pytest.mark.parametrize("model", list_models())
+def test_embedding_is_the_classifier_input(backends, model):
+    """embed() returns the penultimate features: the head applied to them gives the logits, on both sides."""
+    from common.architectures import EMBEDDING_LAYER
+
+    spec = arch_spec(model, 10, (28, 28, 1))
+    weights = initial_weights(spec, "torch_default", seed=2)
+    images = parity_images((28, 28, 1), 4, seed=2)
+    for backend in backends.values():
+        net = backend.build_model(model, 10, (28, 28, 1))
+        backend.set_weights(net, weights)
+        features = backend.embed(net, images)
+        assert features.shape == (4, spec.embedding_dim()) and features.dtype == np.float32
+        head = features @ weights[f"{EMBEDDING_LAYER}.kernel"] + weights[f"{EMBEDDING_LAYER}.bias"]
+        logits = backend.predict(net, images)
+        assert np.abs(head - logits).max() <= 1e-4 * np.abs(logits).max()

@@ -215,6 +215,25 @@ def test_head_to_head_accuracy_is_a_paired_test_over_seeds():
     assert row["acc_test"] == "Welch t" and row["verdict"] == "within seed noise"
 
 
+def test_a_significant_difference_inside_the_seed_spread_is_within_seed_noise():
+    """The README quick start's seed_cnn shape: tf - torch = 0.16, 0.24, 0.16 pts per seed (paired interval
+    0.07..0.30, excludes 0) while each framework moves by ~0.33 pts from seed to seed: within seed noise, and
+    the verdict says by how much. The same differences with a smaller seed spread: tensorflow better."""
+    def runs_for(torch_pct, diffs_pct):
+        runs = []
+        for seed, (acc, diff) in enumerate(zip(torch_pct, diffs_pct)):
+            runs += [_run("m", "torch", seed, acc / 100, 0.1), _run("m", "tensorflow", seed, (acc + diff) / 100, 0.1)]
+        return build_tables(runs)["head_to_head"].set_index("model").loc["m"]
+
+    row = runs_for([44.62, 45.24, 44.93], [0.16, 0.24, 0.16])
+    assert 0 < row["acc_diff_ci_lo_pts"] < row["acc_diff_ci_hi_pts"] < row["acc_seed_spread_pts"]
+    assert row["acc_seed_spread_pts"] == pytest.approx(math.sqrt((0.31 ** 2 + 0.3510 ** 2) / 2), abs=1e-3)
+    assert row["verdict"].startswith("within seed noise (tensorflow +0.19 pts: the 95% interval excludes 0")
+    tight = runs_for([44.90, 45.00, 44.95], [0.16, 0.24, 0.16])  # seed spread ~0.06 pts: the difference matters
+    assert tight["acc_diff_ci_hi_pts"] > tight["acc_seed_spread_pts"]
+    assert tight["verdict"] == "tensorflow better by 0.19 pts"
+
+
 def test_head_to_head_throughput_ratio_is_the_median_of_per_seed_ratios_with_an_interval_across_seeds():
     # images/s per seed: torch 1000, 2000, 1000; tf 1000, 2200, 1210 -> ratios 1.0, 1.1, 1.21 (median 1.1).
     # The ratio of pooled-step medians would be 1210 / 1000 = 1.21.

@@ -31,7 +31,10 @@ def test_real_backends_end_to_end(tmp_path):
             "--device", "cpu", "--timeout", "600", "--out", str(out),
             # the audit must find both real workers identical (--strict refuses otherwise), betas included
             "--strict", "--optimizer", "adamw", "--wd-mode", "decoupled", "--adam-betas", "0.85,0.995",
-            "--no-decay-bn-and-bias"]
+            "--no-decay-bn-and-bias",
+            # observability: an evaluation after step 2 as well, time to accuracy, TensorBoard, retrieval
+            "--eval-every-steps", "2", "--target-accuracy", "0.05", "--tensorboard", str(tmp_path / "tb"),
+            "--retrieval"]
     done = subprocess.run(argv, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1500)
     logs = "\n".join(p.read_text()[-3000:] for p in sorted((out / "logs").glob("*.log"))) if out.exists() else ""
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + logs
@@ -53,7 +56,8 @@ def test_real_backends_end_to_end(tmp_path):
     assert rows[0]["trainable_params"] == rows[1]["trainable_params"]
     assert rows[0]["settings"]["data_fingerprint"] == rows[1]["settings"]["data_fingerprint"]
     for name in ("summary.csv", "summary.parquet", "head_to_head.csv", "curves.csv", "report.md", "report.html",
-                 "audit.json", "audit.csv", "manifest.json", "plots/throughput.png", "plots/curves_seed_cnn.png"):
+                 "audit.json", "audit.csv", "manifest.json", "plots/throughput.png", "plots/curves_seed_cnn.png",
+                 "time_to_accuracy.csv", "retrieval.csv", "weights/seed_cnn__torch__seed0.npz"):
         assert (out / name).exists(), name
     audit = json.loads((out / "audit.json").read_text())["models"]["seed_cnn"]
     assert audit["asymmetries"] == [] and "0 asymmetries found" in done.stdout
@@ -64,3 +68,25 @@ def test_real_backends_end_to_end(tmp_path):
     names = {b: audit["details"][b]["decayed_param_names"] for b in ("torch", "tensorflow")}
     assert names["torch"] == names["tensorflow"] == [f"{layer}.kernel" for layer in
                                                     ("conv1", "conv2", "conv3", "fc1", "fc2", "head")]
+    _check_observability(out, tmp_path / "tb", rows)
+
+
+def _check_observability(out, tb, rows):
+    """The real frameworks' TensorBoard logs, evaluations and retrieval agree in form and, for embeddings, in value."""
+    from compare.tensorboard import SCALAR_TAGS
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = {}
+    for backend in ("torch", "tensorflow"):
+        accumulator = EventAccumulator(str(tb / "seed_cnn" / backend / "seed0"))
+        accumulator.Reload()
+        steps[backend] = {tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    assert steps["torch"] == steps["tensorflow"]
+    assert set(steps["torch"]) == set(SCALAR_TAGS) - {"memory/device_peak_mib"}
+    assert steps["torch"]["test/accuracy"] == [2, 3]  # after step 2, then the epoch's end (3 steps)
+    for row in rows:
+        assert [e["step"] for e in row["evaluations"]] == [2, 3] and row["evaluations"][0]["eval_s"] > 0
+    retrieval = json.loads((out / "retrieval.json").read_text())
+    assert [m["status"] for m in retrieval["metrics"]] == ["ok", "ok"]
+    assert len(retrieval["agreement"]) == 2 and all(a["agrees"] for a in retrieval["agreement"]), retrieval
+    assert "## Time to accuracy" in (out / "report.md").read_text()

@@ -111,3 +111,14 @@ def test_paired_ratio_is_the_median_of_per_seed_ratios_with_a_t_interval_on_logs
     one = stats.paired_ratio_ci({0: 100.0}, {0: 90.0})
     assert one.median == pytest.approx(0.9) and math.isnan(one.lo) and one.seeds == 1
     assert stats.paired_ratio_ci({0: 100.0}, {1: 90.0}).seeds == 0
+
+
+def test_seed_spread_is_the_pooled_standard_deviation_and_widens_the_verdict_only_inside_it():
+    # sd(0.80, 0.82, 0.81) = 0.01, sd(0.83, 0.86, 0.83) = sqrt(0.0003): pooled sqrt((0.0001 + 0.0003) / 2)
+    spread = stats.seed_spread([0.80, 0.82, 0.81], [0.83, 0.86, 0.83, None])
+    assert spread == pytest.approx(math.sqrt(0.0002))
+    assert math.isnan(stats.seed_spread([0.8], [0.8, 0.9]))
+    ci = stats.DiffCI(diff=0.002, lo=0.001, hi=0.003, df=2, n_a=3, n_b=3, method="paired t")
+    assert stats.verdict(ci, "a", "b", spread=0.003).startswith("within seed noise (b +0.20 pts")
+    assert stats.verdict(ci, "a", "b", spread=0.0029) == "b better by 0.20 pts"  # the interval reaches past it
+    assert stats.verdict(ci, "a", "b") == "b better by 0.20 pts"  # no spread known: significance alone

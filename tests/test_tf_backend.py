@@ -27,7 +27,8 @@ from tf_impl.backend import Backend  # noqa: E402
 # pools cannot change (and the audit reports what TF has). The worker test checks a fresh process.
 pytestmark = pytest.mark.filterwarnings("ignore:TensorFlow already initialised:RuntimeWarning")
 ROOT = Path(__file__).resolve().parent.parent
-COMMON_KEYS = {"init_scheme", "lr_schedule", "batch_size", "data_fingerprint", "sampler_seed", "host_allocator"}
+COMMON_KEYS = {"init_scheme", "lr_schedule", "batch_size", "data_fingerprint", "sampler_seed", "host_allocator",
+               "execution_config"}  # common.worker.common_settings
 HAS_GPU = bool(tf.config.list_physical_devices("GPU"))
 
 
@@ -83,7 +84,8 @@ def test_backend_implements_the_protocol(backend):
 def test_setup_sets_and_reads_back_the_environment(backend):
     settings = backend.setup(_spec())
     assert settings["device"] == "cpu" and settings["device_type"] == "cpu"
-    assert settings["execution_mode"] == "graph"  # "best" on the CPU
+    assert settings["execution_mode"] == "graph"  # the fallback on the CPU (no search resolved "auto")
+    assert isinstance(settings["onednn"], bool)  # IsMklEnabled(), read back (test_tune: the switch reaches it)
     assert settings["precision"] == "fp32" and settings["data_format"] == "NHWC"
     assert settings["tf32"] is False and tf.config.experimental.tensor_float_32_execution_enabled() is False
     assert settings["deterministic"] is False
@@ -107,6 +109,17 @@ def test_unusable_devices_raise_a_user_error_naming_the_fix(backend):
     with pytest.raises(UserError, match="unknown device .tpu.: use auto"):  # RunSpec refuses it first
         backend.setup(_spec(device="tpu"))
     assert backend.setup(_spec(device="auto"))["device_type"] == "cpu"
+
+
+def test_the_data_thread_pool_reaches_the_tf_data_pipelines_and_is_read_back(backend):
+    from common.execution import ExecutionConfig
+
+    data = TinyDataset()
+    model, step, _ = _built(backend, _spec("seed_cnn", mode="auto", execution=ExecutionConfig("graph", data_threads=1)),
+                            data)
+    assert backend.audit(model, step)["data_threads"] == 1
+    model, step, _ = _built(backend, _spec("seed_cnn"), data)
+    assert backend.audit(model, step)["data_threads"] == 0  # tf.data's shared default pool
 
 
 @pytest.mark.parametrize("model_name", list_models())

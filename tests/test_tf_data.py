@@ -54,13 +54,29 @@ def test_train_batches_equal_the_numpy_plan_byte_for_byte(drop_last, pad):
 def test_no_augmentation_plan_is_the_identity_crop():
     data = TinyDataset()
     plan = epoch_plan(seed=0, epoch=0, num_examples=37, batch_size=37, augment=False)
-    (images, _), = list(_pipeline(data, 4).batches(plan, raw=True))
+    pipeline = TrainPipeline(data.train_images, data.train_labels, "/CPU:0", crop_padding=4, mean=MEAN, std=STD,
+                             random_crop=False, horizontal_flip=False)
+    (images, _), = list(pipeline.batches(plan, raw=True))
     np.testing.assert_array_equal(images.numpy(), data.train_images[plan.order])
+    assert pipeline.augmentation() == "none"
+
+
+def test_no_flip_pipeline_crops_like_the_reference_and_refuses_a_flipping_plan():
+    data = TinyDataset()
+    pipeline = TrainPipeline(data.train_images, data.train_labels, "/CPU:0", crop_padding=3, mean=MEAN, std=STD,
+                             horizontal_flip=False)
+    plan = epoch_plan(seed=3, epoch=1, num_examples=37, batch_size=8, crop_padding=3, horizontal_flip=False)
+    assert not plan.flips.any() and len(np.unique(plan.crop_offsets)) > 1
+    for index, (images, _) in enumerate(pipeline.batches(plan, raw=True)):
+        np.testing.assert_array_equal(images.numpy(), plan_batch_reference(data.train_images, plan, index))
+    assert pipeline.augmentation() == "random crop (pad 3)"
+    with pytest.raises(ValueError, match="the pipeline was built for"):
+        list(pipeline.batches(epoch_plan(seed=3, epoch=1, num_examples=37, batch_size=8, crop_padding=3)))
 
 
 def test_pipeline_refuses_a_plan_it_was_not_built_for():
     data = TinyDataset()
-    with pytest.raises(ValueError, match="pads by 2"):
+    with pytest.raises(ValueError, match=r"\(2, True, True\); the pipeline was built for \(4, True, True\)"):
         list(_pipeline(data, 4).batches(epoch_plan(0, 0, 37, 8, crop_padding=2)))
     with pytest.raises(ValueError, match="covers 40"):
         list(_pipeline(data, 4).batches(epoch_plan(0, 0, 40, 8)))

@@ -10,6 +10,7 @@ import torch
 from common.audit import AUDIT_KEYS, DETAIL_KEYS
 from common.backend import Backend as BackendProtocol, TrainStep as TrainStepProtocol
 from common.config import Recipe
+from common.execution import ExecutionConfig
 from common.errors import UserError
 from common.init import initial_weights
 from common.worker import common_settings
@@ -17,7 +18,8 @@ from tests.torch_helpers import cpu_spec, tiny_dataset
 from torch_impl import backend as backend_module
 from torch_impl.backend import Backend, resolve_device, resolve_mode
 
-COMMON_KEYS = {"init_scheme", "lr_schedule", "batch_size", "data_fingerprint", "sampler_seed", "host_allocator"}
+COMMON_KEYS = {"init_scheme", "lr_schedule", "batch_size", "data_fingerprint", "sampler_seed", "host_allocator",
+               "execution_config"}  # common.worker.common_settings
 
 
 def test_backend_implements_the_protocol():
@@ -47,10 +49,23 @@ def test_auto_and_cpu_devices():
 
 def test_mode_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
-    assert resolve_mode("best", None, cpu) == backend_module.BEST["cpu"]
-    assert resolve_mode("best", None, cuda) == ("compile", True)
-    assert resolve_mode("eager", True, cpu) == ("eager", True)
-    assert resolve_mode("compile", False, cuda) == ("compile", False)
+    assert resolve_mode("best", cpu) == backend_module.FALLBACK_MODE["cpu"] == "eager"
+    assert resolve_mode("auto", cuda) == "compile"  # no search resolved it: the fallback
+    assert resolve_mode("eager", cpu) == "eager" and resolve_mode("compile", cuda) == "compile"
+
+
+def test_setup_applies_the_execution_configuration_and_reads_it_back():
+    from common.execution import ExecutionConfig
+
+    backend = Backend()
+    try:
+        spec = cpu_spec(mode="auto", channels_last=None, execution=ExecutionConfig("eager", channels_last=True))
+        effective = backend.setup(spec)
+        assert effective["channels_last"] is True and effective["execution_mode"] == "eager"
+        assert effective["onednn"] == (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+        assert backend.setup(cpu_spec(mode="auto", channels_last=None))["channels_last"] is True  # the fallback
+    finally:
+        backend.setup(cpu_spec())
 
 
 def test_setup_applies_and_reads_back_settings():
@@ -74,17 +89,17 @@ def test_an_inter_op_thread_count_torch_refuses_is_recorded_not_swallowed(monkey
         raise RuntimeError("cannot set number of interop threads after parallel work has started")
 
     monkeypatch.setattr(torch, "set_num_interop_threads", refuse)
-    monkeypatch.setattr(backend_module, "INTER_OP_THREADS", torch.get_num_interop_threads() + 1)
+    asked = torch.get_num_interop_threads() + 1
     backend = Backend()
-    effective = backend.setup(cpu_spec())
+    effective = backend.setup(cpu_spec(execution=ExecutionConfig("eager", inter_op_threads=asked)))
     assert len(effective["fallbacks"]) == 1 and "inter-op threads stay" in effective["fallbacks"][0]
     net = backend.build_model("seed_cnn", 10, (16, 16, 3))
     assert "cannot set number of interop threads" in backend.audit(net, backend.make_train_step(net, cpu_spec()))[
         "fallbacks"]
     monkeypatch.undo()
-    effective = backend.setup(cpu_spec())
-    if effective["inter_op_threads"] == backend_module.INTER_OP_THREADS:
-        assert effective["fallbacks"] == []  # what it asks for is what torch has: nothing to note
+    current = torch.get_num_interop_threads()
+    effective = backend.setup(cpu_spec(execution=ExecutionConfig("eager", inter_op_threads=current)))
+    assert effective["fallbacks"] == []  # what it asks for is what torch has: nothing to note
 
 
 def _audit(recipe: Recipe, model="resnet20", **spec_fields):
@@ -92,6 +107,7 @@ def _audit(recipe: Recipe, model="resnet20", **spec_fields):
     backend = Backend()
     backend.setup(spec)
     net = backend.build_model(model, 10, (16, 16, 3), recipe.bn_momentum, recipe.bn_epsilon)
+    backend.attach_data(tiny_dataset(n_train=8, n_test=4, shape=(16, 16, 3)), spec)  # the pipelines are audited too
     return backend.audit(net, backend.make_train_step(net, spec))
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from common.config import Recipe
+from common.loop import plan_for
 from common.sampler import epoch_plan, normalize_reference, plan_batch_reference
 from tests.torch_helpers import cpu_spec, tiny_dataset
 from torch_impl.backend import Backend
@@ -20,13 +21,11 @@ def _attached(dataset, channels_last=False, **recipe):
 
 
 def _plan(spec, dataset, epoch=0):
-    r = spec.recipe
-    return epoch_plan(spec.seed, epoch, len(dataset.train_labels), r.batch_size, drop_last=r.drop_last,
-                      augment=r.augment, crop_padding=r.crop_padding)
+    return plan_for(spec, epoch, len(dataset.train_labels))
 
 
 @pytest.mark.parametrize("recipe", [{}, {"drop_last": False}, {"augment": False}, {"crop_padding": 2},
-                                    {"crop_padding": 0, "drop_last": False}])
+                                    {"crop_padding": 0, "drop_last": False}, {"horizontal_flip": False}])
 def test_raw_train_batches_equal_the_numpy_reference_byte_for_byte(recipe):
     dataset = tiny_dataset(n_train=43)
     backend, spec = _attached(dataset, **recipe)
@@ -113,3 +112,23 @@ def test_data_residency_counts_the_copies_the_pipelines_hold_and_where():
     assert backend.data_residency()["arrays"]["train_labels"] == ["host", 40 * 8]
     with pytest.raises(RuntimeError):
         Backend().data_residency()
+
+
+@pytest.mark.parametrize("recipe, applied", [({}, "random crop (pad 4) + horizontal flip"),
+                                             ({"horizontal_flip": False, "crop_padding": 3}, "random crop (pad 3)"),
+                                             ({"augment": False}, "none")])
+def test_pipeline_reports_what_it_applies_and_refuses_another_plan(recipe, applied):
+    dataset = tiny_dataset(n_train=16)
+    backend, spec = _attached(dataset, mean=(0.25, 0.5, 0.75), std=(0.5, 0.25, 0.125), **recipe)
+    settings = backend.audit(*_model_and_step(backend, spec))
+    assert settings["augmentation"] == applied
+    assert settings["input_normalization"] == "mean (0.25, 0.5, 0.75) std (0.5, 0.25, 0.125)"
+    plan = _plan(spec, dataset)
+    other = epoch_plan(0, 0, 16, 8, augment=not plan.random_crop, crop_padding=plan.crop_padding)
+    with pytest.raises(ValueError, match="the pipeline was built for"):
+        list(backend.train_batches(other))
+
+
+def _model_and_step(backend, spec):
+    model = backend.build_model(spec.model, 10, (32, 32, 3))
+    return model, backend.make_train_step(model, spec)

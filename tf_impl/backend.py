@@ -13,6 +13,8 @@ import os
 # errors). KERAS_BACKEND is set once, in tf_impl/__init__.py.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import re  # noqa: E402
 from typing import Any, Callable, Iterator  # noqa: E402
 
@@ -23,34 +25,26 @@ import tensorflow as tf  # noqa: E402
 from common.audit import fallbacks_text, normalization_text, single_value  # noqa: E402
 from common.backend import residency_summary  # noqa: E402
 from common.config import RunSpec  # noqa: E402
+from common.distributed import Replica, audit_settings, single_process, thread_budget  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.manifest import usable_cores  # noqa: E402
-from common.sampler import EpochPlan  # noqa: E402
+from common.execution import requested  # noqa: E402
+from common.sampler import EpochPlan, epoch_plan  # noqa: E402
 from tf_impl import data as tf_data  # noqa: E402
 from keras_impl import audit as _keras_audit  # noqa: E402
+from tf_impl import distributed  # noqa: E402
 from tf_impl import weights as tf_weights  # noqa: E402
 from tf_impl.models import create_model  # noqa: E402
 from keras_impl import fit as _keras_fit  # noqa: E402
 from tf_impl.optim import EvalStep, TrainStep, _fit_step  # noqa: E402
 
-# "best" execution mode per device type, measured with benchmarks/mode_matrix.py (dualbench bench,
-# compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps, one process per
-# configuration, torch and TensorFlow configurations interleaved in ABBA order, median of 2 rounds) on
-# the quiet 2-core AMD EPYC VM, TF 2.21, 2 intra-op threads, glibc malloc tuned, 2026-11-23 19:40 UTC;
-# the first step (trace + compile) apart:
-#   fp32 resnet20: graph 658 (compile 1.3 s) | eager 368 (0.6 s) | xla 336 (3.7 s)
-#   fp32 seed_cnn: graph 709 (0.5 s) | eager 480 (0.4 s) | xla 464 (1.9 s)
-#   bf16 resnet20: graph 831 | eager 411 | xla 370;  bf16 seed_cnn: graph 1256 | eager 601 | xla 415
-# Graph won every configuration, by 1.5-3.0x. GPU: XLA (it fuses the BN/ReLU/add chains between
-# the cuDNN convs); not measured here, the dev machine has no GPU.
-BEST = {"cpu": "graph", "gpu": "xla"}
+# The fixed fallback mode per device type ("best": used where no per-machine search chose one,
+# see common.execution.FALLBACK): chosen with benchmarks/mode_matrix.py on the CPU; GPU: XLA, which
+# fuses the BN/ReLU/add chains between the cuDNN convs (Keras's own jit_compile="auto" choice on a
+# GPU), unmeasured until a GPU run of benchmarks/tune_check.py confirms it.
+FALLBACK_MODE = {"cpu": "graph", "gpu": "xla"}
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 _PRECISION_OF_POLICY = {v: k for k, v in _POLICIES.items()}
 _DATA_FORMAT_NAMES = {"channels_last": "NHWC", "channels_first": "NCHW"}
-# Inter-op 2 lets independent ops (a conv's input and weight gradients) overlap: resnet20 graph
-# step 0.202/0.210 s with 2 vs 0.245/0.224 s with 1 (two runs each, 2 cores).
-INTER_OP_THREADS = 2
-
 
 class Backend:
     """TensorFlow 2 / Keras 3 behind the shared interface."""
@@ -60,21 +54,34 @@ class Backend:
     def __init__(self) -> None:
         self.device = "/CPU:0"  # logical device every model, step and batch is placed on
         self.device_type = "cpu"
-        self.mode = BEST["cpu"]
+        self.mode = FALLBACK_MODE["cpu"]
         self.precision = "fp32"
+        self.data_threads: int | None = None  # tf.data private thread pool (ExecutionConfig.data_threads)
         self._gpu = None  # the physical GPU in use (tf.config.PhysicalDevice), if any
         self._train: tf_data.TrainPipeline | None = None
         self._eval: tf_data.EvalPipeline | None = None
         self._fallbacks: list[str] = []  # what this process could not apply as asked (fallback_notes)
+        self.spec: RunSpec | None = None
+        self.engine: distributed.Engine | None = None  # MultiWorkerMirroredStrategy, in a data-parallel run
 
     # -- environment ---------------------------------------------------------
     def setup(self, spec: RunSpec) -> dict[str, Any]:
         self._fallbacks = []
+        self.spec = spec
         self.device_type, gpu_index = resolve_device(spec.device)
-        self._select_device(gpu_index, spec.device)
-        threads = spec.threads or usable_cores()
-        # TF's defaults: a pool per core for intra-op and inter-op each; both explicit here.
-        self._fallbacks += _set_threads(threads, min(INTER_OP_THREADS, threads))
+        self._select_device(_replica_gpu(gpu_index, spec), spec.device)
+        execution = requested(spec)
+        threads = thread_budget(spec)  # all usable cores, or their share per process
+        # TF's defaults: a pool per core for intra-op and inter-op each. Intra-op: set explicitly (the same
+        # count as torch); inter-op and tf.data's pool: the execution configuration's (0 / None = TF's
+        # default), within the process's share of the cores when several processes share the host.
+        inter, self.data_threads = execution.inter_op_threads, execution.data_threads
+        if spec.world_size > 1:
+            inter, self.data_threads = min(inter or threads, threads), min(self.data_threads or threads, threads)
+        self._fallbacks += _set_threads(threads, inter or 0)
+        if spec.world_size > 1 and self.engine is None:
+            # before any other TF op: the strategy configures the runtime's collectives
+            self.engine = distributed.Engine(spec, self.device_type)
         # TF enables TF32 by default on Ampere+ (torch does not): always set from the spec.
         tf.config.experimental.enable_tensor_float_32_execution(bool(spec.allow_tf32))
         _set_determinism(spec.deterministic)
@@ -82,7 +89,7 @@ class Backend:
         keras.config.set_image_data_format("channels_last")  # NHWC: Keras's default, made explicit
         self.precision = spec.precision
         keras.mixed_precision.set_global_policy(_POLICIES[spec.precision])
-        self.mode = resolve_mode(spec.mode, self.device_type)
+        self.mode = resolve_mode(execution.mode, self.device_type)
         return self._effective_settings()
 
     def _effective_settings(self) -> dict[str, Any]:
@@ -94,6 +101,7 @@ class Backend:
                 "channels_last": keras.config.image_data_format() == "channels_last",
                 "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
                 "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+                "onednn": _onednn_enabled(),
                 "tf32": bool(tf.config.experimental.tensor_float_32_execution_enabled()),
                 "deterministic": _determinism_enabled(), "fallbacks": self.fallback_notes()}
 
@@ -129,6 +137,14 @@ class Backend:
             raise UserError(f"--device {requested}: the GPU was hidden earlier in this process; "
                             "run in a fresh process")
 
+    def replica(self) -> Replica:
+        return self.engine.replica if self.engine is not None else single_process()
+
+    def finish(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
     def _device_name(self) -> str:
         if self.device_type == "cpu":
             return "cpu"
@@ -146,8 +162,12 @@ class Backend:
     # -- model ---------------------------------------------------------------
     def build_model(self, name: str, num_classes: int, in_shape: tuple[int, int, int],
                     bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, dropout: float | None = None) -> keras.Model:
-        with tf.device(self.device):
+        with tf.device(self.device), self._scope():
             return create_model(name, num_classes, in_shape, bn_momentum, bn_epsilon, dropout)
+
+    def _scope(self):
+        """The strategy's scope in a data-parallel run (variables mirrored over the workers)."""
+        return self.engine.scope() if self.engine is not None else contextlib.nullcontext()
 
     def trainable_param_count(self, model: keras.Model) -> int:
         return _keras_audit.trainable_param_count(model)
@@ -166,6 +186,10 @@ class Backend:
         with tf.device(self.device):
             return tf_weights.predict(model, images_nhwc_float32, training)
 
+    def embed(self, model: keras.Model, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        with tf.device(self.device):
+            return tf_weights.embed(model, images_nhwc_float32)
+
     def layer_outputs(self, model: keras.Model, images_nhwc_float32: np.ndarray,
                       training: bool = False) -> dict[str, np.ndarray]:
         with tf.device(self.device):
@@ -174,9 +198,12 @@ class Backend:
     # -- training ------------------------------------------------------------
     def attach_data(self, dataset: Any, spec: RunSpec) -> None:
         recipe = spec.recipe
-        normalisation = {"mean": recipe.mean, "std": recipe.std, "fallbacks": self._fallbacks}
+        normalisation = {"mean": recipe.mean, "std": recipe.std, "fallbacks": self._fallbacks,
+                         "data_threads": self.data_threads}
         self._train = tf_data.TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
-                                            crop_padding=recipe.crop_padding, **normalisation)
+                                            crop_padding=recipe.crop_padding, random_crop=recipe.augment,
+                                            horizontal_flip=recipe.augment and recipe.horizontal_flip,
+                                            **normalisation)
         self._eval = tf_data.EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
                                           batch_size=recipe.eval_batch_size, **normalisation)
 
@@ -195,7 +222,7 @@ class Backend:
             return _fit_step(model, model.arch_spec, spec.recipe, device=self.device, precision=self.precision,
                              mode=self.mode, epoch_data=self._fit_epoch_data, synchronize=self.synchronize)
         return TrainStep(model, model.arch_spec, spec.recipe, device=self.device, precision=self.precision,
-                         mode=self.mode)
+                         mode=self.mode, engine=self.engine)
 
     def _fit_epoch_data(self, plan: EpochPlan) -> tf.data.Dataset:
         """One epoch of the pipeline as ``fit`` takes data on this backend: the tf.data.Dataset, prefetched."""
@@ -214,18 +241,37 @@ class Backend:
         return {**_keras_audit.model_settings(model, train_step), **self._pipeline_settings(),
                 "precision": settings["precision"], "tf32": settings["tf32"],
                 "deterministic": settings["deterministic"], "intra_op_threads": settings["intra_op_threads"],
-                "inter_op_threads": settings["inter_op_threads"], "device_type": self.device_type,
+                "inter_op_threads": settings["inter_op_threads"], "onednn": settings["onednn"],
+                "data_threads": self._data_threads(), "device_type": self.device_type,
                 "device": settings["device"], "data_format": settings["data_format"],
-                "fallbacks": fallbacks_text(self.fallback_notes())}
+                "fallbacks": fallbacks_text(self.fallback_notes()), **self._distributed_audit(model, train_step)}
+
+    def _distributed_audit(self, model: keras.Model, train_step: TrainStep) -> dict[str, Any]:
+        if self.engine is None:
+            return {}
+        return audit_settings(self.spec, self.engine.replica, data_threads=self._data_threads(),
+                              gradient_reduction=distributed.gradient_reduction(train_step),
+                              bn_statistics=distributed.bn_statistics(model))
 
     def _pipeline_settings(self) -> dict[str, Any]:
         """Batch size, padding, normalisation and placement read from the built pipelines."""
         pipelines = [p for p in (self._train, self._eval) if p is not None]
         return {"eval_batch_size": self._eval.batch_size if self._eval else None,
                 "crop_padding": self._train.pad if self._train else None,
+                "augmentation": self._train.augmentation() if self._train else None,
                 "input_normalization": single_value(
                     normalization_text(p.io.mean.numpy().tolist(), p.io.std.numpy().tolist()) for p in pipelines),
                 "input_pipeline": self._train.io.placement if self._train else None}
+
+    def _data_threads(self) -> int | None:
+        """The tf.data private thread pool read back from a built training dataset (0: tf.data's default)."""
+        if self._train is None:
+            return None
+        # any plan will do, as long as the pipeline accepts it: label it with the pipeline's own augmentation
+        plan = dataclasses.replace(epoch_plan(0, 0, self._train.num_examples, 1, crop_padding=self._train.pad),
+                                   random_crop=self._train.random_crop, horizontal_flip=self._train.horizontal_flip)
+        probe = self._train._dataset(plan)
+        return tf_data._private_threadpool_size(probe)
 
     # -- measurement ---------------------------------------------------------
     def synchronize(self) -> None:
@@ -257,9 +303,26 @@ class Backend:
         return isinstance(error, tf.errors.OpError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
 
 
+def _replica_gpu(gpu_index: int | None, spec: RunSpec) -> int | None:
+    """A data-parallel worker on GPUs uses the GPU of its local rank (as torch's processes do)."""
+    if spec.world_size == 1 or gpu_index is None:
+        return gpu_index
+    if re.search(r":\d+$", spec.device.strip()):
+        raise UserError(f"--device {spec.device} would put every process on one GPU: use --device cuda "
+                        "(process i of a host uses GPU i)")
+    return distributed.local_rank()
+
+
 def resolve_mode(mode: str, device_type: str) -> str:
-    """Resolve "best" for this device type ("cpu" | "gpu")."""
-    return BEST[device_type] if mode == "best" else mode
+    """Resolve "best" (and "auto" when no search resolved it) to this device type's ("cpu" | "gpu") fallback mode."""
+    return FALLBACK_MODE[device_type] if mode in ("best", "auto") else mode
+
+
+def _onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN kernels in this process (TF_ENABLE_ONEDNN_OPTS, read at load time)."""
+    from tensorflow.python.util import _pywrap_util_port  # IsMklEnabled has no public API
+
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def resolve_device(device: str) -> tuple[str, int | None]:

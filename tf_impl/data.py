@@ -12,7 +12,10 @@ i.e. exactly ``plan.batch_bounds()``); a ``map`` on whole batches gathers the
 crops with ONE ``gather_nd`` (row/column indices from the offsets, columns
 reversed with ``tf.where`` where flipped: no per-sample tf.image calls), casts
 and normalises ``(x/255 - mean)/std`` in that op order, in float32. Then
-``prefetch(tf.data.AUTOTUNE)``. On a GPU, batches are copied to the device inside
+``prefetch(tf.data.AUTOTUNE)``. ``data_threads`` (common.execution.ExecutionConfig)
+gives the pipelines a private thread pool of that size instead of tf.data's
+shared default pool (one thread per core, on top of TensorFlow's op pools).
+On a GPU, batches are copied to the device inside
 tf.data (``copy_to_device`` + ``prefetch``) so step i+1's batch is already
 there while step i runs (not exercised on a GPU yet: the development machine
 has none). Whether that path works is probed once when a pipeline is built; if
@@ -26,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from common.sampler import EpochPlan
+from common.sampler import EpochPlan, augmentation_text, check_plan
 
 
 def normalize(images_uint8_nhwc: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
@@ -89,6 +92,20 @@ class _Placement:
             yield images, labels
 
 
+def _with_threads(dataset: tf.data.Dataset, data_threads: int | None) -> tf.data.Dataset:
+    """``dataset`` on a private tf.data thread pool of ``data_threads`` threads (None: tf.data's default)."""
+    if data_threads is None:
+        return dataset
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = int(data_threads)
+    return dataset.with_options(options)
+
+
+def _private_threadpool_size(dataset: tf.data.Dataset) -> int:
+    """The private thread pool size read back from a dataset's options (0: tf.data's shared default)."""
+    return int(dataset.options().threading.private_threadpool_size or 0)
+
+
 def _host_variable(array: np.ndarray, name: str) -> tf.Variable:
     with tf.device("/CPU:0"):  # tf.data runs on the host; the GPU gets finished batches
         return tf.Variable(array, trainable=False, name=name)
@@ -104,9 +121,12 @@ class TrainPipeline:
     """Training batches of an EpochPlan: gather + pad-and-crop + flip + normalise, batched."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, crop_padding: int,
-                 mean: Sequence[float], std: Sequence[float], fallbacks: list[str] | None = None):
+                 mean: Sequence[float], std: Sequence[float], fallbacks: list[str] | None = None,
+                 data_threads: int | None = None, random_crop: bool = True, horizontal_flip: bool = True):
         self.io = _Placement(device, mean, std, fallbacks)
+        self.data_threads = data_threads
         self.pad = int(crop_padding)
+        self.random_crop, self.horizontal_flip = bool(random_crop), bool(horizontal_flip)
         self.height, self.width = int(images.shape[1]), int(images.shape[2])
         self.num_examples = len(labels)
         pad = ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0))
@@ -117,17 +137,21 @@ class TrainPipeline:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return {"train_images": _held(self.images), "train_labels": _held(self.labels)}
 
+    def augmentation(self) -> str:
+        """What this pipeline was built to apply (common.sampler.augmentation_text), for the audit."""
+        return augmentation_text(self.pad, self.random_crop, self.horizontal_flip)
+
     def _dataset(self, plan: EpochPlan, raw: bool = False) -> tf.data.Dataset:
         """The tf.data pipeline of one epoch (host side, before device placement)."""
-        if plan.crop_padding != self.pad:
-            raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
-        if len(plan.order) != self.num_examples:
-            raise ValueError(f"plan covers {len(plan.order)} images, the dataset has {self.num_examples}")
+        check_plan(plan, self.pad, self.random_crop, self.horizontal_flip)
+        if plan.dataset_size != self.num_examples:
+            raise ValueError(f"plan covers {plan.dataset_size} images, the dataset has {self.num_examples}")
         plan_slices = (plan.order.astype(np.int64), plan.crop_offsets.astype(np.int32), plan.flips.astype(bool))
         dataset = tf.data.Dataset.from_tensor_slices(plan_slices)
         dataset = dataset.batch(plan.batch_size, drop_remainder=plan.drop_last)
-        return dataset.map(lambda index, offsets, flips: self._batch(index, offsets, flips, raw),
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        dataset = dataset.map(lambda index, offsets, flips: self._batch(index, offsets, flips, raw),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return _with_threads(dataset, self.data_threads)
 
     def batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         """``(images, labels)`` for every batch of ``plan``, in order (uint8 NHWC if ``raw``)."""
@@ -152,8 +176,10 @@ class EvalPipeline:
     """The test set in order, fixed-size batches (last partial one kept), no augmentation."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: str, *, batch_size: int,
-                 mean: Sequence[float], std: Sequence[float], fallbacks: list[str] | None = None):
+                 mean: Sequence[float], std: Sequence[float], fallbacks: list[str] | None = None,
+                 data_threads: int | None = None):
         self.io = _Placement(device, mean, std, fallbacks)
+        self.data_threads = data_threads
         self.batch_size = int(batch_size)
         self.num_examples = len(labels)
         self.images = _host_variable(np.asarray(images, np.uint8), "test_images")
@@ -165,8 +191,9 @@ class EvalPipeline:
 
     def _dataset(self, raw: bool = False) -> tf.data.Dataset:
         dataset = tf.data.Dataset.range(self.num_examples).batch(self.batch_size)
-        return dataset.map(lambda index: self._batch(index, raw), num_parallel_calls=tf.data.AUTOTUNE,
-                           deterministic=True)
+        dataset = dataset.map(lambda index: self._batch(index, raw), num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+        return _with_threads(dataset, self.data_threads)
 
     def batches(self, raw: bool = False) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
         return self.io.deliver(self._dataset(raw))

@@ -7,9 +7,19 @@ TensorFlow's own lives here: the step records the forward pass on a
 Python, op by op), "graph" (``tf.function``) or "xla"
 (``tf.function(jit_compile=True)``). The LR is a Keras variable assigned
 outside the traced function, so a new LR never retraces.
+
+Data-parallel (``engine``, tf_impl.distributed): a custom loop, ``strategy.run``
+of the same per-replica step inside a ``tf.function`` (under XLA only the
+per-replica step is jit-compiled; the collectives stay outside). Keras's
+optimizer SUMS the gradients over replicas, so each replica's mean loss is
+divided by the replica count before its gradient, exactly once (the loss is our
+own function, not a Keras loss that would scale it again): the mean gradient.
+Loss and correct count are summed over replicas in one reduce, as on the torch
+side, so the step returns the global mean loss.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import keras
@@ -28,9 +38,8 @@ from tf_impl.layers import BatchNorm
 EXECUTION_MODES = ("eager", "graph", "xla")
 # BatchNorm kernel per execution mode (see keras_impl.layers.BatchNorm.implementation): TF's fused
 # kernel where TF runs it (fastest, accurate), composed two-pass ops under XLA (XLA's lowering of
-# the fused op uses a one-pass variance that fails parity). benchmarks/bn_kernels.py, resnet20
-# train b128, 2 cores, median of 2 rounds (2026-11-23 19:43 UTC): graph fused 651 / composed 436
-# img/s; xla composed 331 / fused 316 img/s - the accurate choice is also the faster one in both modes.
+# the fused op uses a one-pass variance that fails parity). That the accurate choice is also the
+# faster one in each mode is measured by benchmarks/tf_bn_kernels.py (figures in the README).
 _BN_IMPLEMENTATION = {"eager": "fused", "graph": "fused", "xla": "composed"}
 # Keras's own compile() flags per mode for the fit style: eager runs the train step op by op, graph
 # in a tf.function, xla in a tf.function(jit_compile=True), as TrainStep does.
@@ -57,18 +66,26 @@ class TrainStep:
     style = "custom"  # the hand-written step (keras_impl.fit.FitStep is Keras's own fit)
 
     def __init__(self, model: keras.Model, arch: ArchSpec, recipe: Recipe, *, device: str = "/CPU:0",
-                 precision: str = "fp32", mode: str = "graph"):
+                 precision: str = "fp32", mode: str = "graph", engine=None):
         self.model, self.arch, self.recipe = model, arch, recipe
+        self.engine = engine  # tf_impl.distributed.Engine of a data-parallel run, else None
+        self.strategy = engine.strategy if engine is not None else None
+        self.loss_divisor = engine.replica.world_size if engine is not None else 1  # see the module docstring
         self.device, self.precision, self.mode = device, precision, mode
         self.variables = list(model.trainable_variables)
         self.variable_names = _keras_weights.trainable_variable_names(model, arch)
         self.loss = TrainingLoss(recipe.label_smoothing, num_classes=int(model.output_shape[-1]))
-        self.optimizer = build_optimizer(recipe, self.variable_names, precision)
-        self.inner_optimizer = _keras_optim.inner_optimizer(self.optimizer)
-        with tf.device(device):
+        # under the strategy, the Keras optimizer must be created in its scope (it binds it at __init__)
+        with tf.device(device), (engine.scope() if engine is not None else contextlib.nullcontext()):
+            self.optimizer = build_optimizer(recipe, self.variable_names, precision)
             self.optimizer.build(self.variables)
+        self.inner_optimizer = _keras_optim.inner_optimizer(self.optimizer)
         self.trace_count = 0  # Python side effect: counts traces in graph/xla modes
-        self._step = compile_function(self._train_step, mode)
+        if engine is None:
+            self._step = compile_function(self._train_step, mode)
+        else:
+            self._replica_step_fn = compile_function(self._replica_step, "xla") if mode == "xla" else self._replica_step
+            self._step = compile_function(self._distributed_step, "eager" if mode == "eager" else "graph")
 
     @property
     def loss_scaling(self) -> str | None:
@@ -79,10 +96,21 @@ class TrainStep:
         with tf.GradientTape() as tape, BatchNorm.using(_BN_IMPLEMENTATION[self.mode]):
             logits = self.model(images, training=True)
             loss = self.loss(logits, labels)
-            scaled = self.optimizer.scale_loss(loss)  # identity unless fp16 loss scaling
+            replica_share = loss if self.loss_divisor == 1 else loss / self.loss_divisor
+            scaled = self.optimizer.scale_loss(replica_share)  # identity unless fp16 loss scaling
         gradients = tape.gradient(scaled, self.variables)
         self.optimizer.apply(gradients, self.variables)  # unscales (fp16) and skips non-finite steps
         return loss, _keras_optim.correct_count(logits, labels)
+
+    def _replica_step(self, images, labels):
+        loss, correct = self._train_step(images, labels)
+        return tf.stack([loss, tf.cast(correct, tf.float32)])
+
+    def _distributed_step(self, images, labels):
+        """Every replica's step on its own batch, then (mean loss, correct count) over all replicas."""
+        per_replica = self.strategy.run(self._replica_step_fn, args=(images, labels))
+        totals = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return totals[0] / self.loss_divisor, totals[1]
 
     def __call__(self, images, labels, lr: float):
         # Assigning the LR variable here, outside the traced function, never retraces it.

@@ -4,5 +4,5 @@ torch_impl/weights.py): keras_impl/weights.py's, the same code on both Keras bac
 The canonical layout IS Keras's (conv HWIO, depthwise (kh, kw, C, 1), dense
 (in, out), NHWC flatten order), so nothing is transposed.
 """
-from keras_impl.weights import (PREDICT_CHUNK, canonical_layers, canonical_variables, get_weights,  # noqa: F401
+from keras_impl.weights import (PREDICT_CHUNK, canonical_layers, canonical_variables, embed, get_weights,  # noqa: F401
                                 inference, layer_outputs, predict, set_weights, trainable_variable_names)

@@ -19,37 +19,21 @@ from torch import nn
 from common.audit import decay_settings, fallbacks_text, normalization_text, single_value
 from common.backend import residency_summary
 from common.config import RunSpec
+from common.distributed import Replica, audit_settings, single_process, thread_budget
 from common.errors import UserError
-from common.manifest import usable_cores
+from common.execution import ExecutionConfig, requested
 from common.sampler import EpochPlan
+from torch_impl import distributed
 from torch_impl import weights as weight_io
 from torch_impl.data import EvalPipeline, TrainPipeline
 from torch_impl.models import create_model
 from torch_impl.optim import EvalStep, TrainStep
 
-# "best" per device type: (execution mode, channels_last), measured with benchmarks/mode_matrix.py
-# (dualbench bench, compute-only train images/s, batch 128, median of 10 steps after 3 warm-up steps,
-# one process per configuration, torch and TensorFlow configurations interleaved in ABBA order, median
-# of 2 rounds) on the quiet 2-core AMD EPYC VM, torch 2.14.1, 2 threads, glibc malloc tuned
-# (common.manifest.MALLOC_TUNING), 2026-11-23 19:40 UTC:
-#   fp32 resnet20: compile+cl 693, compile 691, eager+cl 669, eager 530
-#   fp32 seed_cnn: eager+cl 707, eager 622, compile+cl 495, compile 491
-#   bf16 resnet20: compile 1068, compile+cl 1024, eager+cl 999, eager 944
-#   bf16 seed_cnn: eager+cl 1301, eager 955, compile+cl 813, compile 790
-# One choice per device type: eager + channels_last (oneDNN convolutions in NHWC without reorders)
-# wins seed_cnn by 30-40% and trails compile on resnet20 by 4-7%, where inductor also costs ~2 s of
-# compilation per process with a warm cache (15-55 s cold) and needs a C++ toolchain; --mode compile
-# stays one flag away. The input pipeline costs 1-2% of a step (benchmarks/pipeline_cost.py).
-# CUDA: not measured here; compile + channels_last is the usual fastest for convnets (tensor-core
-# NHWC convs, fused BN/ReLU epilogues) - to be confirmed on a GPU machine.
-BEST = {"cpu": ("eager", True), "cuda": ("compile", True)}
-# Default channels_last when the mode is given explicitly and spec.channels_last is None
-# (CPU compile: channels_last within noise of NCHW in the numbers above; kept for one CPU layout).
-_BEST_CHANNELS_LAST = {("cpu", "eager"): True, ("cpu", "compile"): True,
-                      ("cuda", "eager"): True, ("cuda", "compile"): True}
-# torch's inter-op pool only runs torch.jit.fork / async ops, which this loop never issues; one
-# thread keeps it from competing with the intra-op pool (torch's default: one per core).
-INTER_OP_THREADS = 1
+# The fixed fallback mode per device type ("best": used where no per-machine search chose one,
+# see common.execution.FALLBACK): chosen with benchmarks/mode_matrix.py on the CPU; CUDA: the usual
+# fastest for convnets (NHWC tensor-core convs, fused BN/ReLU epilogues), unmeasured until a GPU run
+# of benchmarks/tune_check.py confirms it.
+FALLBACK_MODE = {"cpu": "eager", "cuda": "compile"}
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|(?:cuda|gpu)(?::(\d+))?)$")
 
 
@@ -73,16 +57,28 @@ def resolve_device(text: str) -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
-def resolve_mode(mode: str, channels_last: bool | None, device: torch.device) -> tuple[str, bool]:
-    """Resolve "best" and channels_last=None for this device type."""
-    if mode == "best":
-        mode, best_channels_last = BEST[device.type]
-    else:
-        best_channels_last = _BEST_CHANNELS_LAST[(device.type, mode)]
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """Resolve "best" (and "auto" when no search resolved it) to this device type's fallback mode."""
+    if mode in ("best", "auto"):
+        mode = FALLBACK_MODE[device.type]
     if mode == "compile" and device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
         raise UserError("--mode compile on the CPU needs a C++ compiler for TorchInductor (g++ not found): "
                         "install g++ or use --mode eager")
-    return mode, best_channels_last if channels_last is None else bool(channels_last)
+    return mode
+
+
+def _replica_device(device: torch.device, spec: RunSpec) -> torch.device:
+    """A data-parallel process on CUDA uses the GPU of its local rank (torchrun's convention)."""
+    if spec.world_size == 1 or device.type != "cuda":
+        return device
+    if re.search(r":\d+$", spec.device.strip()):
+        raise UserError(f"--device {spec.device} would put every process on one GPU: use --device cuda "
+                        "(process i of a host uses GPU i)")
+    index = distributed.local_rank()
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--nproc {spec.nproc} needs {spec.nproc} GPUs on this host, PyTorch sees "
+                        f"{torch.cuda.device_count()}: lower --nproc or use --device cpu")
+    return torch.device(f"cuda:{index}")
 
 
 class Backend:
@@ -97,35 +93,50 @@ class Backend:
         self._train: TrainPipeline | None = None
         self._eval: EvalPipeline | None = None
         self._fallbacks: list[str] = []  # what this process could not apply as asked (fallback_notes)
+        self.spec: RunSpec | None = None
+        self.engine: distributed.Engine | None = None  # torch.distributed, in a data-parallel run
 
     # -- environment ---------------------------------------------------------
     def setup(self, spec: RunSpec) -> dict[str, Any]:
-        self.device = resolve_device(spec.device)
-        self.mode, self.channels_last = resolve_mode(spec.mode, spec.channels_last, self.device)
-        self._configure_torch(spec)
+        self.spec = spec
+        self.device = _replica_device(resolve_device(spec.device), spec)
+        execution = requested(spec)
+        self.mode = resolve_mode(execution.mode, self.device)
+        self.channels_last = bool(execution.channels_last)
+        self._configure_torch(spec, execution)
+        if spec.world_size > 1 and self.engine is None:
+            self.engine = distributed.Engine(spec, self.device)
         return {"device": self._device_name(), "device_type": self._device_type(), "execution_mode": self.mode,
                 "channels_last": self.channels_last, "precision": self.precision,
                 "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
-                "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "onednn": _onednn_enabled(), "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "cudnn_benchmark": torch.backends.cudnn.benchmark, "fallbacks": self.fallback_notes()}
 
-    def _configure_torch(self, spec: RunSpec) -> None:
-        """Precision check, threads, TF32, determinism, cuDNN autotune and seeds for ``self.device``
-        (PyTorch's process settings; the Keras-on-PyTorch backend applies them too)."""
+    def _configure_torch(self, spec: RunSpec, execution: ExecutionConfig) -> None:
+        """Precision check, threads (intra-op; ``execution``'s inter-op pool), TF32, determinism, cuDNN
+        autotune and seeds for ``self.device`` (PyTorch's process settings; the Keras-on-PyTorch backend
+        applies them too)."""
         self.precision = spec.precision
         self._fallbacks = []
         if spec.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError(f"--precision bf16: {torch.cuda.get_device_name(self.device)} has no bfloat16 "
                             "support: use --precision fp16 or fp32")
-        torch.set_num_threads(spec.threads or usable_cores())
-        self._set_interop_threads(INTER_OP_THREADS)
+        threads = thread_budget(spec)  # all usable cores, or their share per process
+        torch.set_num_threads(threads)
+        inter = execution.inter_op_threads  # None: torch's default (one per core)
+        if spec.world_size > 1:  # within the process's share of the cores
+            inter = min(inter or threads, threads)
+        if inter is not None:
+            self._set_interop_threads(inter)
         # torch's defaults: TF32 off for matmuls but ON for cuDNN convs; both set explicitly.
         torch.backends.cuda.matmul.allow_tf32 = spec.allow_tf32
         torch.backends.cudnn.allow_tf32 = spec.allow_tf32
         if spec.deterministic and self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         # warn_only: an op without a deterministic kernel warns instead of aborting the run.
-        torch.use_deterministic_algorithms(spec.deterministic, warn_only=True)
+        if spec.deterministic or torch.are_deterministic_algorithms_enabled():
+            # (the call imports torch's compiler stack, ~2 s per process: skipped when it changes nothing)
+            torch.use_deterministic_algorithms(spec.deterministic, warn_only=True)
         torch.backends.cudnn.deterministic = spec.deterministic
         torch.backends.cudnn.benchmark = not spec.deterministic  # autotuned conv algorithms (fixed shapes)
         torch.manual_seed(spec.seed)  # dropout masks (CPU and every CUDA device)
@@ -154,6 +165,14 @@ class Backend:
         except metadata.PackageNotFoundError:
             pass
         return versions
+
+    def replica(self) -> Replica:
+        return self.engine.replica if self.engine is not None else single_process()
+
+    def finish(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
 
     def _device_type(self) -> str:
         return "gpu" if self.device.type == "cuda" else "cpu"
@@ -192,6 +211,9 @@ class Backend:
     def predict(self, model: nn.Module, images_nhwc_float32: np.ndarray, training: bool = False) -> np.ndarray:
         return weight_io.predict(model, images_nhwc_float32, training)
 
+    def embed(self, model: nn.Module, images_nhwc_float32: np.ndarray) -> np.ndarray:
+        return weight_io.embed(model, images_nhwc_float32)
+
     def layer_outputs(self, model: nn.Module, images_nhwc_float32: np.ndarray,
                       training: bool = False) -> dict[str, np.ndarray]:
         return weight_io.layer_outputs(model, model.arch_spec, images_nhwc_float32, training)
@@ -201,7 +223,8 @@ class Backend:
         r = spec.recipe
         normalisation = {"mean": r.mean, "std": r.std, "channels_last": self.channels_last}
         self._train = TrainPipeline(dataset.train_images, dataset.train_labels, self.device,
-                                    crop_padding=r.crop_padding, **normalisation)
+                                    crop_padding=r.crop_padding, random_crop=r.augment,
+                                    horizontal_flip=r.augment and r.horizontal_flip, **normalisation)
         self._eval = EvalPipeline(dataset.test_images, dataset.test_labels, self.device,
                                   batch_size=r.eval_batch_size, **normalisation)
 
@@ -217,7 +240,7 @@ class Backend:
 
     def make_train_step(self, model: nn.Module, spec: RunSpec) -> TrainStep:
         return TrainStep(model, model.arch_spec, spec.recipe, device=self.device, precision=self.precision,
-                         mode=self.mode)
+                         mode=self.mode, engine=self.engine)
 
     def make_eval_step(self, model: nn.Module) -> Callable[[Any], Any]:
         return EvalStep(model, device=self.device, precision=self.precision, mode=self.mode)
@@ -238,16 +261,27 @@ class Backend:
                 "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[train_step.autocast_dtype],
                 "tf32": self._tf32(), "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
+                "onednn": _onednn_enabled(), "data_threads": None,  # batches are built in the step's thread
                 "device_type": self._device_type(), "device": self._device_name(),
                 "execution_mode": train_step.mode, "execution_style": train_step.style,
                 "data_format": "NCHW channels_last" if weight_io._uses_channels_last(model) else "NCHW",
-                "fallbacks": fallbacks_text(self.fallback_notes())}
+                "fallbacks": fallbacks_text(self.fallback_notes()), **self._distributed_audit(train_step)}
+
+    def _distributed_audit(self, train_step: TrainStep) -> dict[str, Any]:
+        if self.engine is None:
+            return {}
+        wrapped = train_step.forward_model
+        # torch builds batches in the step's thread: its input pipeline uses the intra-op pool
+        return audit_settings(self.spec, self.engine.replica, data_threads=torch.get_num_threads(),
+                              gradient_reduction=distributed.gradient_reduction(wrapped),
+                              bn_statistics=distributed.bn_statistics(wrapped))
 
     def _pipeline_settings(self) -> dict[str, Any]:
         """Batch size, padding, normalisation and placement read from the built pipelines."""
         pipelines = [p for p in (self._train, self._eval) if p is not None]
         return {"eval_batch_size": self._eval.batch_size if self._eval else None,
                 "crop_padding": self._train.pad if self._train else None,
+                "augmentation": self._train.augmentation() if self._train else None,
                 "input_normalization": single_value(
                     normalization_text(p.io.mean.tolist(), p.io.std.tolist()) for p in pipelines),
                 "input_pipeline": self._train.io.placement if self._train else None}
@@ -288,6 +322,11 @@ def _model_settings(model: nn.Module) -> dict[str, Any]:
             "bn_running_variance": "unbiased" if norms else None,
             "dropout": single_value(float(m.p) for m in model.modules() if isinstance(m, nn.Dropout)),
             "strided_conv_padding": "symmetric" if symmetric else "asymmetric"}
+
+
+def _onednn_enabled() -> bool:
+    """Whether torch runs its oneDNN (mkldnn) CPU kernels: built in and switched on."""
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 def _group_decay(group: dict[str, Any]) -> float:

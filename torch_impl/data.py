@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from common.sampler import EpochPlan
+from common.sampler import EpochPlan, augmentation_text, check_plan
 
 _DEVICE_RESIDENT_MAX_BYTES = 2 << 30  # keep the uint8 dataset on the GPU up to this size
 
@@ -75,9 +75,11 @@ class TrainPipeline:
     """Training batches of an EpochPlan: gather + pad-and-crop + flip + normalise, batched."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device, *,
-                 crop_padding: int, mean: Sequence[float], std: Sequence[float], channels_last: bool):
+                 crop_padding: int, mean: Sequence[float], std: Sequence[float], channels_last: bool,
+                 random_crop: bool = True, horizontal_flip: bool = True):
         self.io = _Normalizer(images, device, mean, std, channels_last)
         self.pad = int(crop_padding)
+        self.random_crop, self.horizontal_flip = bool(random_crop), bool(horizontal_flip)
         self.height, self.width = images.shape[1], images.shape[2]
         pad = ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0))
         self.images = torch.from_numpy(np.pad(images, pad)).to(self.io.storage_device)
@@ -90,12 +92,15 @@ class TrainPipeline:
         """{array: (where, bytes)} of the dataset copies this pipeline holds (common.backend.data_residency)."""
         return dict(self._held)
 
+    def augmentation(self) -> str:
+        """What this pipeline was built to apply (common.sampler.augmentation_text), for the audit."""
+        return augmentation_text(self.pad, self.random_crop, self.horizontal_flip)
+
     def batches(self, plan: EpochPlan, raw: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images, labels)`` for every batch of ``plan``, in order (uint8 NHWC if ``raw``)."""
-        if plan.crop_padding != self.pad:
-            raise ValueError(f"plan pads by {plan.crop_padding}, the pipeline was built for {self.pad}")
-        if len(plan.order) != len(self.labels):
-            raise ValueError(f"plan covers {len(plan.order)} images, the dataset has {len(self.labels)}")
+        check_plan(plan, self.pad, self.random_crop, self.horizontal_flip)
+        if plan.dataset_size != len(self.labels):
+            raise ValueError(f"plan covers {plan.dataset_size} images, the dataset has {len(self.labels)}")
         where = self.io.storage_device
         # One host -> device copy of the epoch's plan; per batch only slicing.
         order = torch.from_numpy(plan.order.astype(np.int64)).to(where)

@@ -15,6 +15,11 @@ conventions ARE torch's):
 do not). Fused kernels (CPU and CUDA) are used where torch has them, else foreach.
 The learning rate arrives per step as a Python float and is written into the
 param groups; only the forward + loss is compiled, so a new LR never recompiles.
+
+Data-parallel (``engine``, torch_impl.distributed): the forward runs through
+DDP, which averages the gradients over the replicas during backward; the
+step's loss and correct count are then summed over the replicas in one
+all-reduce (as on the TensorFlow side), so it returns the global mean loss.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -117,8 +123,11 @@ class TrainStep:
     style = "custom"  # a hand-written training step (the Keras backends also offer Keras's fit)
 
     def __init__(self, model: nn.Module, arch: ArchSpec, recipe: Recipe, *, device: torch.device,
-                 precision: str, mode: str):
+                 precision: str, mode: str, engine: Any = None):
         self.model, self.arch, self.recipe = model, arch, recipe
+        self.engine = engine  # torch_impl.distributed.Engine of a data-parallel run, else None
+        self.world_size = engine.replica.world_size if engine is not None else 1
+        self.forward_model = engine.wrap_model(model) if engine is not None else model  # DDP or the model
         self.device, self.precision, self.mode = device, precision, mode
         self.autocast_dtype = _AUTOCAST_DTYPES[precision]
         self.loss = TrainingLoss(recipe.label_smoothing)
@@ -140,15 +149,15 @@ class TrainStep:
     def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            logits = self.model(images)
+            logits = self.forward_model(images)
         logits = logits.float()  # the loss is always computed in float32
         loss = self.loss(logits, labels)
         correct = (logits.argmax(dim=1) == labels).sum()
         return loss, correct
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.model.training:
-            self.model.train()
+        if not self.forward_model.training:
+            self.forward_model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = float(lr)
         loss, correct = self._forward(images, labels)
@@ -158,7 +167,15 @@ class TrainStep:
         self.scaler.step(self.optimizer)  # plain optimizer.step() unless fp16
         self.scaler.update()
         self.steps += 1
+        if self.world_size > 1:
+            return self._global_mean(loss.detach(), correct)
         return loss.detach(), correct
+
+    def _global_mean(self, loss: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss, correct count) over all replicas: one all-reduce of both (SUM), then / replicas."""
+        totals = torch.stack([loss.float(), correct.float()])
+        dist.all_reduce(totals)
+        return totals[0] / self.world_size, totals[1]
 
     def _decoupled_sgd_decay(self, lr: float) -> None:
         """w *= 1 - lr*wd before the SGD update (decoupled decay; a no-op for other optimizers)."""

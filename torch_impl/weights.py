@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.architectures import ArchSpec, LayerSpec
+from common.architectures import EMBEDDING_LAYER, ArchSpec, LayerSpec
 from common.weights import WeightLayoutError, check_weights, from_torch, to_torch
 
 # canonical parameter suffix -> torch attribute of the module
@@ -139,6 +139,23 @@ def predict(model: nn.Module, images_nhwc: np.ndarray, training: bool = False) -
             logits = model(_to_model_input(model, images_nhwc[start:start + chunk]))
             outputs.append(logits.float().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def embed(model: nn.Module, images_nhwc: np.ndarray) -> np.ndarray:
+    """float32 (N, D) penultimate-layer features: the input of the classifier (EMBEDDING_LAYER), eval mode."""
+    captured: list[np.ndarray] = []
+
+    def keep_input(_module, inputs):
+        captured.append(inputs[0].detach().float().cpu().numpy())
+
+    handle = model.get_submodule(EMBEDDING_LAYER).register_forward_pre_hook(keep_input)
+    try:
+        with inference(model, False):
+            for start in range(0, len(images_nhwc), PREDICT_CHUNK):
+                model(_to_model_input(model, images_nhwc[start:start + PREDICT_CHUNK]))
+    finally:
+        handle.remove()
+    return np.concatenate(captured) if captured else np.zeros((0, 0), np.float32)
 
 
 def _to_nhwc_numpy(tensor: torch.Tensor) -> np.ndarray:

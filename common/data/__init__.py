@@ -7,6 +7,9 @@ in every run manifest proves it. SPECs (see ``DATASET_SPECS``):
 * ``cifar10:PATH``: the official archive (python or binary version) or its
   extracted folder, or a folder containing one of those;
 * ``folder:PATH``: image folders ``PATH/train/<class>/*``, ``PATH/test/<class>/*``;
+* ``fashion_mnist`` / ``mnist``: the cached dataset, else the four idx files where a
+  distribution installs them (``common.data.idx``); ``fashion_mnist:PATH`` / ``mnist:PATH``:
+  the four idx files (gzipped or not) in PATH, verified on their content;
 * ``tfds:NAME``: a tensorflow-datasets dataset, exported in a subprocess;
 * ``synthetic`` or ``synthetic:N_TRAIN,N_TEST``: deterministic generated images.
 
@@ -32,9 +35,16 @@ DATASET_SPECS: list[tuple[str, str]] = [
     ("cifar10", "CIFAR-10 from the local cache, else the official download (MD5-verified)"),
     ("cifar10:PATH", "official CIFAR-10 archive (python or binary .tar.gz) or its extracted folder"),
     ("folder:PATH", "image folders PATH/train/<class>/* and PATH/test/<class>/* (sorted class names)"),
-    ("tfds:NAME", "a tensorflow-datasets classification dataset, e.g. tfds:cifar10"),
+    ("fashion_mnist", "Fashion-MNIST from the local cache, else /usr/share/datasets/fashion-mnist "
+                      "(apt-get install dataset-fashion-mnist); content-verified"),
+    ("fashion_mnist:PATH", "the four Fashion-MNIST idx files in PATH, gzipped or not (upstream MD5 where the "
+                           ".gz files are upstream's, content checks always)"),
+    ("mnist", "MNIST from the local cache, else /usr/share/datasets/mnist; content-verified"),
+    ("mnist:PATH", "the four MNIST idx files in PATH, gzipped or not (as fashion_mnist:PATH)"),
+    ("tfds:NAME", "a tensorflow-datasets classification dataset, e.g. tfds:cifar10, tfds:fashion_mnist"),
     ("synthetic[:N_TRAIN,N_TEST]", "generated 32x32 RGB images, 10 classes (default 2000 train / 500 test)"),
 ]
+IDX_SPECS = ("fashion_mnist", "mnist")  # SPEC prefixes read by common.data.idx
 DECODER_VERSION = 1  # bump when decoding changes, so that old cache entries are not served
 
 
@@ -50,6 +60,7 @@ class Dataset:
     class_names: tuple[str, ...]  # label i is class_names[i]
     fingerprint: str  # SHA-256 hex over these arrays and class names (after subsetting)
     from_cache: bool  # True when the full dataset was read from the cache, not decoded
+    verification: str = ""  # which check the source passed when it was decoded ("" for sources with none)
 
     @property
     def num_classes(self) -> int:
@@ -71,10 +82,10 @@ class Dataset:
 class _Source:
     """How to identify (for the cache) and decode one SPEC."""
 
-    kind: str  # cache folder prefix: cifar10, folder, tfds, synthetic
+    kind: str  # cache folder prefix: cifar10, folder, tfds, synthetic, fashion_mnist, mnist
     name: str  # readable, file-name-safe part of the cache folder name
     signature: Callable[[], str]  # changes whenever the decoded arrays could change
-    decode: Callable[[Path, bool], Arrays]  # (cache root, progress) -> arrays
+    decode: Callable[[Path, bool], Arrays | tuple[Arrays, str]]  # (cache root, progress) -> arrays[, check]
 
 
 def default_cache_dir() -> Path:
@@ -106,7 +117,7 @@ def load_dataset(spec: str, *, train_subset: int | None = None, test_subset: int
     """
     source = _parse_spec(spec)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    arrays, digest, from_cache = _load_full(spec, source, root, progress)
+    arrays, digest, from_cache, verification = _load_full(spec, source, root, progress)
     if train_subset is not None or test_subset is not None:
         arrays = Arrays(*_subset(arrays.train_images, arrays.train_labels, train_subset, subset_seed,
                                  "train", spec),
@@ -114,7 +125,7 @@ def load_dataset(spec: str, *, train_subset: int | None = None, test_subset: int
                                  "test", spec),
                         arrays.class_names)
         digest = data_cache.fingerprint(arrays)
-    return Dataset(spec, *arrays[:4], tuple(arrays.class_names), digest, from_cache)
+    return Dataset(spec, *arrays[:4], tuple(arrays.class_names), digest, from_cache, verification)
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -167,15 +178,17 @@ def _subset(images: np.ndarray, labels: np.ndarray, size: int | None, seed: int,
     return np.ascontiguousarray(images[index]), labels[index]
 
 
-def _load_full(spec: str, source: _Source, root: Path, progress: bool) -> tuple[Arrays, str, bool]:
+def _load_full(spec: str, source: _Source, root: Path, progress: bool) -> tuple[Arrays, str, bool, str]:
+    """(arrays, fingerprint, from cache, verification text) of the full dataset."""
     try:  # decoders turn expected problems into DataError; this catches the rest (permissions...)
         signature = f"decoder v{DECODER_VERSION}; {source.signature()}"
         entry = data_cache.entry_dir(root, source.kind, source.name, signature)
         cached = data_cache.read_entry(entry, signature)
         if cached is not None:
-            return cached[0], cached[1], True
+            return cached[0], cached[1], True, data_cache.read_meta(entry).get("verification", "")
         started = time.perf_counter()
         decoded = source.decode(root, progress)
+        decoded, verification = decoded if isinstance(decoded, tuple) and len(decoded) == 2 else (decoded, "")
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise DataError(f"{spec}: cannot read{where} ({exc.strerror or exc}): check that it exists and "
@@ -184,10 +197,10 @@ def _load_full(spec: str, source: _Source, root: Path, progress: bool) -> tuple[
     digest = data_cache.fingerprint(arrays)
     data_cache.write_entry(entry, arrays, {
         "spec": spec, "source": source.kind, "signature": signature, "fingerprint": digest,
-        "decode_seconds": round(time.perf_counter() - started, 3),
+        "decode_seconds": round(time.perf_counter() - started, 3), "verification": verification,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
-    return arrays, digest, False
+    return arrays, digest, False, verification
 
 
 def _validated(spec: str, arrays: Arrays) -> Arrays:
@@ -218,6 +231,8 @@ def _parse_spec(spec: str) -> _Source:
         return _official_cifar10()
     if prefix in ("cifar10", "folder") and rest:
         return _path_source(prefix, Path(rest).expanduser())
+    if prefix in IDX_SPECS:
+        return _idx_source(prefix, rest)
     if prefix == "tfds" and rest:
         from common.data import tfds as data_tfds
 
@@ -231,6 +246,30 @@ def _parse_spec(spec: str) -> _Source:
                        lambda root, progress: make_synthetic(n_train, n_test))
     forms = ", ".join(pattern for pattern, _ in DATASET_SPECS)
     raise DataError(f"unknown dataset SPEC {spec!r}; valid forms: {forms} (`dualbench list` describes them)")
+
+
+def _idx_source(prefix: str, rest: str) -> _Source:
+    """``fashion_mnist[:PATH]`` / ``mnist[:PATH]``: without PATH, the cache, else a system install."""
+    from common.data import idx as data_idx
+
+    dataset = data_idx.IDX_DATASETS[prefix]
+    if rest:
+        folder = Path(rest).expanduser()
+        files = data_idx.locate(dataset, folder)  # DataError now, before any cache lookup
+        resolved = folder.resolve()
+        name = f"{data_cache.slug(resolved.name, 32)}_{data_cache.text_digest(str(resolved))[:8]}"
+        return _Source(prefix, name, lambda: data_cache.path_signature(resolved),
+                       lambda root, progress: data_idx.read_idx_dataset(dataset, files))
+
+    def decode(root: Path, progress: bool) -> tuple[Arrays, str]:
+        installed = data_idx.find_installed(dataset)
+        if installed is None:
+            raise DataError(f"{dataset.title} is not in the cache nor in {', '.join(dataset.system_dirs)}, and "
+                            f"dualbench downloads nothing: {dataset.how_to_get}")
+        return data_idx.read_idx_dataset(dataset, data_idx.locate(dataset, installed))
+
+    # The content check makes every accepted copy the published dataset, so one cache entry serves them all.
+    return _Source(prefix, "standard", lambda: f"{prefix} idx, content-verified v1", decode)
 
 
 def _path_source(prefix: str, path: Path) -> _Source:

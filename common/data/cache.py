@@ -126,6 +126,15 @@ def read_entry(entry: Path, signature: str) -> tuple[Arrays, str] | None:
     return arrays, digest
 
 
+def read_meta(entry: Path) -> dict[str, Any]:
+    """The entry's meta.json ({} when missing or unreadable)."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def write_entry(entry: Path, arrays: Arrays, meta: dict[str, Any]) -> None:
     """Write ``arrays`` + ``meta.json`` as one entry atomically, then prune stale siblings.
 

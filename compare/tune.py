@@ -1,0 +1,366 @@
+"""The execution-configuration search: each framework at its own best on the machine that runs it.
+
+For one (backend, model, device, precision, batch size) the search measures
+candidate ``ExecutionConfig``s, each in its own worker process (the ``tune``
+task, common.tuning), and keeps the fastest one that computes the same
+numbers as the framework's reference configuration:
+
+1. the reference (the framework's defaults, no compiler: torch eager,
+   TensorFlow graph mode, whose tf.function runs eager's kernels) runs
+   first: its logits and losses are what every other candidate (XLA,
+   torch.compile, oneDNN, ...) is gated against;
+2. the framework's own defaults (``FRAMEWORK_DEFAULT``) are the starting
+   point (the report shows how far they are from the choice);
+3. a coordinate search: for each dimension of the backend's ``SearchSpace``,
+   in order of expected effect (for TensorFlow oneDNN before the mode: which
+   mode wins flips with oneDNN), every other value is tried against the
+   current best (the incumbent). A challenger replaces the incumbent when it
+   passes the gate and is at least ``MIN_GAIN`` faster; a result within
+   ``CONFIRM_BELOW`` either way (a close win or a close loss) is measured
+   again in the reverse order (challenger, then incumbent: ABBA over the two
+   measurements) and decided on the mean of both rounds, breadth first: only
+   while the budget still holds one process for every challenger not yet
+   tried. A challenger running below ``LOSER_FRACTION`` of the incumbent
+   stops after a few steps (a clear loser);
+4. dimensions whose effect comes from the machine rather than the model's
+   graph (allocator, oneDNN kernels, tf.data's pool: ``per_model=False``)
+   are searched for the first model of a backend and inherited by the next,
+   which starts from that model's choice;
+5. a search does not start a candidate that would end after ``budget_s``
+   seconds (elapsed time + the median duration of its processes so far),
+   except its first challenger: every search tries at least the first
+   dimension's other value (TensorFlow's oneDNN switch, torch's allocator
+   or, for a later model, its first per-model dimension).
+
+benchmarks/tune_check.py checks the choice against an exhaustive measurement.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from common.config import RunSpec
+from common.execution import FRAMEWORK_DEFAULT, ExecutionConfig
+from common.manifest import usable_cores
+from common.registry import REAL_BACKENDS, worker_command
+from compare.process import run_process, stderr_tail, worker_env
+
+MIN_GAIN = 0.03  # a change must be this much faster to replace the incumbent (else: noise, keep the simpler)
+CONFIRM_BELOW = 0.15  # results closer than this (either way) are measured again in reverse order
+LOSER_FRACTION = 0.7  # a challenger below this fraction of the incumbent stops early
+# The correctness gate: max|candidate - reference| <= tolerance * max|reference|.
+# FORWARD_RTOL, for what the initial weights compute (eval-mode logits, the first step's training-mode
+# loss): fp32, the forward-parity tolerance; bf16/fp16 round every op to 8/11 mantissa bits, so another
+# kernel order moves outputs by a few of their ulps.
+# UPDATE_RTOL, for the first update (gradients, optimizer, BN statistics) and the later steps' losses:
+# backward reductions run in another order in every configuration and training from the initial
+# weights amplifies the difference at every step, so correct configurations differ there far more
+# than in the forward (benchmarks/tune_check.py reports each candidate's gate differences); a wrong
+# gradient, optimizer or statistics update moves them by orders of magnitude more.
+FORWARD_RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+UPDATE_RTOL = {"fp32": 1e-2, "bf16": 1e-1, "fp16": 1e-1}
+GATE_STEPS, WARMUP_STEPS, TIMED_STEPS = 3, 1, 8  # per candidate process (gate steps include the compile step)
+# The searches of one command share this budget (compare.tune_resolve: each gets an equal share of
+# what is left); 2 models x 2 backends must stay under 5 minutes on a 2-core CPU.
+DEFAULT_BUDGET_S = 270.0
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One setting the search varies: an ExecutionConfig field and the values it can take."""
+
+    field: str
+    values: tuple[Any, ...]
+    per_model: bool = True  # False: machine-level, inherited by a backend's later models
+    cpu_only: bool = False  # skipped when the run is on a GPU
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Where a backend's search starts and what it varies."""
+
+    reference: ExecutionConfig  # the gate's reference: the defaults without a compiler (measured first)
+    start: ExecutionConfig  # the framework's own defaults
+    dimensions: tuple[Dimension, ...]
+
+
+SPACES = {
+    "torch": SearchSpace(
+        reference=FRAMEWORK_DEFAULT["torch"], start=FRAMEWORK_DEFAULT["torch"],
+        dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
+                    Dimension("channels_last", (False, True)),
+                    Dimension("mode", ("eager", "compile")),
+                    Dimension("inter_op_threads", (None, 1, 2)))),
+    "tensorflow": SearchSpace(
+        reference=FRAMEWORK_DEFAULT["tensorflow"], start=FRAMEWORK_DEFAULT["tensorflow"],
+        dimensions=(Dimension("onednn", (True, False), per_model=False, cpu_only=True),
+                    Dimension("mode", ("graph", "xla")),  # eager: never faster than graph, not measured
+                    Dimension("malloc_tuning", (False, True), per_model=False),
+                    Dimension("inter_op_threads", (None, 1, 2)),
+                    Dimension("data_threads", (None, 1), per_model=False))),
+}
+
+
+def search_space(backend: str) -> SearchSpace:
+    """The backend's space; a test backend (registry extras) declares ``SEARCH_SPACE`` in its module."""
+    if backend in SPACES:
+        return SPACES[backend]
+    import importlib
+
+    from common.registry import worker_command as command
+
+    module = importlib.import_module(command(backend)[1])
+    space = getattr(module, "SEARCH_SPACE", None)
+    if space is None:
+        raise ValueError(f"backend {backend!r} declares no SEARCH_SPACE: pin its --mode")
+    return space
+
+
+@dataclass
+class Candidate:
+    """One configuration and what its measurements found."""
+
+    config: ExecutionConfig
+    role: str  # reference | framework default | inherited | <field>=<value>
+    rounds: list[float] = field(default_factory=list)  # median images/s of each measurement
+    pipeline_images_per_sec: float | None = None
+    compile_s: float | None = None
+    status: str = "pending"  # ok | excluded | failed | stopped early | skipped
+    reason: str = ""
+    read_back: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] | None = None
+
+    @property
+    def score(self) -> float:
+        return float(np.mean(self.rounds)) if self.rounds else 0.0
+
+    def row(self, chosen: ExecutionConfig | None, default_score: float) -> dict[str, Any]:
+        return {"candidate": self.config.label(), "role": self.role,
+                "images_per_sec": self.score or None,
+                "rounds": " ".join(f"{v:.1f}" for v in self.rounds),
+                "vs_default": (self.score / default_score) if self.score and default_score else None,
+                "pipeline_images_per_sec": self.pipeline_images_per_sec, "compile_s": self.compile_s,
+                "status": self.status, "chosen": self.config == chosen and self.status == "ok",
+                "why_excluded": self.reason, "onednn_read_back": self.read_back.get("onednn"),
+                "inter_op_read_back": self.read_back.get("inter_op_threads")}
+
+
+def _flat_update(gate: dict[str, Any]) -> np.ndarray:
+    update = gate.get("first_update") or {}
+    return np.concatenate([np.asarray(update[k], np.float64).ravel() for k in sorted(update)]) if update else np.zeros(0)
+
+
+def gate_differences(candidate: dict[str, Any], reference: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Per gate output: (max|candidate - reference|, max|reference|); inf where the shapes differ."""
+    losses_c, losses_r = list(candidate.get("train_losses") or []), list(reference.get("train_losses") or [])
+    pairs = {"eval logits": (candidate.get("eval_logits"), reference.get("eval_logits")),
+             "first loss": (losses_c[:1], losses_r[:1]), "first update": (_flat_update(candidate), _flat_update(reference)),
+             "later losses": (losses_c[1:], losses_r[1:])}
+    found = {}
+    for name, (ours, theirs) in pairs.items():
+        ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+        if ours.shape != theirs.shape:
+            found[name] = (float("inf"), 0.0)
+        elif theirs.size:
+            found[name] = (float(np.abs(ours - theirs).max()), float(np.abs(theirs).max()))
+    return found
+
+
+def gate_failures(candidate: dict[str, Any], reference: dict[str, Any], precision: str = "fp32") -> list[str]:
+    """Why a candidate's gate outputs leave the tolerance around the reference's (empty: it passes)."""
+    problems = []
+    for name, (diff, scale) in gate_differences(candidate, reference).items():
+        rtol = (FORWARD_RTOL if name in ("eval logits", "first loss") else UPDATE_RTOL)[precision]
+        if not np.isfinite(diff) or diff > rtol * scale:
+            problems.append(f"{name} differ from the reference's by {diff:.3g} (> {rtol:g} x {scale:.3g})")
+    return problems
+
+
+def run_candidate(base: RunSpec, config: ExecutionConfig, steps: tuple[int, int, int] = (GATE_STEPS, WARMUP_STEPS,
+                  TIMED_STEPS), stop_below: float | None = None, timeout_s: float = 600) -> dict[str, Any]:
+    """One candidate measured in its own worker process (the ``tune`` task, common.tuning).
+
+    ``base``: the spec to measure (compare.tune_resolve.candidate_spec); ``steps``:
+    (gate, warm-up, timed). The process gets ``config``'s environment (oneDNN,
+    malloc). Returns the worker's result, or status "error" with the last line
+    of its stderr when it wrote none. benchmarks/ reuse this.
+    """
+    spec = replace(base, execution=config)
+    gate, warmup, timed = steps
+    with tempfile.TemporaryDirectory(prefix="dualbench-tune-") as tmp:
+        request, out, log = Path(tmp) / "request.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
+        request.write_text(json.dumps({"spec": spec.to_dict(), "gate_steps": gate, "warmup": warmup,
+                                       "steps": timed, "stop_below": stop_below}))
+        argv = [sys.executable, *worker_command(base.backend), "tune", str(request), str(out)]
+        outcome = run_process(argv, log_path=log, timeout_s=timeout_s, env=worker_env(config))
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+        tail = stderr_tail(log).strip().splitlines()
+        if out.exists():
+            result = json.loads(out.read_text())
+            if result.get("status") != "ok" and tail:
+                result["error"] = f"{result.get('error')} (stderr: {tail[-1]})"
+            return result
+        reason = outcome.signal_name or ("timed out" if outcome.timed_out else f"exit {outcome.returncode}")
+        return {"status": "error", "error": f"worker ended ({reason}) without a result: "
+                                            f"{tail[-1] if tail else ''}"[:300]}
+
+
+class Search:
+    """One (backend, model, ...) search; ``measure`` runs a candidate process (injectable for tests)."""
+
+    def __init__(self, base: RunSpec, *, budget_s: float = DEFAULT_BUDGET_S, inherited: ExecutionConfig | None = None,
+                 pins: dict[str, Any] | None = None, quick: bool = False,
+                 log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)):
+        self.base, self.budget_s, self.inherited, self.log = base, budget_s, inherited, log
+        self.space = search_space(base.backend)
+        self.pins = dict(pins or {})  # field -> value the user fixed (e.g. channels_last)
+        self.steps = (2, 0, 4) if quick else (GATE_STEPS, WARMUP_STEPS, TIMED_STEPS)
+        self.precision = base.precision
+        self.candidates: list[Candidate] = []
+        self.started = 0.0
+        self.device_type: str | None = None
+        self.durations: list[float] = []  # wall seconds of each candidate process (startup included)
+        self.challengers = 0  # challengers measured (the budget never skips the first)
+
+    # -- measuring ------------------------------------------------------------------
+    def _pinned(self, config: ExecutionConfig) -> ExecutionConfig:
+        return config.replace(**self.pins) if self.pins else config
+
+    def measure(self, config: ExecutionConfig, stop_below: float | None) -> dict[str, Any]:
+        """Run the candidate's worker process and return its result (status error if none)."""
+        return run_candidate(self.base, config, self.steps, stop_below)
+
+    def _run(self, candidate: Candidate, stop_below: float | None = None) -> Candidate:
+        self.log(f"  tune {self.base.backend} {self.base.model}: {candidate.config.label()} ({candidate.role})")
+        began = time.monotonic()
+        result = self.measure(candidate.config, stop_below)
+        self.durations.append(time.monotonic() - began)
+        if result.get("status") != "ok" or not result.get("images_per_sec"):
+            candidate.status, candidate.reason = "failed", str(result.get("error") or "no measurement")[:300]
+            return candidate
+        candidate.rounds.append(float(result["images_per_sec"]))
+        candidate.pipeline_images_per_sec = result.get("pipeline_images_per_sec")
+        candidate.compile_s = result.get("compile_s")
+        candidate.read_back = result.get("settings") or {}
+        candidate.gate = result.get("gate")
+        self.device_type = self.device_type or candidate.read_back.get("device_type")
+        reference = self.candidates[0] if self.candidates else candidate
+        problems = [] if reference is candidate else gate_failures(candidate.gate or {}, reference.gate or {},
+                                                                  self.precision)
+        candidate.status = "excluded" if problems else ("stopped early" if result.get("stopped_early") else "ok")
+        candidate.reason = "; ".join(problems)
+        return candidate
+
+    def _known(self, config: ExecutionConfig) -> Candidate | None:
+        return next((c for c in self.candidates if c.config == config), None)
+
+    # -- the search -------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Measure, decide, and return the search record (choice + table)."""
+        self.started = time.monotonic()
+        same = self.space.reference == self.space.start
+        reference = self._run(Candidate(self._pinned(self.space.reference),
+                                        "reference, framework default" if same else "reference"))
+        self.candidates.append(reference)
+        if reference.status != "ok":
+            return self._record(None, f"the reference configuration failed ({reference.reason}): no gate, no search")
+        incumbent = reference
+        starts = [(self.space.start, "framework default")]
+        if self.inherited is not None:
+            starts.append((self.inherited.replace(source=""), "inherited"))
+        for config, role in starts:
+            config = self._pinned(config)
+            if self._known(config) is None:
+                candidate = self._run(Candidate(config, role))
+                self.candidates.append(candidate)
+                if candidate.status == "ok" and candidate.score > incumbent.score:
+                    incumbent = candidate
+        dimensions = self.space.dimensions
+        for index, dimension in enumerate(dimensions):
+            incumbent = self._try_dimension(dimension, incumbent, later=dimensions[index + 1:])
+        return self._record(incumbent.config, "")
+
+    def _values(self, dimension: Dimension, incumbent: Candidate) -> list[Any]:
+        """The values to try: not pinned, not the incumbent's own (effective) value, within the cores."""
+        if dimension.field in self.pins or (dimension.cpu_only and self.device_type == "gpu"):
+            return []
+        if self.inherited is not None and not dimension.per_model:
+            return []
+        current = getattr(incumbent.config, dimension.field)
+        values = []
+        for value in dimension.values:
+            if dimension.field == "inter_op_threads" and value is not None and value >= usable_cores():
+                continue  # no more inter-op threads than cores; the default is one per core
+            if value == current or (current is None and value == incumbent.read_back.get(dimension.field)):
+                continue  # the framework's default is this value here (read back)
+            values.append(value)
+        return values
+
+    def _over_budget(self, processes: int = 1) -> bool:
+        """Whether ``processes`` more candidate processes would end after the budget (each: the median so far)."""
+        typical = float(np.median(self.durations)) if self.durations else 0.0
+        return time.monotonic() - self.started + processes * typical > self.budget_s
+
+    def _first_tries(self, dimensions: tuple[Dimension, ...], incumbent: Candidate) -> int:
+        """Challengers ``dimensions`` would start from ``incumbent`` (one process each, none known yet)."""
+        return sum(self._known(incumbent.config.replace(**{d.field: value})) is None
+                   for d in dimensions for value in self._values(d, incumbent))
+
+    def _try_dimension(self, dimension: Dimension, incumbent: Candidate, later: tuple[Dimension, ...] = ()) -> Candidate:
+        values = self._values(dimension, incumbent)
+        for position, value in enumerate(values):
+            config = incumbent.config.replace(**{dimension.field: value})
+            challenger = self._known(config)
+            if challenger is None:
+                challenger = Candidate(config, f"{dimension.field}={value}")
+                self.candidates.append(challenger)
+                if self.challengers and self._over_budget():
+                    challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:.0f} s) spent"
+                    continue
+                self.challengers += 1
+                self._run(challenger, stop_below=incumbent.score * LOSER_FRACTION)
+            if challenger.status != "ok":
+                continue
+            wins = challenger.score >= incumbent.score * (1 + MIN_GAIN)
+            close = abs(challenger.score / incumbent.score - 1) < CONFIRM_BELOW if incumbent.score else False
+            # close either way: BA after the AB above. One process's figure moves by 10-20% on a shared
+            # machine, so a close loss is as likely a hidden win as a close win is a false one. Breadth
+            # first: the two processes are spent only if the budget still holds one process for every
+            # challenger not tried yet (a dimension never tried can be worth more than a second opinion
+            # on a close call); without them a close win stands on its one measurement (>= MIN_GAIN).
+            untried = len(values) - position - 1 + self._first_tries(later, incumbent)
+            if close and len(challenger.rounds) == 1 and not self._over_budget(processes=2 + untried):
+                self._run(challenger)
+                self._run(incumbent)
+                wins = challenger.status == "ok" and challenger.score >= incumbent.score * (1 + MIN_GAIN)
+            if wins:
+                incumbent = challenger
+        return incumbent
+
+    def _record(self, choice: ExecutionConfig | None, note: str) -> dict[str, Any]:
+        default = self._known(self._pinned(self.space.start)) or self.candidates[0]
+        chosen = next((c for c in self.candidates if c.config == choice), None)
+        return {"backend": self.base.backend, "model": self.base.model, "precision": self.base.precision,
+                "batch_size": self.base.recipe.batch_size, "device": self.base.device,
+                "choice": choice.to_dict() if choice else None,
+                "choice_label": choice.label() if choice else None,
+                "chosen_images_per_sec": chosen.score if chosen else None,
+                "default_images_per_sec": default.score or None,
+                "searched_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "elapsed_s": round(time.monotonic() - self.started, 1), "budget_s": self.budget_s,
+                "complete": not any(c.status == "skipped" for c in self.candidates),
+                "gate_rtol": {"forward": FORWARD_RTOL[self.precision], "update": UPDATE_RTOL[self.precision]},
+                "note": note,
+                "rows": [c.row(choice, default.score) for c in self.candidates]}
+
+
+def is_real(backend: str) -> bool:
+    return backend in REAL_BACKENDS

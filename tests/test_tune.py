@@ -1,0 +1,363 @@
+"""The execution-configuration search (`--mode auto`, `dualbench tune`) with the fake backend.
+
+Decision logic is tested with scripted measurements (no processes); the whole
+path (candidate worker processes, gate, cache, CLI, report) with the fake
+backend, whose step time and correctness per configuration come from
+DUALBENCH_FAKE_TUNE. The oneDNN switch is tested on the real TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.config import Recipe, RunSpec
+from common.data import load_dataset
+from common.execution import MALLOC_TUNING, ONEDNN_ENV, ExecutionConfig, process_env, requested
+from compare import tune
+from compare.tune_cache import TuningCache, fingerprint_id, machine_fingerprint
+from compare.tune_resolve import AUTO_SEARCH_MIN_STEPS, Resolver, planned_steps
+from tests.fake_backend import TUNE_ENV
+from tests.runner_helpers import SMALL, fake_env, fake_run, launches, rows, run_cli  # noqa: F401
+
+DATA = "synthetic:256,128"
+# malloc tuning 2x, compile 2x faster, xla 20x faster but wrong: the gate must exclude xla, the search must pick compile
+EFFECTS = "malloc_tuning=True:x2;mode=compile:x2;mode=xla:x20:wrong"
+
+
+def _spec(backend: str = "fakea", model: str = "seed_cnn", **overrides) -> RunSpec:
+    return RunSpec(model=model, backend=backend, data=DATA, **{"recipe": Recipe(batch_size=32), **overrides})
+
+
+def _resolver(tmp_path, **kwargs) -> Resolver:
+    cache = kwargs.pop("cache", None) or TuningCache(root=tmp_path / "tuning-cache")
+    return Resolver(load_dataset(DATA, progress=False), cache=cache, log=lambda text: None, **kwargs)
+
+
+def _search_rows(resolver: Resolver, backend: str = "fakea", model: str = "seed_cnn") -> list[dict]:
+    [record] = [r for r in resolver.summary() if (r["backend"], r["model"]) == (backend, model)]
+    return record["search"]["rows"]
+
+
+# -- decisions, with scripted measurements -------------------------------------------------------
+
+class ScriptedSearch(tune.Search):
+    """A Search whose candidates 'measure' as scripted: {label substring: images/s}, plus wrong ones."""
+
+    def __init__(self, base, speeds, wrong=(), **kwargs):
+        kwargs.setdefault("log", lambda text: None)
+        super().__init__(base, **kwargs)
+        self.speeds, self.wrong, self.calls = speeds, wrong, []
+
+    def measure(self, config, stop_below):
+        label = config.label()
+        self.calls.append((label, stop_below))
+        speed = 100.0
+        for part, factor in self.speeds.items():
+            speed *= factor if part in label else 1.0
+        shift = 1.0 if any(part in label for part in self.wrong) else 0.0
+        gate = {"eval_logits": [[1.0, 2.0]], "train_losses": [2.3, 2.2 + shift], "first_update": {"w": [0.1, -0.2]}}
+        return {"status": "ok", "images_per_sec": speed, "settings": {"device_type": "cpu"}, "gate": gate}
+
+
+def test_a_close_win_is_measured_again_in_reverse_order_and_a_clear_one_is_not(fake_env):
+    close = ScriptedSearch(_spec(), {"compile": 1.08, "malloc=tuned": 1.5})
+    record = close.run()
+    assert record["choice_label"].startswith("compile") and "malloc=tuned" in record["choice_label"]
+    labels = [label for label, _ in close.calls]
+    first = next(i for i, label in enumerate(labels) if label.startswith("compile"))
+    incumbent = labels[first].replace("compile", "eager", 1)  # measured before the challenger: A ... B,
+    assert labels.index(incumbent) < first and labels[first + 1:first + 3] == [labels[first], incumbent]  # B A
+    malloc_first = labels.index(incumbent)
+    assert labels[malloc_first + 1] != incumbent  # malloc's clear win (x1.5) was not measured again at once
+
+
+def test_a_close_loss_is_measured_again_and_can_turn_into_a_win(fake_env):
+    """compile measures 1% slower in its first process (noise on a shared machine), 30% faster in its
+    second: the close loss is measured again in reverse order and compile wins on the mean of both."""
+    class NoisySearch(ScriptedSearch):
+        def measure(self, config, stop_below):
+            result = super().measure(config, stop_below)
+            if config.mode == "compile":
+                seen = sum(label.startswith("compile") for label, _ in self.calls)
+                result["images_per_sec"] *= 0.99 if seen == 1 else 1.30
+            return result
+
+    search = NoisySearch(_spec(), {})
+    record = search.run()
+    assert record["choice_label"].startswith("compile")
+    labels = [label for label, _ in search.calls]
+    compile_label = next(label for label in labels if label.startswith("compile"))
+    first = labels.index(compile_label)
+    assert labels[first + 1] == compile_label  # measured again at once (then the incumbent): B A
+    clear = ScriptedSearch(_spec(), {"compile": 0.80})  # 20% slower: a clear loss, measured once
+    assert clear.run()["choice_label"].startswith("eager")
+    assert sum(label.startswith("compile") for label, _ in clear.calls) == 1
+
+
+def test_gains_below_the_threshold_keep_the_incumbent_and_losers_get_a_stop_threshold(fake_env):
+    search = ScriptedSearch(_spec(), {"compile": 1.02, "cl=on": 0.5})
+    record = search.run()
+    assert record["choice_label"].startswith("eager cl=off")  # 2% is noise: the default stays
+    stops = dict(search.calls)
+    assert stops[next(label for label in stops if "cl=on" in label)] == pytest.approx(100 * tune.LOSER_FRACTION)
+
+
+def test_the_gate_excludes_a_wrong_candidate_even_when_it_is_fastest(fake_env):
+    search = ScriptedSearch(_spec(), {"xla": 5.0, "compile": 2.0}, wrong=("xla",))
+    record = search.run()
+    assert record["choice_label"].startswith("compile")
+    [xla] = [row for row in record["rows"] if row["candidate"].startswith("xla")]
+    assert xla["status"] == "excluded" and xla["why_excluded"].startswith("later losses differ from the reference's")
+
+
+def test_the_budget_stops_new_candidates_but_the_first_challenger_and_pins_are_never_varied(fake_env):
+    search = ScriptedSearch(_spec(), {}, budget_s=1e-9, pins={"channels_last": True})
+    record = search.run()
+    statuses = {row["role"]: row["status"] for row in record["rows"]}
+    assert statuses["reference, framework default"] == "ok"
+    challengers = [role for role in statuses if "=" in role]
+    first = f"{search.space.dimensions[0].field}="
+    assert challengers[0].startswith(first) and statuses[challengers[0]] == "ok"  # always tried (oneDNN for TF)
+    assert {statuses[role] for role in challengers[1:]} == {"skipped"}
+    assert all("cl=on" in row["candidate"] for row in record["rows"])  # the pin holds everywhere
+    assert not any(row["role"].startswith("channels_last") for row in record["rows"])
+
+
+def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, monkeypatch):
+    """Each candidate process 'takes' 10 s of a fake clock: with 25 s, the third would end at 30 s."""
+    clock = [0.0]
+    monkeypatch.setattr(tune.time, "monotonic", lambda: clock[0])
+
+    class TimedSearch(ScriptedSearch):
+        def measure(self, config, stop_below):
+            clock[0] += 10.0
+            return super().measure(config, stop_below)
+
+    search = TimedSearch(_spec(), {}, budget_s=25.0)
+    record = search.run()
+    ran = [row for row in record["rows"] if row["status"] != "skipped"]
+    assert len(ran) == 2 and len(search.calls) == 2  # ended at 20 s; a start at 20 s would end at 30 s
+    assert record["elapsed_s"] <= 25.0 and record["complete"] is False
+
+
+def test_a_tight_budget_tries_every_dimension_before_measuring_a_close_call_again(fake_env, monkeypatch):
+    """Breadth first: 5 processes of 10 s fit 55 s. A close win (malloc x1.08) measured again at once would
+    take two of them and leave compile and xla untried; instead it stands on its one measurement."""
+    clock = [0.0]
+    monkeypatch.setattr(tune.time, "monotonic", lambda: clock[0])
+
+    class TimedSearch(ScriptedSearch):
+        def measure(self, config, stop_below):
+            clock[0] += 10.0
+            return super().measure(config, stop_below)
+
+    search = TimedSearch(_spec(), {"malloc=tuned": 1.08}, budget_s=55.0)
+    record = search.run()
+    statuses = {row["role"]: row["status"] for row in record["rows"]}
+    assert set(statuses) == {"reference, framework default", "malloc_tuning=True", "channels_last=True",
+                             "mode=compile", "mode=xla"}
+    assert set(statuses.values()) == {"ok"} and record["complete"] is True
+    assert len(search.calls) == len(set(label for label, _ in search.calls)) == 5  # nothing measured twice
+    assert "malloc=tuned" in record["choice_label"]  # the close win stands on its one measurement (>= MIN_GAIN)
+    roomy = TimedSearch(_spec(), {"malloc=tuned": 1.08}, budget_s=75.0)  # room for all of them and the BA
+    roomy.run()
+    assert len(roomy.calls) == 7
+
+
+def test_the_commands_budget_is_shared_among_the_searches_still_to_run(fake_env, tmp_path):
+    """--tune-budget-s is the command's: 3 searches of 90 s get 30 s, then what the first left over, split."""
+    given = []
+
+    class Recorded(ScriptedSearch):
+        def run(self):
+            given.append(self.budget_s)
+            record = super().run()
+            record["elapsed_s"] = 10.0  # each search took 10 s of its share
+            return record
+
+    resolver = _resolver(tmp_path, search_if_missing=True, budget_s=90.0,
+                         search_factory=lambda base, **kwargs: Recorded(base, {}, **kwargs))
+    specs = [_spec(model=m) for m in ("seed_cnn", "resnet20", "vgg11_bn")]
+    resolver.resolve(specs + [_spec(model="seed_cnn", seed=1)])  # a second seed shares its model's search
+    assert resolver.searches == 3
+    assert given == pytest.approx([30.0, 40.0, 70.0])  # 90/3; (90-10)/2; (90-20)/1
+
+
+def test_a_search_cut_short_by_its_budget_is_used_by_runs_and_redone_by_tune(fake_env, tmp_path):
+    def factory(base, **kwargs):
+        return ScriptedSearch(base, {"compile": 2.0}, **{**kwargs, "budget_s": 1e-9})
+
+    cache = TuningCache(root=tmp_path / "c")
+    first = _resolver(tmp_path, search_if_missing=True, cache=cache, search_factory=factory)
+    first.resolve([_spec()])
+    assert first.summary()[0]["search"]["complete"] is False
+    short_run = _resolver(tmp_path, cache=cache, search_factory=factory)
+    [spec] = short_run.resolve([_spec()])
+    assert short_run.searches == 0 and spec.execution.source.startswith("auto: cached search")
+    long_run = _resolver(tmp_path, search_if_missing=True, cache=cache, search_factory=factory)
+    long_run.resolve([_spec()])
+    assert long_run.searches == 0  # a run that would search uses the partial choice: cached runs never pay
+    tune_command = _resolver(tmp_path, search_if_missing=True, complete_partial=True, cache=cache,
+                             search_factory=factory)
+    tune_command.resolve([_spec()])
+    assert tune_command.searches == 1
+
+
+def test_gate_failures_use_tolerances_relative_to_the_reference():
+    """Forward outputs of the initial weights at 1e-4 (fp32), the first update and later losses at 1e-2."""
+    reference = {"eval_logits": [[10.0, -20.0]], "train_losses": [2.0, 1.9, 1.8],
+                 "first_update": {"a": [0.5, -1.0], "b": [0.01]}}
+    close = {"eval_logits": [[10.001, -20.0]], "train_losses": [2.0001, 1.91, 1.79],
+             "first_update": {"a": [0.505, -1.0], "b": [0.005]}}  # b's 50% is 0.5% of the largest update
+    assert tune.gate_failures(close, reference) == []
+    [problem] = tune.gate_failures(dict(close, eval_logits=[[10.01, -20.0]]), reference)
+    assert problem.startswith("eval logits differ") and "0.01" in problem
+    [problem] = tune.gate_failures(dict(close, train_losses=[2.001, 1.9, 1.8]), reference)
+    assert problem.startswith("first loss differ")
+    [problem] = tune.gate_failures(dict(close, first_update={"a": [0.5, -0.97], "b": [0.01]}), reference)
+    assert problem.startswith("first update differ")
+    [problem] = tune.gate_failures(dict(close, train_losses=[2.0, 1.9, 1.85]), reference)
+    assert problem.startswith("later losses differ")
+    assert tune.gate_failures(dict(close, train_losses=[2.0, 1.9]), reference)  # a missing step
+    assert tune.gate_failures(dict(close, train_losses=[float("nan"), 1.9, 1.8]), reference)
+    assert tune.gate_failures(dict(close, eval_logits=[[10.01, -20.0]]), reference, "bf16") == []  # 3e-2
+
+
+# -- the whole path, fake backend processes --------------------------------------------------------
+
+def test_search_picks_the_fastest_correct_configuration_and_records_the_excluded(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    resolver = _resolver(tmp_path, search_if_missing=True)
+    [spec] = resolver.resolve([_spec()])
+    assert spec.execution.mode == "compile" and spec.execution.malloc_tuning, resolver.summary()[0]["search"]["note"]
+    assert spec.execution.source.startswith("auto: searched")
+    table = _search_rows(resolver)
+    assert table[0]["role"] == "reference, framework default" and table[0]["vs_default"] == 1.0
+    [xla] = [row for row in table if row["candidate"].startswith("xla")]
+    assert xla["status"] == "excluded" and "eval logits differ" in xla["why_excluded"]
+    assert xla["images_per_sec"] > max(r["images_per_sec"] for r in table if r["chosen"])  # fastest, yet wrong
+    assert sum(row["chosen"] for row in table) == 1
+    assert len(launches(fake_env, "tune")) == len([r for r in table if r["status"] != "skipped"]) + sum(
+        r["rounds"].count(" ") for r in table)  # one process per measurement
+
+
+def test_cache_hit_then_invalidation_by_fingerprint_then_retune(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    fingerprint = machine_fingerprint()
+    first = _resolver(tmp_path, search_if_missing=True, cache=TuningCache(fingerprint, tmp_path / "c"))
+    [chosen] = first.resolve([_spec()])
+    searched = len(launches(fake_env, "tune"))
+    assert searched >= 4
+    again = _resolver(tmp_path, search_if_missing=True, cache=TuningCache(fingerprint, tmp_path / "c"))
+    [cached] = again.resolve([_spec()])
+    assert len(launches(fake_env, "tune")) == searched and again.searches == 0  # nothing measured
+    assert cached.execution == chosen.execution and cached.execution.source.startswith("auto: cached search")
+    other_cpu = dict(fingerprint, cpu_flags=[f for f in fingerprint["cpu_flags"] if f != "avx512f"] + ["x"])
+    moved = _resolver(tmp_path, search_if_missing=True, cache=TuningCache(other_cpu, tmp_path / "c"))
+    moved.resolve([_spec()])
+    assert moved.searches == 1 and len(launches(fake_env, "tune")) > searched
+    retuned = _resolver(tmp_path, retune=True, cache=TuningCache(fingerprint, tmp_path / "c"))
+    retuned.resolve([_spec()])
+    assert retuned.searches == 1
+
+
+def test_the_fingerprint_covers_what_changes_kernel_choice(monkeypatch):
+    base = fingerprint_id(machine_fingerprint())
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an AVX2-only CPU, emulated
+    emulated = fingerprint_id(machine_fingerprint())
+    monkeypatch.setenv(ONEDNN_ENV, "0")
+    assert len({base, emulated, fingerprint_id(machine_fingerprint())}) == 3
+
+
+def test_a_later_model_inherits_machine_level_settings(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    resolver = _resolver(tmp_path, search_if_missing=True)
+    resolver.resolve([_spec(model="seed_cnn"), _spec(model="resnet20")])
+    second = _search_rows(resolver, model="resnet20")
+    assert [r["role"] for r in second][:2] == ["reference, framework default", "inherited"]
+    assert not any(r["role"].startswith("malloc_tuning") for r in second)  # machine-level: not searched again
+    assert any(r["role"].startswith("mode=") for r in second)  # per model: searched
+
+
+def test_short_run_uses_the_fallback_without_a_search(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    out = tmp_path / "out"
+    assert fake_run(out) == 0
+    assert launches(fake_env, "tune") == []
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert tuning["planned_steps_per_backend_model"] < AUTO_SEARCH_MIN_STEPS
+    assert {r["how"] for r in tuning["resolutions"]} == {"fallback"}
+    audit = json.loads((out / "audit.json").read_text())["models"]["seed_cnn"]
+    row = next(r for r in audit["rows"] if r["setting"] == "execution_config")
+    assert "too short" in row["fakea"] and row["kind"] == "framework-native"
+
+
+def test_run_with_retune_searches_pinned_backends_excepted_and_reports_the_table(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    out = tmp_path / "out"
+    assert fake_run(out, "--retune", "--mode", "fakea=eager") == 0
+    tuned = launches(fake_env, "tune")
+    assert tuned and all("fakeb" in run_id for run_id in tuned)  # the pinned backend is not searched
+    specs = {run_id: row["spec"]["execution"] for run_id, row in rows(out).items()}
+    assert specs["seed_cnn__fakea__seed0"]["mode"] == "eager"
+    assert specs["seed_cnn__fakea__seed0"]["source"] == "pinned (--mode fakea=eager)"
+    assert specs["seed_cnn__fakeb__seed0"]["mode"] == "compile"
+    report = (out / "report.md").read_text()
+    assert "## Execution configuration" in report and "Search table" in report and "excluded" in report
+    assert "xla" in (out / "tuning.csv").read_text()
+
+
+def test_tune_command_prints_the_table_and_reuses_the_cache(fake_env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(TUNE_ENV, EFFECTS)
+    argv = ["tune", "--models", "seed_cnn", "--backends", "fakea", "--data", DATA, "--batch-size", "32", "--quick"]
+    assert run_cli(*argv, "--out", str(tmp_path / "t.csv")) == 0
+    printed = capsys.readouterr().out
+    assert "Search table" in printed and "excluded" in printed and "auto: searched" in printed
+    measured = len(launches(fake_env, "tune"))
+    assert run_cli(*argv) == 0
+    assert "auto: cached search" in capsys.readouterr().out and len(launches(fake_env, "tune")) == measured
+    assert run_cli(*argv, "--tune-budget-s", "0") == 2
+
+
+def test_planned_steps_counts_epochs_capped_steps_and_seeds():
+    spec = _spec(max_steps_per_epoch=5, recipe=Recipe(batch_size=32, epochs=3))
+    assert planned_steps(spec, 1000, 3) == 3 * 5 * 3
+    assert planned_steps(_spec(recipe=Recipe(batch_size=128, epochs=3)), 10000, 3) == 3 * 78 * 3
+
+
+# -- process-level settings reach the worker ---------------------------------------------------------
+
+def test_process_env_sets_or_clears_onednn_and_malloc(monkeypatch):
+    env = process_env(ExecutionConfig("graph", onednn=False, malloc_tuning=False),
+                      {ONEDNN_ENV: "1", **MALLOC_TUNING, "OTHER": "x"})
+    assert env[ONEDNN_ENV] == "0" and not any(name in env for name in MALLOC_TUNING) and env["OTHER"] == "x"
+    env = process_env(ExecutionConfig("graph", onednn=True), {"MALLOC_TRIM_THRESHOLD_": "5"})
+    assert env[ONEDNN_ENV] == "1" and env["MALLOC_TRIM_THRESHOLD_"] == "5"  # the user's own value is kept
+    assert ONEDNN_ENV not in process_env(ExecutionConfig("graph", onednn=None), {})  # TF decides
+    spec = RunSpec(model="seed_cnn", backend="tensorflow", mode="xla")
+    assert (requested(spec).mode, requested(spec).onednn, requested(spec).source) == ("xla", True, "pinned")
+
+
+@pytest.mark.slow
+def test_onednn_switch_reaches_the_tensorflow_worker_and_is_read_back(tmp_path, monkeypatch):
+    """Through the runner's own launch path: the audit reads IsMklEnabled() in the TF worker."""
+    from compare.runner import Runner
+    from compare.store import ResultsStore
+
+    monkeypatch.setenv("DUALBENCH_CACHE", str(tmp_path / "cache"))
+    store = ResultsStore(tmp_path / "out")
+    store.ensure_writable()
+    runner = Runner(store)
+    seen = {}
+    for onednn in (False, True):
+        execution = ExecutionConfig("graph", onednn=onednn, malloc_tuning=False, source="test")
+        spec = RunSpec(model="seed_cnn", backend="tensorflow", data="synthetic:64,32", device="cpu",
+                       recipe=Recipe(batch_size=16, eval_batch_size=16), execution=execution)
+        launched = runner.launch(spec, audit_only=True)
+        outcome, raw = launched.outcome, launched.raw
+        assert outcome.returncode == 0, raw
+        seen[onednn] = raw["settings"]
+    assert seen[False]["onednn"] is False and seen[True]["onednn"] is True
+    assert seen[False]["host_allocator"] == "libc defaults"
+    assert seen[True]["execution_config"] == "graph onednn=on malloc=libc inter=default data=default (test)"
