@@ -42,7 +42,8 @@ ISA_LIMIT_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"
 class ExecutionConfig:
     """One backend's execution configuration; ``None`` fields mean "the framework's own default"."""
 
-    mode: str  # torch: eager | compile; tensorflow: eager | graph | xla; "best": the backend's FALLBACK_MODE
+    mode: str  # torch: eager | compile; tensorflow: eager | graph | xla; keras-torch: eager | jit_compile;
+    #            "best": the backend's FALLBACK_MODE
     channels_last: bool | None = None  # torch memory format; None: not applicable (TensorFlow computes NHWC)
     onednn: bool | None = None  # TF_ENABLE_ONEDNN_OPTS=1/0; None: environment untouched (TF decides per CPU)
     malloc_tuning: bool = True  # MALLOC_TUNING in the worker's environment; False: libc defaults
@@ -92,6 +93,9 @@ def _switch(value: bool | None) -> str:
 FALLBACK = {
     "torch": ExecutionConfig("best", channels_last=True, malloc_tuning=True, inter_op_threads=1),
     "tensorflow": ExecutionConfig("best", onednn=True, malloc_tuning=True, inter_op_threads=2),
+    # Keras on PyTorch: torch's process (its allocator and inter-op pool, torch's reasons); the layout is
+    # Keras's NHWC (channels_last does not apply), oneDNN is torch's own switch (not an environment variable)
+    "keras-torch": ExecutionConfig("best", malloc_tuning=True, inter_op_threads=1),
 }
 # Each framework as a user gets it without tuning: the search starts here, and the report shows
 # how far this is from the configuration chosen. TensorFlow: Keras's own default on the CPU is a
@@ -99,6 +103,7 @@ FALLBACK = {
 FRAMEWORK_DEFAULT = {
     "torch": ExecutionConfig("eager", channels_last=False, malloc_tuning=False),
     "tensorflow": ExecutionConfig("graph", malloc_tuning=False),
+    "keras-torch": ExecutionConfig("eager", malloc_tuning=False),  # jit_compile="auto" is off on torch
 }
 _GENERIC_FALLBACK = ExecutionConfig("best")  # test backends registered through the registry's variable
 

@@ -6,7 +6,8 @@ task, common.tuning), and keeps the fastest one that computes the same
 numbers as the framework's reference configuration:
 
 1. the reference (the framework's defaults, no compiler: torch eager,
-   TensorFlow graph mode, whose tf.function runs eager's kernels) runs
+   TensorFlow graph mode, whose tf.function runs eager's kernels, Keras on
+   PyTorch eager) runs
    first: its logits and losses are what every other candidate (XLA,
    torch.compile, oneDNN, ...) is gated against;
 2. the framework's own defaults (``FRAMEWORK_DEFAULT``) are the starting
@@ -105,6 +106,14 @@ SPACES = {
                     Dimension("malloc_tuning", (False, True), per_model=False),
                     Dimension("inter_op_threads", (None, 1, 2)),
                     Dimension("data_threads", (None, 1), per_model=False))),
+    # Keras on PyTorch: torch's process settings, Keras's two modes. The mode comes last: a jit_compile
+    # candidate (torch.compile of the Keras step) is the costliest process of the search on a CPU, so the
+    # budget decides whether it is tried after the cheap dimensions.
+    "keras-torch": SearchSpace(
+        reference=FRAMEWORK_DEFAULT["keras-torch"], start=FRAMEWORK_DEFAULT["keras-torch"],
+        dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
+                    Dimension("inter_op_threads", (None, 1, 2)),
+                    Dimension("mode", ("eager", "jit_compile")))),
 }
 
 

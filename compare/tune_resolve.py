@@ -41,7 +41,9 @@ def planned_steps(spec: RunSpec, num_train: int, seeds: int) -> int:
 
 
 def _pins(spec: RunSpec) -> dict[str, Any]:
-    return {} if spec.channels_last is None or spec.backend == "tensorflow" else {"channels_last": spec.channels_last}
+    # the memory format is torch's own; TensorFlow and Keras on PyTorch compute NHWC
+    no_layout = spec.channels_last is None or spec.backend in ("tensorflow", "keras-torch")
+    return {} if no_layout else {"channels_last": spec.channels_last}
 
 
 def search_key(spec: RunSpec, dataset: Any, *, with_model: bool = True) -> str:
@@ -68,7 +70,7 @@ def candidate_spec(spec: RunSpec, dataset: Any) -> RunSpec:
     train_subset = needed if needed < n_train else spec.train_subset
     eval_batch = min(batch, n_test)
     test_subset = max(eval_batch, dataset.num_classes) if eval_batch < n_test else spec.test_subset
-    return replace(spec, mode="auto", execution=None, checkpoint_dir=None, max_steps_per_epoch=None,
+    return replace(spec, mode="auto", style="custom", execution=None, checkpoint_dir=None, max_steps_per_epoch=None,
                    train_subset=train_subset, test_subset=test_subset,
                    recipe=replace(spec.recipe, epochs=1, dropout=0.0, eval_batch_size=eval_batch))
 

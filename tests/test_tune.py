@@ -361,3 +361,47 @@ def test_onednn_switch_reaches_the_tensorflow_worker_and_is_read_back(tmp_path, 
     assert seen[False]["onednn"] is False and seen[True]["onednn"] is True
     assert seen[False]["host_allocator"] == "libc defaults"
     assert seen[True]["execution_config"] == "graph onednn=on malloc=libc inter=default data=default (test)"
+
+
+# -- keras-torch (Keras on PyTorch) ----------------------------------------------------------------
+
+def test_every_real_backend_has_a_search_space_a_fallback_and_a_default_in_its_own_modes():
+    """--mode auto resolves for every real backend: the search space, its reference and the fallback name
+    only modes the backend has (keras-torch: eager | jit_compile), and RunSpec accepts them as resolved."""
+    from common.config import BACKEND_MODES
+    from common.execution import FALLBACK, FRAMEWORK_DEFAULT
+    from common.registry import REAL_BACKENDS
+
+    for backend in REAL_BACKENDS:
+        space = tune.search_space(backend)
+        assert space.reference == FRAMEWORK_DEFAULT[backend] and backend in FALLBACK
+        modes = {value for d in space.dimensions if d.field == "mode" for value in d.values}
+        assert modes and modes | {space.reference.mode} <= set(BACKEND_MODES[backend][2:]), backend
+        for mode in modes:
+            RunSpec(model="seed_cnn", backend=backend, execution=FALLBACK[backend].replace(mode=mode))
+    assert FRAMEWORK_DEFAULT["keras-torch"].mode == "eager"  # Keras's jit_compile="auto" is off on torch
+    assert FALLBACK["keras-torch"].channels_last is None  # Keras computes NHWC: no memory format to choose
+
+
+def test_keras_torch_layout_is_never_pinned_and_a_fit_spec_is_searched_with_the_custom_step():
+    from compare.tune_resolve import _pins, candidate_spec
+
+    assert _pins(_spec("keras-torch", channels_last=True)) == {}
+    assert _pins(_spec("torch", channels_last=True)) == {"channels_last": True}
+    fit = _spec("tensorflow", style="fit")
+    assert candidate_spec(fit, load_dataset(DATA, progress=False)).style == "custom"
+
+
+@pytest.mark.slow
+def test_a_keras_torch_candidate_runs_in_its_worker_with_gate_outputs_and_read_back_settings():
+    """The `tune` worker task on keras-torch (what --mode auto / dualbench tune start per candidate):
+    gate outputs, a throughput, and the settings read back from torch and Keras."""
+    from compare.tune_resolve import candidate_spec
+
+    spec = _spec("keras-torch", device="cpu", threads=1)
+    config = ExecutionConfig("eager", malloc_tuning=False, inter_op_threads=1, source="test")
+    result = tune.run_candidate(candidate_spec(spec, load_dataset(DATA, progress=False)), config, steps=(2, 0, 3))
+    assert result["status"] == "ok", result
+    assert result["images_per_sec"] > 0 and len(result["gate"]["train_losses"]) == 2
+    assert result["settings"]["execution_mode"] == "eager" and result["settings"]["inter_op_threads"] == 1
+    assert result["settings"]["data_format"] == "NHWC" and result["settings"]["execution_style"] == "custom"
