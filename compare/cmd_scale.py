@@ -28,11 +28,11 @@ def main(args: argparse.Namespace) -> int:
         return code  # another host's ranks: host 0 writes and prints the results
     from compare.scaling import scaling_table, shared_host_note
     from compare.store import ResultsStore
-    from compare.tables import to_text
+    from compare.tables import by_series, to_text
     from compare.report import report_target
 
     store = ResultsStore(args.out)
-    runs = store.load_runs()
+    runs = by_series(store.load_runs())
     if runs:
         print("\nScaling (all columns in scaling.csv):")
         print(to_text(scaling_table(runs, report_target(store, runs, args.target_accuracy))))

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.config import series_name
 from common.distributed import configuration_label
 from common.registry import worker_command
 from common.results import RunResult
@@ -80,8 +81,13 @@ def _configuration(result: RunResult) -> str:
     return configuration_label(result.model, world)
 
 
+def _series(result: RunResult) -> str:
+    """The run's series as the tables name it: the backend, "<backend>:fit" for Keras's fit style."""
+    return series_name(result.backend, (result.spec or {}).get("style", "custom"))
+
+
 def _metric_row(result: RunResult, metrics: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
-    row = {"model": _configuration(result), "backend": result.backend, "seed": result.seed,
+    row = {"model": _configuration(result), "backend": _series(result), "seed": result.seed,
            "status": "ok" if metrics else "error", "weights_sha256": result.final_weights_sha256, "error": error}
     for key in METRIC_COLUMNS[4:12]:
         row[key] = (metrics or {}).get(key, math.nan)
@@ -100,8 +106,8 @@ def _agreement_rows(group: list[RunResult], work: Path) -> list[dict[str, Any]]:
             a, b = np.load(own), np.load(crossed)
             scale = float(max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0)))
             rel = relative_diff(a, b) if a.shape == b.shape else math.inf
-            rows.append({"model": _configuration(owner), "seed": owner.seed, "weights_of": owner.backend,
-                         "embedded_by": f"{owner.backend} vs {other.backend}", "max_rel_diff": rel,
+            rows.append({"model": _configuration(owner), "seed": owner.seed, "weights_of": _series(owner),
+                         "embedded_by": f"{_series(owner)} vs {_series(other)}", "max_rel_diff": rel,
                          "max_abs_diff": float(np.abs(a - b).max()) if a.shape == b.shape else math.inf,
                          "embedding_scale": scale, "rtol": DEFAULT_RTOL, "agrees": bool(rel <= DEFAULT_RTOL)})
     return rows

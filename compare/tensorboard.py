@@ -4,7 +4,8 @@ One writer for both frameworks is what makes the tags and the step semantics ide
 the workers only record numbers (``RunResult.evaluations``, common.loop), and this module
 turns every run, whatever its backend, into the same events. Layout and content::
 
-    DIR/<model>/<backend>/seed<k>/events.out.tfevents.*   (a data-parallel run: DIR/<model>_world<N>/...)
+    DIR/<model>/<backend>/seed<k>/events.out.tfevents.*   (a data-parallel run: DIR/<model>_world<N>/...;
+                                                          Keras's fit style: <backend>-fit)
 
     step = optimiser steps done at the evaluation (common.loop), for every tag below
     train/loss, train/accuracy    mean over the steps since the previous evaluation
@@ -60,7 +61,13 @@ def run_dir(root: Path, result: RunResult) -> Path:
     several world sizes (`dualbench scale`) never overwrite each other's logs."""
     world = result.world_size or 1
     model = result.model if world == 1 else f"{result.model}_world{world}"
-    return Path(root) / model / result.backend / f"seed{result.seed}"
+    return Path(root) / model / _series_folder(result) / f"seed{result.seed}"
+
+
+def _series_folder(result: RunResult) -> str:
+    """The backend, or "<backend>-fit" for a Keras backend's fit-style run (its own TensorBoard run)."""
+    style = (result.spec or {}).get("style", "custom")
+    return result.backend if style == "custom" or ":" in result.backend else f"{result.backend}-{style}"
 
 
 def scalar_values(row: dict[str, Any]) -> dict[str, float]:
@@ -81,7 +88,7 @@ def hparams(result: RunResult) -> dict[str, Any]:
     spec = result.spec or {}
     recipe = spec.get("recipe") or {}
     values: dict[str, Any] = {"model": result.model, "backend": result.backend, "seed": result.seed,
-                              "world_size": result.world_size or 1}
+                              "world_size": result.world_size or 1, "style": spec.get("style", "custom")}
     values.update({f"recipe.{k}": recipe[k] for k in _RECIPE_HPARAMS if recipe.get(k) is not None})
     values.update({k: spec[k] for k in _SPEC_HPARAMS if spec.get(k) is not None})
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}

@@ -151,3 +151,18 @@ def test_unwritable_tensorboard_folder_and_missing_weights_are_refused(capsys, t
                                                              "backend": "torch", "seed": 0}) + "\n")
     assert run_cli("retrieval", str(tmp_path / "old")) == 2
     assert "has its final weights" in capsys.readouterr().err
+
+
+def test_a_keras_fit_run_is_its_own_tensorboard_run_and_retrieval_series(tmp_path):
+    """Keras's fit style beside the custom step of the same backend: its own TensorBoard folder (never the
+    custom run's), its own retrieval label (the tables' series name)."""
+    from common.results import RunResult
+    from compare.retrieval import _metric_row
+    from compare.tensorboard import hparams, run_dir
+
+    custom, fit = (RunResult(run_id=f"seed_cnn__tensorflow{tag}__seed0", model="seed_cnn", backend="tensorflow",
+                             seed=0, spec={"style": style}) for tag, style in (("", "custom"), ("-fit", "fit")))
+    assert run_dir(tmp_path, custom) == tmp_path / "seed_cnn" / "tensorflow" / "seed0"
+    assert run_dir(tmp_path, fit) == tmp_path / "seed_cnn" / "tensorflow-fit" / "seed0"
+    assert hparams(fit)["style"] == "fit" and hparams(custom)["style"] == "custom"
+    assert [_metric_row(r, None, "x")["backend"] for r in (custom, fit)] == ["tensorflow", "tensorflow:fit"]
