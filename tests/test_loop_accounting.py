@@ -230,3 +230,68 @@ def test_data_parallel_mid_epoch_evaluations_are_the_chiefs_alone(monkeypatch):
     assert [e["train_time_s"] for e in chief.state.epochs] == [e["train_time_s"] for e in other.state.epochs]
     assert rows[0]["wall_s"] == BUILD + COMPILE + PER_BATCH  # each replica's own batches (10 images per step)
     assert rows[0]["images_per_sec"] == pytest.approx(20 / rows[0]["wall_s"])  # global images per step
+
+
+# -- Keras's fit style (common.loop_fit): the same accounting from fit's step callback ---------------------
+
+class FakeFitStep:
+    """A FitStep as the loop sees it: ``fit_epoch`` builds the pipeline, runs the steps with the given LRs
+    and reports each between synchronised clock reads with fit's running-mean logs (keras_impl.fit)."""
+
+    style = "fit"
+
+    def __init__(self, backend: LazyDeviceBackend, losses: list[float]):
+        self.backend, self.losses, self.compiled, self.lrs = backend, iter(losses), False, []
+
+    def fit_epoch(self, plan, lrs, on_step):
+        clock, totals = self.backend.clock, {"loss": 0.0, "correct": 0.0, "seen": 0}
+        batches = self.backend.train_batches(plan)
+        try:
+            for index, (lr, (_images, labels)) in enumerate(zip(lrs, batches)):  # LRs first: no extra fetch
+                self.backend.synchronize()
+                t0 = clock.perf_counter()
+                self.lrs.append(lr)
+                if not self.compiled:
+                    self.compiled = True
+                    clock.host(COMPILE)
+                clock.launch(STEP_DEVICE)
+                self.backend.synchronize()
+                t1 = clock.perf_counter()
+                totals["seen"] += len(labels)
+                totals["loss"] += next(self.losses) * len(labels)
+                totals["correct"] += len(labels) / 2  # half of every batch right
+                logs = {"loss": totals["loss"] / totals["seen"], "accuracy": totals["correct"] / totals["seen"]}
+                if on_step(index, t0, t1, logs):
+                    break
+        finally:
+            batches.close()
+        return logs
+
+
+def test_fit_style_epochs_and_mid_epoch_evaluations_are_accounted_as_the_custom_loops(monkeypatch):
+    """The fit epoch (common.loop_fit) on the same fake costs: the same epoch times, compile and steady
+    figures and evaluation rows as the custom loop's, the schedule's LR at every step, and each interval's
+    training loss from fit's running means (the steps' own losses, not the epoch's running mean)."""
+    import common.loop_fit as loop_fit
+
+    clock = FakeClock()
+    clock.install(monkeypatch, loop)
+    clock.install(monkeypatch, loop_fit)
+    backend = LazyDeviceBackend(clock)
+    step = FakeFitStep(backend, losses=[float(k) for k in range(1, 13)])
+    spec = _spec(eval_every_steps=2)
+    result = loop.train(backend, step, backend.eval_step, spec, num_train=40, test_labels=np.zeros(6, np.int64),
+                        memory=lambda: {"host_peak_rss_bytes": 7, "device_peak_bytes": None})
+    assert clock.unsynced_reads == []
+    assert step.lrs == [lr_at(spec.recipe, k, 4) for k in range(12)]
+    assert result.compile_s == FIRST and result.step_times_s == [STEP] * 7
+    assert [e["train_time_s"] for e in result.state.epochs] == [EPOCH_1, EPOCH, EPOCH]
+    assert result.steady_wall_s == 3 * PER_BATCH + EPOCH
+    rows = result.state.evaluations
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12] and all(r["eval_s"] == EVAL for r in rows)
+    mid = BUILD + 2 * PER_BATCH
+    assert [r["wall_s"] for r in rows] == [mid + COMPILE, EPOCH_1, EPOCH_1 + mid, EPOCH_1 + EPOCH,
+                                           EPOCH_1 + EPOCH + mid, EPOCH_1 + 2 * EPOCH]
+    assert [r["train_loss"] for r in rows] == pytest.approx([1.5, 3.5, 5.5, 7.5, 9.5, 11.5])
+    assert all(r["train_accuracy"] == pytest.approx(0.5) for r in rows)
+    assert [e["train_loss"] for e in result.state.epochs] == pytest.approx([2.5, 6.5, 10.5])
