@@ -10,6 +10,8 @@ the numbers it writes (raw measurements, never pass/fail verdicts):
   LR is not set per step;
 * ``bn``: torch's fused BatchNorm kernel against the composed keras.ops one, and the composed
   two-pass variance against keras.ops.moments's one-pass one on data with |mean| >> std;
+* ``embed``: every model on 28x28x1 input (MNIST-shaped): the embedding's shape, and the classifier
+  head applied to it against the model's logits;
 * ``tensorflow_loaded``: whether anything pulled TensorFlow into the process.
 """
 from __future__ import annotations
@@ -115,8 +117,28 @@ def bn() -> dict[str, float]:
             "default_implementation": BatchNorm.implementation}
 
 
+def embed() -> dict[str, dict[str, float | list[int]]]:
+    """Per model at 28x28x1: embedding shape vs the spec's, and |head(embedding) - logits| / max|logits|."""
+    from common.architectures import EMBEDDING_LAYER
+    from common.registry import list_models
+
+    backend = get_backend("keras-torch")
+    images = np.random.default_rng(2).standard_normal((4, 28, 28, 1)).astype(np.float32)
+    out = {}
+    for name in list_models():
+        model = backend.build_model(name, 10, (28, 28, 1))
+        weights = initial_weights(model.arch_spec, "torch_default", 2)
+        backend.set_weights(model, weights)
+        features = backend.embed(model, images)
+        head = features @ weights[f"{EMBEDDING_LAYER}.kernel"] + weights[f"{EMBEDDING_LAYER}.bias"]
+        logits = backend.predict(model, images)
+        out[name] = {"shape": list(features.shape), "expected_shape": [4, model.arch_spec.embedding_dim()],
+                     "dtype": str(features.dtype), "head_vs_logits": rel_diff(head, logits)}
+    return out
+
+
 def main(out_path: str) -> int:
-    results = {"optimizer": {name: optimizer(name) for name in RECIPES}, "fit": fit(), "bn": bn()}
+    results = {"optimizer": {name: optimizer(name) for name in RECIPES}, "fit": fit(), "bn": bn(), "embed": embed()}
     results["tensorflow_loaded"] = any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules)
     with open(out_path, "w") as handle:
         json.dump(results, handle, indent=1)

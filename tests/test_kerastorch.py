@@ -72,5 +72,13 @@ def test_composed_variance_is_two_pass_where_keras_moments_cancels(checks):
     assert found["one_pass_variance_error"] > 10 * max(found["two_pass_variance_error"], 1e-3), found
 
 
+def test_embedding_is_the_classifier_input_on_grayscale_input(checks):
+    """embed() (what retrieval ranks) returns the penultimate features on 28x28x1 input for every model:
+    the classifier head applied to them gives the model's logits."""
+    for model, found in checks["embed"].items():
+        assert found["shape"] == found["expected_shape"] and found["dtype"] == "float32", (model, found)
+        assert found["head_vs_logits"] <= 1e-4, (model, found)
+
+
 def test_a_keras_torch_process_never_loads_tensorflow(checks):
     assert checks["tensorflow_loaded"] is False

@@ -90,3 +90,48 @@ def _check_observability(out, tb, rows):
     assert [m["status"] for m in retrieval["metrics"]] == ["ok", "ok"]
     assert len(retrieval["agreement"]) == 2 and all(a["agrees"] for a in retrieval["agreement"]), retrieval
     assert "## Time to accuracy" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_keras_torch_both_styles_on_grayscale_data_end_to_end(tmp_path, monkeypatch):
+    """keras-torch with the run's observability, through the CLI: the custom step and Keras's fit on MNIST-
+    shaped data (28x28x1 IDX files, the dataset's defaults: no flips), mid-epoch evaluations, time to
+    accuracy, TensorBoard, retrieval (each style's weights embedded by the other's process too)."""
+    from tests import data_fixtures as fx
+
+    for module in ("torch", "keras"):  # (find_spec of kerastorch_impl.worker would import its package here)
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed")
+    fx.write_idx_files(tmp_path / "mnist", fx.idx_arrays(96, 32))
+    for name in ("DUALBENCH_EXTRA_BACKENDS", "DUALBENCH_FAKE_FAULT", "KERAS_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    # MNIST's published counts shrunk to the generated files' (as tests/test_idx.py does), in the parent
+    # process, which decodes the files into the cache the workers then read
+    shrink = ("import dataclasses\nfrom common.data import idx\nfor name, d in list(idx.IDX_DATASETS.items()):\n"
+              "    idx.IDX_DATASETS[name] = dataclasses.replace(d, counts=(96, 32))")
+    out, tb = tmp_path / "out", tmp_path / "tb"
+    argv = ["run", "--backends", "keras-torch", "--style", "custom,fit", "--models", "seed_cnn",
+            "--data", f"mnist:{tmp_path / 'mnist'}", "--epochs", "1", "--max-steps-per-epoch", "3",
+            "--batch-size", "16", "--measure-warmup-steps", "1", "--device", "cpu", "--threads", "1",
+            "--timeout", "600", "--out", str(out), "--eval-every-steps", "2", "--target-accuracy", "0.05",
+            "--tensorboard", str(tb), "--retrieval"]
+    done = fx.run_cli(argv, tmp_path / "cache", prelude=shrink, timeout=1500)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((out / "logs").glob("*.log"))) if out.exists() else ""
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + logs
+    rows = {RunResult.from_dict(json.loads(line)).spec["style"]: json.loads(line)
+            for line in (out / "runs.jsonl").read_text().splitlines()}
+    assert set(rows) == {"custom", "fit"}
+    for style, row in rows.items():
+        assert row["status"] == "ok" and row["backend"] == "keras-torch", (style, row.get("error"))
+        assert row["settings"]["execution_style"] == style and row["settings"]["execution_mode"] == "eager"
+        assert row["settings"]["augmentation"] == "random crop (pad 3)"  # MNIST's defaults: no flips
+        assert [e["step"] for e in row["evaluations"]] == [2, 3] and row["evaluations"][0]["eval_s"] > 0
+        assert row["evaluations"][0]["train_loss"] > 0 and row["train_images_per_sec"] is not None
+    tables = (out / "report.md").read_text()
+    assert "keras-torch:fit" in tables and "## Time to accuracy" in tables and "The cost of the idiom" in tables
+    for folder in ("keras-torch", "keras-torch-fit"):
+        assert list((tb / "seed_cnn" / folder / "seed0").glob("events.out.tfevents.*")), folder
+    retrieval = json.loads((out / "retrieval.json").read_text())
+    assert sorted(m["backend"] for m in retrieval["metrics"]) == ["keras-torch", "keras-torch:fit"]
+    assert all(m["status"] == "ok" for m in retrieval["metrics"]), retrieval["metrics"]
+    assert all(a["agrees"] for a in retrieval["agreement"]) and len(retrieval["agreement"]) == 2
