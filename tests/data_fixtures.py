@@ -112,7 +112,10 @@ def write_image_folder(root: Path, classes=("cat", "ant", "bee"), per_class=(3, 
 def run_cli(args: list[str], cache: Path, prelude: str = "", timeout: int = 120) -> subprocess.CompletedProcess:
     """Run ``python -m compare ARGS`` with DUALBENCH_CACHE=cache; ``prelude`` runs first (e.g. no network)."""
     code = f"{prelude}\nimport runpy, sys\nsys.argv = ['dualbench', *{args!r}]\nrunpy.run_module('compare', run_name='__main__')"
-    env = dict(os.environ, DUALBENCH_CACHE=str(cache), PYTHONPATH=str(PROJECT_ROOT))
+    # without KERAS_BACKEND: the test process's own choice (conftest imports tf_impl), not a user's; the CLI
+    # refuses a user's KERAS_BACKEND that contradicts a selected backend (keras-torch)
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env.update(DUALBENCH_CACHE=str(cache), PYTHONPATH=str(PROJECT_ROOT))
     return subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -25,7 +25,7 @@ def test_bench_json_rows_and_oom_boundary(fake_env, monkeypatch, tmp_path, capsy
     sizes = [(r["batch_size"], r["status"], r["retry_of"]) for r in rows]
     assert (64, "oom", None) in sizes and (48, "ok", 64) in sizes
     assert all(b != 128 for b, _, _ in sizes)
-    assert csv.read_text().splitlines()[0].startswith("model,backend,mode,precision,batch_size,phase")
+    assert csv.read_text().splitlines()[0].startswith("model,backend,mode,style,precision,batch_size,phase")
 
 
 def test_bench_bad_input_is_one_line_and_exit_2(fake_env, capsys):

@@ -103,7 +103,7 @@ def test_keras_torch_both_styles_on_grayscale_data_end_to_end(tmp_path, monkeypa
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed")
     fx.write_idx_files(tmp_path / "mnist", fx.idx_arrays(96, 32))
-    for name in ("DUALBENCH_EXTRA_BACKENDS", "DUALBENCH_FAKE_FAULT", "KERAS_BACKEND"):
+    for name in ("DUALBENCH_EXTRA_BACKENDS", "DUALBENCH_FAKE_FAULT"):
         monkeypatch.delenv(name, raising=False)
     # MNIST's published counts shrunk to the generated files' (as tests/test_idx.py does), in the parent
     # process, which decodes the files into the cache the workers then read
