@@ -107,8 +107,9 @@ SPACES = {
                     Dimension("inter_op_threads", (None, 1, 2)),
                     Dimension("data_threads", (None, 1), per_model=False))),
     # Keras on PyTorch: torch's process settings, Keras's two modes. The mode comes last: a jit_compile
-    # candidate (torch.compile of the Keras step) is the costliest process of the search on a CPU, so the
-    # budget decides whether it is tried after the cheap dimensions.
+    # candidate (torch.compile of the Keras step: ~1 min per process for seed_cnn on a 2-core CPU, 32 s of
+    # it compiling) is the costliest process of the search, so the budget decides whether it is tried
+    # after the cheap dimensions.
     "keras-torch": SearchSpace(
         reference=FRAMEWORK_DEFAULT["keras-torch"], start=FRAMEWORK_DEFAULT["keras-torch"],
         dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),

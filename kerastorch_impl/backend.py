@@ -29,10 +29,11 @@ from kerastorch_impl.optim import EvalStep, TrainStep, _fit_step
 from torch_impl import backend as _torch_backend
 
 # The fixed fallback mode per device type ("best": used where no per-machine search chose one, see
-# common.execution.FALLBACK): eager on the CPU, where torch.compile of a Keras model costs minutes of
-# compilation per process for no steady-state gain (benchmarks/mode_matrix.py); jit_compile
-# (torch.compile) on CUDA, the usual fastest there (fused BN/ReLU epilogues), unmeasured until a GPU
-# run of benchmarks/tune_check.py confirms it.
+# common.execution.FALLBACK, i.e. runs too short to pay for a search): eager on the CPU, because
+# torch.compile of the Keras step costs tens of seconds per process before its first step (seed_cnn,
+# batch 32, 2-core Xeon, 2026-11-29, one tune candidate each: 32 s to compile, then 297 img/s against
+# eager's 210, so a long run gains and its search finds that); jit_compile (torch.compile) on CUDA, the
+# usual fastest there (fused BN/ReLU epilogues), unmeasured until a GPU run of benchmarks/tune_check.py.
 FALLBACK_MODE = {"cpu": "eager", "cuda": "jit_compile"}
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 _PRECISION_OF_POLICY = {v: k for k, v in _POLICIES.items()}
