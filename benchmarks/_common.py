@@ -12,7 +12,6 @@ import csv
 import io
 import datetime
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -102,9 +101,9 @@ def _cli_env() -> dict[str, str]:
     """The environment of a `dualbench` command: the user's as it is (its workers get their configuration's
     process-level settings from the CLI itself; applying a fallback's here, e.g. TF_ENABLE_ONEDNN_OPTS=1,
     would overwrite what the user set, such as an emulated AVX2 CPU's TF_ENABLE_ONEDNN_OPTS=0)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(
-        os.pathsep))]))
+    from compare.process import project_env
+
+    env = project_env()
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 

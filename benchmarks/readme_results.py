@@ -88,7 +88,7 @@ def tuning_section(results: Path) -> list[str]:
 
 TTA_COLUMNS = {"model": "model", "backend": "backend", "target_acc_pct": "target %", "seeds_reached": "seeds reached",
                "tta_median": "median training time to target", "tta_per_seed": "per seed",
-               "eval_every_steps": "eval every (steps)"}
+               "eval_every_steps": "eval every (steps; blank: epoch ends)"}
 RETRIEVAL_COLUMNS = ["model", "backend", "seed", "status", "recall@1", "recall@5", "recall@10", "map@r",
                      "embedding_dim", "queries", "gallery"]
 AGREEMENT_COLUMNS = ["model", "seed", "weights_of", "embedded_by", "max_rel_diff", "rtol", "agrees"]

@@ -50,15 +50,12 @@ class ProcessOutcome:
     stdout_tail: list[str] = field(default_factory=list)  # non-event stdout lines (last TAIL_LINES)
 
 
-def worker_env(execution: Any = None) -> dict[str, str]:
-    """The environment of one worker: the parent's, the project root on PYTHONPATH (so the worker
-    modules import), and the process-level parts of ``execution`` (a common.execution.ExecutionConfig:
-    oneDNN switch, malloc tuning; None: the fallback's), which the framework reads when it loads;
-    without KERAS_BACKEND: each Keras worker chooses its own (tensorflow: Keras on TensorFlow,
-    keras-torch: on torch), and a parent that runs Keras itself (the tests) must not hand its choice
-    on. The CLI refuses a user's KERAS_BACKEND that contradicts a selected backend before any worker
-    starts."""
-    from common.execution import process_env
+def project_env() -> dict[str, str]:
+    """The parent's environment as it is, with the project root first on PYTHONPATH (so the project's
+    modules import in a child process) and unbuffered output, and without KERAS_BACKEND: each Keras
+    worker chooses its own (tensorflow: Keras on TensorFlow, keras-torch: on torch), and a parent that
+    runs Keras itself (the tests) must not hand its choice on. The CLI refuses a user's KERAS_BACKEND
+    that contradicts a selected backend before any worker starts."""
     from common.manifest import PROJECT_ROOT
 
     env = dict(os.environ)
@@ -66,7 +63,16 @@ def worker_env(execution: Any = None) -> dict[str, str]:
     parts = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    return dict(process_env(execution, env))
+    return env
+
+
+def worker_env(execution: Any = None) -> dict[str, str]:
+    """The environment of one worker: ``project_env()`` and the process-level parts of ``execution`` (a
+    common.execution.ExecutionConfig: oneDNN switch, malloc tuning; None: the fallback's), which the
+    framework reads when it loads."""
+    from common.execution import process_env
+
+    return dict(process_env(execution, project_env()))
 
 
 def _pump(stream, lines: "queue.Queue[str | None]") -> None:

@@ -124,8 +124,9 @@ def test_the_budget_stops_new_candidates_but_the_first_challenger_and_pins_are_n
     assert not any(row["role"].startswith("channels_last") for row in record["rows"])
 
 
-def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, monkeypatch):
-    """Each candidate process 'takes' 10 s of a fake clock: with 25 s, the third would end at 30 s."""
+@pytest.fixture
+def timed_search(monkeypatch):
+    """ScriptedSearch whose every candidate process 'takes' 10 s of a fake clock."""
     clock = [0.0]
     monkeypatch.setattr(tune.time, "monotonic", lambda: clock[0])
 
@@ -134,25 +135,22 @@ def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, monkey
             clock[0] += 10.0
             return super().measure(config, stop_below)
 
-    search = TimedSearch(_spec(), {}, budget_s=25.0)
+    return TimedSearch
+
+
+def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, timed_search):
+    """Each candidate process takes 10 s: with 25 s, the third would end at 30 s."""
+    search = timed_search(_spec(), {}, budget_s=25.0)
     record = search.run()
     ran = [row for row in record["rows"] if row["status"] != "skipped"]
     assert len(ran) == 2 and len(search.calls) == 2  # ended at 20 s; a start at 20 s would end at 30 s
     assert record["elapsed_s"] <= 25.0 and record["complete"] is False
 
 
-def test_a_tight_budget_tries_every_dimension_before_measuring_a_close_call_again(fake_env, monkeypatch):
+def test_a_tight_budget_tries_every_dimension_before_measuring_a_close_call_again(fake_env, timed_search):
     """Breadth first: 5 processes of 10 s fit 55 s. A close win (malloc x1.08) measured again at once would
     take two of them and leave compile and xla untried; instead it stands on its one measurement."""
-    clock = [0.0]
-    monkeypatch.setattr(tune.time, "monotonic", lambda: clock[0])
-
-    class TimedSearch(ScriptedSearch):
-        def measure(self, config, stop_below):
-            clock[0] += 10.0
-            return super().measure(config, stop_below)
-
-    search = TimedSearch(_spec(), {"malloc=tuned": 1.08}, budget_s=55.0)
+    search = timed_search(_spec(), {"malloc=tuned": 1.08}, budget_s=55.0)
     record = search.run()
     statuses = {row["role"]: row["status"] for row in record["rows"]}
     assert set(statuses) == {"reference, framework default", "malloc_tuning=True", "channels_last=True",
@@ -160,7 +158,7 @@ def test_a_tight_budget_tries_every_dimension_before_measuring_a_close_call_agai
     assert set(statuses.values()) == {"ok"} and record["complete"] is True
     assert len(search.calls) == len(set(label for label, _ in search.calls)) == 5  # nothing measured twice
     assert "malloc=tuned" in record["choice_label"]  # the close win stands on its one measurement (>= MIN_GAIN)
-    roomy = TimedSearch(_spec(), {"malloc=tuned": 1.08}, budget_s=75.0)  # room for all of them and the BA
+    roomy = timed_search(_spec(), {"malloc=tuned": 1.08}, budget_s=75.0)  # room for all of them and the BA
     roomy.run()
     assert len(roomy.calls) == 7
 
