@@ -1,8 +1,11 @@
 """The execution-mode matrix per framework: the evidence behind the fallback mode (``--mode best``).
 
 torch: eager / compile x channels_last on / off; TensorFlow: eager / graph /
-xla; each in fp32 and bf16 (bf16 where it runs on this CPU; a failure is
-recorded, not fatal). Every configuration is one ``dualbench bench --json``
+xla; keras-torch (Keras 3 on PyTorch): eager / jit_compile; each in fp32 and
+bf16 (bf16 where it runs on this CPU; a failure is recorded, not fatal). The
+Keras backends run every mode in both styles, the custom step and Keras's
+``fit`` (``--style custom,fit``: one process per style), and the matrix gives
+fit over custom per mode (the cost of the idiom; ``--no-fit`` leaves it out). Every configuration is one ``dualbench bench --json``
 call (phase train; one measurement process per model), so the numbers are
 dualbench's own compute-only training images/s (median of per-step figures,
 compile step and warm-up excluded) plus the compile step's seconds.
@@ -18,6 +21,7 @@ Inductor caches compiled code on disk, so torch compile_s is a warm-cache
 figure after the first run on a machine.
 
     .venv/bin/python benchmarks/mode_matrix.py            # ~10+ minutes on 2 cores
+    .venv/bin/python benchmarks/mode_matrix.py --backends torch,tensorflow,keras-torch --precisions fp32
     .venv/bin/python benchmarks/mode_matrix.py --quick
 """
 from __future__ import annotations
@@ -30,6 +34,8 @@ from _common import (abba, base_parser, dualbench_bench, machine_header, median,
 
 TORCH_CONFIGS = [("eager", "on"), ("eager", "off"), ("compile", "on"), ("compile", "off")]
 TF_MODES = ["graph", "xla", "eager"]
+KERAS_TORCH_MODES = ["eager", "jit_compile"]
+KERAS_BACKENDS = ("tensorflow", "keras-torch")  # the backends with Keras's fit style
 FALLBACK_PROBES = {
     "torch": "import json, torch; from torch_impl.backend import FALLBACK_MODE; "
              "from common.execution import FALLBACK; cl = FALLBACK['torch'].channels_last; "
@@ -38,19 +44,24 @@ FALLBACK_PROBES = {
     "tensorflow": "import json, tensorflow as tf; from tf_impl.backend import FALLBACK_MODE; "
                   "d = 'gpu' if tf.config.list_physical_devices('GPU') else 'cpu'; "
                   "print(json.dumps({'device': d, 'config': FALLBACK_MODE[d]}))",
+    "keras-torch": "import json, kerastorch_impl, torch; from kerastorch_impl.backend import FALLBACK_MODE; "
+                   "d = 'cuda' if torch.cuda.is_available() else 'cpu'; "
+                   "print(json.dumps({'device': d, 'config': FALLBACK_MODE[d]}))",
 }
 
 
 def configurations(backends: list[str], precisions: list[str]) -> list[tuple[str, str, str | None, str]]:
-    """(backend, mode, channels_last or None, precision), torch and TensorFlow interleaved."""
+    """(backend, mode, channels_last or None, precision), the backends interleaved."""
     per_backend = {"torch": [("torch", m, cl, p) for p in precisions for m, cl in TORCH_CONFIGS],
-                   "tensorflow": [("tensorflow", m, None, p) for p in precisions for m in TF_MODES]}
+                   "tensorflow": [("tensorflow", m, None, p) for p in precisions for m in TF_MODES],
+                   "keras-torch": [("keras-torch", m, None, p) for p in precisions for m in KERAS_TORCH_MODES]}
     lists = [per_backend[b] for b in backends]
     return [c for group in itertools.zip_longest(*lists) for c in group if c is not None]
 
 
-def label(mode: str, channels_last: str | None) -> str:
-    return mode if channels_last is None else f"{mode} cl={channels_last}"
+def label(mode: str, channels_last: str | None, style: str = "custom") -> str:
+    text = mode if channels_last is None else f"{mode} cl={channels_last}"
+    return text if style == "custom" else f"{text} {style}"
 
 
 def run_config(config, args) -> list[dict]:
@@ -62,16 +73,20 @@ def run_config(config, args) -> list[dict]:
         bench_args += ["--channels-last", channels_last]
     if args.threads:
         bench_args += ["--threads", str(args.threads)]
+    if args.fit and backend in KERAS_BACKENDS:
+        bench_args += ["--style", "custom,fit"]
     rows = dualbench_bench(bench_args, f"bench-{backend}-{mode}-{precision}")
     found = [r for r in rows if r.get("measure") in ("compute", None)]  # failed configs have no measure
-    return [{"config": label(mode, channels_last), **r} for r in found] or [
+    return [{"config": label(mode, channels_last, r.get("style") or "custom"), **r} for r in found] or [
         {"config": label(mode, channels_last), "backend": backend, "precision": precision, "status": "no rows"}]
 
 
 def summarise(rows: list[dict], fallbacks: dict[str, dict]) -> list[dict]:
     """Per (backend, model, precision, config): median images/s and compile_s; the winner marked."""
     out = []
-    order = {c: i for i, c in enumerate([label(m, cl) for m, cl in TORCH_CONFIGS] + TF_MODES)}
+    names = [label(m, cl) for m, cl in TORCH_CONFIGS] + [
+        label(m, None, style) for m in dict.fromkeys(TF_MODES + KERAS_TORCH_MODES) for style in ("custom", "fit")]
+    order = {c: i for i, c in enumerate(names)}
     keys = sorted(dict.fromkeys((r["backend"], r.get("model"), r["precision"], r["config"]) for r in rows),
                   key=lambda k: (k[0] != "torch", k[2] != "fp32", k[2], str(k[1]), order.get(k[3], 99)))
     for backend, model, precision, config in keys:
@@ -83,9 +98,18 @@ def summarise(rows: list[dict], fallbacks: dict[str, dict]) -> list[dict]:
                     "train_img_s": median(r.get("images_per_sec") for r in ok),
                     "compile_s": median(r.get("compile_s") for r in ok), "fastest": "",
                     "fallback": "FALLBACK" if fallbacks.get(backend, {}).get("config") == config else "",
+                    "style": mine[0].get("style") or "custom", "fit_over_custom": None,
                     "status": "ok" if ok else str(mine[0].get("error") or mine[0].get("status"))[:80]})
+    for row in out:  # the idiom's cost: fit over the custom step, same backend, mode, model and precision
+        if row["style"] == "fit" and row["train_img_s"]:
+            custom = next((r for r in out if r["style"] == "custom" and r["train_img_s"] and
+                           (r["backend"], r["model"], r["precision"], label(r["config"], None, "fit")) ==
+                           (row["backend"], row["model"], row["precision"], row["config"])), None)
+            if custom:
+                row["fit_over_custom"] = row["train_img_s"] / custom["train_img_s"]
     for group in dict.fromkeys((r["backend"], r["model"], r["precision"]) for r in out):
-        members = [r for r in out if (r["backend"], r["model"], r["precision"]) == group and r["train_img_s"]]
+        members = [r for r in out if (r["backend"], r["model"], r["precision"]) == group and r["train_img_s"]
+                   and r["style"] == "custom"]
         if members:
             max(members, key=lambda r: r["train_img_s"])["fastest"] = "fastest"
     return out
@@ -104,6 +128,8 @@ def verdicts(summary: list[dict], fallbacks: dict[str, dict]) -> list[str]:
         agrees = "matches the fallback" if chosen == row["config"] else f"differs from the fallback ({chosen}{gap})"
         lines.append(f"{row['backend']} {row['model']} {row['precision']}: fastest {row['config']} "
                      f"({row['train_img_s']:.0f} img/s) - {agrees}")
+    lines += [f"{r['backend']} {r['model']} {r['precision']} {r['config']}: fit over custom "
+              f"{r['fit_over_custom']:.2f}" for r in summary if r["fit_over_custom"]]
     return lines
 
 
@@ -115,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the compile step")
     parser.add_argument("--rounds", type=int, default=2,
                         help="repeats of the interleaved sequence, even for a balanced order")
+    parser.add_argument("--no-fit", dest="fit", action="store_false",
+                        help="Keras backends: the custom step only (default: also Keras's fit, and fit over custom)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.steps, args.warmup, args.rounds = 16, 2, 1, 1

@@ -56,6 +56,24 @@ def test_mode_matrix_interleaves_frameworks_and_marks_the_winner():
     assert "differs from the fallback (xla, the fallback 33.3% slower)" in verdict
 
 
+def test_mode_matrix_gives_keras_torch_modes_and_fit_over_custom_per_mode():
+    configs = mode_matrix.configurations(["torch", "tensorflow", "keras-torch"], ["fp32"])
+    assert [c[0] for c in configs[:3]] == ["torch", "tensorflow", "keras-torch"]
+    assert [c[1] for c in configs if c[0] == "keras-torch"] == ["eager", "jit_compile"]
+    measured = [("eager", "custom", 200.0), ("eager", "fit", 150.0), ("jit_compile", "custom", 300.0),
+                ("jit_compile", "fit", 330.0)]
+    rows = [{"backend": "keras-torch", "model": "m", "precision": "fp32", "style": style,
+             "config": mode_matrix.label(mode, None, style), "batch_size": 8, "status": "ok",
+             "images_per_sec": v, "compile_s": 1.0} for mode, style, v in measured]
+    summary = mode_matrix.summarise(rows, {"keras-torch": {"config": "eager"}})
+    got = {r["config"]: (r["fastest"], r["fit_over_custom"]) for r in summary}
+    # fit is a style, not a mode: the fastest mode is chosen among custom steps, fit is a ratio beside it
+    assert got == {"eager": ("", None), "eager fit": ("", pytest.approx(0.75)),
+                   "jit_compile": ("fastest", None), "jit_compile fit": ("", pytest.approx(1.1))}
+    lines = mode_matrix.verdicts(summary, {"keras-torch": {"config": "eager"}})
+    assert "keras-torch m fp32 jit_compile fit: fit over custom 1.10" in lines
+
+
 def test_roofline_uses_six_macs_per_trained_image():
     from common.architectures import arch_spec
 
