@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from common.runtimes import LoadedArtifact
+from torch_impl.export import set_threads  # noqa: F401  (the same torch thread pools; the mirror's public name)
 
 
 def export_artifact(model: Any, fmt: str, path: str | Path, in_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -26,12 +25,3 @@ def load_artifact(fmt: str, path: str | Path) -> LoadedArtifact:
     """No format yet: always ValueError."""
     raise ValueError(f"keras-torch loads no artifact format yet (asked for {fmt!r})")
 
-
-def set_threads(threads: int) -> dict[str, int]:
-    """``threads`` intra-op threads and no extra inter-op pool; returns the values read back."""
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # only settable before the first inter-op work
-        pass
-    return {"intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads()}
