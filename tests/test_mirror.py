@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FILES = sorted(p.name for p in (ROOT / "torch_impl").glob("*.py"))
 MIRRORS = ("tf_impl", "kerastorch_impl")  # each compared with torch_impl
 SHARED_PACKAGE = "keras_impl"  # names imported from here are the importing file's own surface
+REEXPORTED_FROM = ("torch_impl",)  # so are names a mirror takes as they are from torch_impl (same framework)
 
 
 def public_surface(path: Path) -> tuple[set[str], dict[str, set[str]]]:
@@ -27,6 +28,7 @@ def public_surface(path: Path) -> tuple[set[str], dict[str, set[str]]]:
     tree = ast.parse(path.read_text())
     names: set[str] = set()
     classes: dict[str, set[str]] = {}
+    sources = {SHARED_PACKAGE, *REEXPORTED_FROM} - {path.parent.name}  # torch_impl's own imports are not
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             found = [node.name]
@@ -40,7 +42,7 @@ def public_surface(path: Path) -> tuple[set[str], dict[str, set[str]]]:
             found = [t.id for t in node.targets if isinstance(t, ast.Name)]
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             found = [node.target.id]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == SHARED_PACKAGE:
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in sources:
             found = [alias.asname or alias.name for alias in node.names]
         else:
             continue
