@@ -154,16 +154,23 @@ def check_global_batches(specs: list[RunSpec], n_train: int) -> None:
                               "--batch-size or --nproc")
 
 
-def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any, args: argparse.Namespace) -> None:
+def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any, args: argparse.Namespace,
+                    started_commit: str | None) -> None:
+    """manifest.json: the machine, versions and command; ``git_commit`` is the project's commit when the
+    command started (the search before this point may take minutes); a different commit by now is
+    recorded beside it as ``git_commit_at_manifest`` (the code changed while the command ran)."""
     import shlex
 
-    from common.manifest import collect_manifest
+    from common.manifest import collect_manifest, git_commit
 
     # the target travels in every RunSpec (its target_accuracy) and so in command_for's command line
     extra = (["--tensorboard", args.tensorboard] if args.tensorboard else []) + (
         ["--retrieval"] if args.retrieval else [])
     command = options.command_for([s.to_dict() for s in specs], str(store.root))
+    now = git_commit()
+    changed = {"git_commit_at_manifest": now} if now != started_commit else {}
     store.write_json("manifest.json", collect_manifest(
+        git_commit=started_commit, **changed,
         command=command + (" " + shlex.join(extra) if extra else ""), tensorboard_dir=args.tensorboard,
         retrieval=bool(args.retrieval), data_verification=dataset.verification,
         argv=sys.argv, data_spec=specs[0].data, data_fingerprint=dataset.fingerprint,
@@ -257,7 +264,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any) -> int:
+    from common.manifest import git_commit
     from compare.runner import Runner
+
+    started_commit = git_commit()  # the code this command started with, before minutes of searching
 
     seeds = sorted({s.seed for s in specs}, key=[s.seed for s in specs].index)
     specs = apply_data_defaults(specs, args)
@@ -268,7 +278,7 @@ def _run(args: argparse.Namespace, store: Any, specs: list[RunSpec], launch: Any
     specs = resolve_executions(args, specs, dataset, store)
     runner = Runner(store, timeout_s=args.timeout, force=args.force, launch=launch)
     runner.check_existing(specs)
-    _write_manifest(store, specs, dataset, args)
+    _write_manifest(store, specs, dataset, args, started_commit)
     pending = runner.pending(specs)
     interrupted, failed, progress = False, False, None
     try:

@@ -129,6 +129,19 @@ def test_a_backend_fallback_is_printed_and_kept_in_the_audit_and_the_manifest(fa
     assert fallbacks["fakeb"] == "fake backend: simulated fallback" and fallbacks["fakea"] == "none"
 
 
+def test_the_manifest_names_the_commit_the_command_started_from(fake_env, tmp_path, monkeypatch):
+    """The search before the manifest is written can take minutes: a commit made meanwhile must not be
+    recorded as the code that started; it is recorded beside it."""
+    import common.manifest
+
+    commits = iter(["started", "committed-meanwhile"] + ["later"] * 10)
+    monkeypatch.setattr(common.manifest, "git_commit", lambda: next(commits))
+    out = tmp_path / "out"
+    assert fake_run(out) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["git_commit"], manifest["git_commit_at_manifest"]) == ("started", "committed-meanwhile")
+
+
 def test_run_prints_progress_tables_and_paths(fake_env, tmp_path, capsys):
     out = tmp_path / "out"
     assert fake_run(out, "--mode", "eager") == 0
