@@ -163,8 +163,8 @@ class Resolver:
         if not record.get("complete", True):
             skipped = sum(row["status"] == "skipped" for row in record["rows"])
             self.log(f"tuning {spec.backend} / {spec.model}: its {budget:.0f} s share of the budget ran out with {skipped} "
-                     "candidate(s) untried (a busy machine?); runs use the choice, `dualbench tune` searches again "
-                     "(raise --tune-budget-s for a complete search)")
+                     "candidate(s) untried, in the order of expected effect (the last ones matter least); runs use "
+                     "the choice, `dualbench tune --tune-budget-s S` with a larger S searches them all")
         return record
 
     def _inherited(self, spec: RunSpec, key: str) -> tuple[Any, str] | None:
