@@ -7,7 +7,8 @@ framework base class) that the sides define, its public methods. Names a file
 only imports are not its surface, with one exception: the names a Keras
 backend imports from ``keras_impl`` (the Keras code both Keras backends share,
 written once in keras.ops) ARE its surface, since that is where its models,
-layers and weight I/O are defined. A helper that makes sense on one side only
+layers and weight I/O are defined; and the names kerastorch_impl takes as they are
+from ``torch_impl`` (the same framework's thread pools, say). A helper that makes sense on one side only
 (an nn.Module subclass, a Keras functional builder) is private (``_name``)
 there, so the rule stays "same public names", with no hand-kept list to drift.
 """
