@@ -162,11 +162,12 @@ def _write_manifest(store: Any, specs: list[RunSpec], dataset: Any, args: argpar
     import shlex
 
     from common.manifest import collect_manifest, git_commit
+    from compare.command_line import command_for
 
     # the target travels in every RunSpec (its target_accuracy) and so in command_for's command line
     extra = (["--tensorboard", args.tensorboard] if args.tensorboard else []) + (
         ["--retrieval"] if args.retrieval else [])
-    command = options.command_for([s.to_dict() for s in specs], str(store.root))
+    command = command_for([s.to_dict() for s in specs], str(store.root))
     now = git_commit()
     changed = {"git_commit_at_manifest": now} if now != started_commit else {}
     store.write_json("manifest.json", collect_manifest(

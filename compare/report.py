@@ -19,7 +19,7 @@ from compare import plots, time_to_accuracy, tune_report
 from compare import report_sections as sections
 from compare.deployment import report_blocks
 from compare.document import Block, to_html, to_markdown
-from compare.options import command_for
+from compare.command_line import command_for
 from compare.scaling import has_scaling, scaling_blocks, scaling_table
 from compare.store import ResultsStore
 from compare.tables import (as_configurations, audit_frame, build_tables, by_series, ordered_backends,

@@ -14,6 +14,7 @@ import pytest
 
 from common.errors import ConfigError
 from compare import options
+from compare.command_line import command_for
 from tests.runner_helpers import (PROJECT_ROOT, SMALL, fake_env, fake_run, launch_pids,  # noqa: F401
                                   launches, rows, run_cli)
 
@@ -176,7 +177,7 @@ def test_options_map_onto_runspec_and_recipe():
     spec = options.make_spec("resnet20", "tensorflow", 3, modes["tensorflow"], recipe, options.spec_kwargs(args))
     assert (spec.channels_last, spec.threads, spec.deterministic, spec.allow_tf32) == (False, 2, True, True)
     assert (spec.max_steps_per_epoch, spec.precision, spec.mode, spec.seed) == (7, "bf16", "xla", 3)
-    command = options.command_for([spec.to_dict()])
+    command = command_for([spec.to_dict()])
     for flag in ("--optimizer adamw", "--no-nesterov", "--channels-last off", "--deterministic", "--threads 2"):
         assert flag in command
     with pytest.raises(ConfigError, match="not in --backends"):

@@ -11,6 +11,7 @@ import pytest
 from common.config import INIT_SCHEMES, Recipe, RunSpec
 from common.errors import ConfigError
 from compare import options
+from compare.command_line import command_for
 from compare.cli import build_parser
 from tests.runner_helpers import fake_env, launches, run_cli  # noqa: F401
 
@@ -139,7 +140,7 @@ def test_new_recipe_flags_reach_the_recipe_and_the_reproducing_command():
     assert (recipe.decay_bn_and_bias, recipe.eval_batch_size, recipe.dropout) == (False, 250, 0.1)
     assert (recipe.adam_beta1, recipe.adam_beta2, recipe.warmup_epochs) == (0.8, 0.99, 1.0)
     spec = RunSpec(model="resnet20", backend="torch", recipe=recipe)
-    command = options.command_for([spec.to_dict()], "o")
+    command = command_for([spec.to_dict()], "o")
     for words in ("--no-decay-bn-and-bias", "--eval-batch-size 250", "--adam-betas 0.8,0.99", "--dropout 0.1",
                   "--lr-warmup-epochs 1.0"):
         assert words in command, command
