@@ -31,11 +31,12 @@ SUMMARY_COLUMNS = {
     "host_data_mib": "host data MiB", "device_peak_mib": "device peak MiB", "device_data_mib": "device data MiB",
 }
 H2H_COLUMNS = {
-    "model": "model", "train_img_s_ratio": "tf/torch train img/s (median of seeds)",
+    # every ratio and difference is the comparison's: "tensorflow/torch" = tensorflow over (minus) torch
+    "model": "model", "comparison": "comparison", "train_img_s_ratio": "train img/s ratio (median of seeds)",
     "train_img_s_ratio_ci_lo": "95% CI lo (seeds)", "train_img_s_ratio_ci_hi": "95% CI hi (seeds)",
-    "pipeline_img_s_ratio": "tf/torch pipeline", "host_rss_ratio": "tf/torch host RSS",
+    "pipeline_img_s_ratio": "pipeline ratio", "host_rss_ratio": "host RSS ratio",
     "host_rss_less_data_ratio": "host RSS less data", "device_peak_less_data_ratio": "device peak less data",
-    "acc_diff_pts": "acc diff (tf-torch, pts)", "acc_diff_ci_lo_pts": "95% CI lo", "acc_diff_ci_hi_pts": "95% CI hi",
+    "acc_diff_pts": "acc diff (pts)", "acc_diff_ci_lo_pts": "95% CI lo", "acc_diff_ci_hi_pts": "95% CI hi",
     "acc_test": "test", "acc_seed_spread_pts": "seed spread (pts)", "verdict": "verdict",
 }
 
