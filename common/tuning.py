@@ -24,6 +24,13 @@ the seed's initial weights, the train step) and then, in this order:
 
 The OUT file holds the measurements, the gate outputs and the settings read
 back from the framework (the audit), which say what really ran.
+
+In-process variants (``measure_alternating``: configurations that differ
+only in what the backend applies inside the process, execution mode and
+memory format) are measured in one process, alternately: each variant is
+built and gated as above, then timed in blocks in ABBA order, so that the
+choice between them is not left to process-to-process noise (10-20% on a
+shared machine, more than the differences the search has to resolve).
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ from common.results import write_json_atomic
 from common.sampler import epoch_plan
 
 MIN_TIMED_STEPS = 3  # timed steps before a candidate may stop early
+ALTERNATION_ROUNDS = 2  # in-process variants: timed blocks in ABBA order (forward, then backward)
 
 
 SAMPLES_PER_TENSOR = 256  # values of each weight tensor compared by the gate (evenly spaced)
@@ -73,9 +81,8 @@ def _training_batches(backend: Any, spec: RunSpec, num_train: int):
         yield from backend.train_batches(plan)
 
 
-def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: int, steps: int,
-                      stop_below: float | None = None) -> dict[str, Any]:
-    """Gate outputs and steady-state throughput of ``spec`` (its ``execution`` set) in this process."""
+def _prepare(backend: Any, spec: RunSpec, gate_steps: int) -> dict[str, Any]:
+    """Build ``spec`` on ``backend`` and compute its gate outputs from the initial state (step 1 above)."""
     from common.worker import build
 
     built = build(backend, spec)
@@ -100,28 +107,120 @@ def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: i
         if index == 0:  # the first update: gradients, optimizer and BN statistics from the initial state
             after = weight_sample(backend.get_weights(model))
             first_update = {name: (after[name] - initial[name]).tolist() for name in sorted(initial)}
-    for _ in range(warmup):
-        train_step(*next(batches), lr)
-    timed, stopped_early, started = [], False, time.perf_counter()
-    batch = spec.recipe.batch_size
+    return {"backend": backend, "spec": spec, "train_step": train_step, "batches": batches, "built": built,
+            "compile_s": compile_s, "eval_compile_s": eval_compile_s,
+            "gate": {"eval_logits": logits_before.tolist(), "train_losses": losses, "first_update": first_update}}
+
+
+def _warm(state: dict[str, Any], steps: int) -> None:
     for _ in range(steps):
-        images, labels = next(batches)
+        state["train_step"](*next(state["batches"]), state["spec"].recipe.lr)
+
+
+def _timed(state: dict[str, Any], steps: int, stop_below: float | None = None) -> tuple[list[float], bool]:
+    """Up to ``steps`` timed steps (step 2 above); (their seconds, whether it stopped early)."""
+    backend, train_step, lr = state["backend"], state["train_step"], state["spec"].recipe.lr
+    batch, timed = state["spec"].recipe.batch_size, []
+    for _ in range(steps):
+        images, labels = next(state["batches"])
         backend.synchronize()  # the batch is produced; its work is not charged to the step
         t0 = time.perf_counter()
         train_step(images, labels, lr)
         backend.synchronize()
         timed.append(time.perf_counter() - t0)
         if stop_below and len(timed) >= MIN_TIMED_STEPS and batch / statistics.median(timed) < stop_below:
-            stopped_early = True
-            break
-    wall = time.perf_counter() - started
-    return {"os_threads": _os_threads(),
-        "status": "ok", "images_per_sec": batch / statistics.median(timed) if timed else None,
-        "pipeline_images_per_sec": batch * len(timed) / wall if timed and wall > 0 else None,
-        "step_times_s": timed, "stopped_early": stopped_early, "compile_s": compile_s,
-        "eval_compile_s": eval_compile_s, "settings": built["settings"], "effective": built["effective"],
-        "gate": {"eval_logits": logits_before.tolist(), "train_losses": losses, "first_update": first_update},
-    }
+            return timed, True
+    return timed, False
+
+
+def _result(state: dict[str, Any], timed: list[float], wall: float, stopped_early: bool,
+            blocks: list[list[float]] | None = None) -> dict[str, Any]:
+    batch, built = state["spec"].recipe.batch_size, state["built"]
+    result = {"os_threads": _os_threads(), "status": "ok",
+              "images_per_sec": batch / statistics.median(timed) if timed else None,
+              "pipeline_images_per_sec": batch * len(timed) / wall if timed and wall > 0 else None,
+              "step_times_s": timed, "stopped_early": stopped_early, "compile_s": state["compile_s"],
+              "eval_compile_s": state["eval_compile_s"], "settings": built["settings"],
+              "effective": built["effective"], "gate": state["gate"]}
+    if blocks is not None:  # in-process alternation: the median images/s of each block, in order
+        result["block_images_per_sec"] = [batch / statistics.median(b) for b in blocks if b]
+    return result
+
+
+def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: int, steps: int,
+                      stop_below: float | None = None) -> dict[str, Any]:
+    """Gate outputs and steady-state throughput of ``spec`` (its ``execution`` set) in this process."""
+    state = _prepare(backend, spec, gate_steps)
+    _warm(state, warmup)
+    started = time.perf_counter()
+    timed, stopped_early = _timed(state, steps, stop_below)
+    return _result(state, timed, time.perf_counter() - started, stopped_early)
+
+
+def measure_alternating(backend_name: str, specs: list[RunSpec], *, gate_steps: int, warmup: int, steps: int,
+                        rounds: int = ALTERNATION_ROUNDS, loser_fraction: float | None = None) -> list[dict[str, Any]]:
+    """Several in-process variants of one configuration, measured alternately in this process.
+
+    ``specs`` differ only in what a backend applies in-process (execution mode,
+    memory format): the process-level settings (oneDNN, allocator, inter-op
+    pool) are the process's own and the same for all. Each variant gets its
+    own backend object, model and train step, and its gate outputs from the
+    initial state (step 1 above); then ``rounds`` rounds of timed blocks,
+    in ABBA order (forward, then backward, ...), each block ``warmup`` untimed
+    steps (the first step after a switch pays for the other variant's
+    caches) then ``steps // rounds`` timed steps. A variant's figure is the
+    median over all its timed steps; ``block_images_per_sec`` keeps each
+    block's. After the first round, a variant below ``loser_fraction`` of the
+    first variant (the incumbent) stops. A variant that fails to build or
+    to run is an error result; the others go on.
+    """
+    from common.registry import get_backend
+
+    states: list[dict[str, Any] | None] = []
+    results: list[dict[str, Any] | None] = []
+    for spec in specs:
+        backend = get_backend(backend_name)
+        try:
+            states.append(_prepare(backend, spec, gate_steps))
+            results.append(None)
+        except Exception as exc:  # noqa: BLE001 - recorded, the other variants go on
+            traceback.print_exc(file=sys.stderr)
+            states.append(None)
+            results.append(_error(backend, exc))
+    per_block = max(1, steps // max(1, rounds))
+    blocks: list[list[list[float]]] = [[] for _ in specs]
+    walls, stopped = [0.0] * len(specs), [False] * len(specs)
+    for round_index in range(max(1, rounds)):
+        order = list(range(len(specs)))
+        for index in (order if round_index % 2 == 0 else order[::-1]):
+            state = states[index]
+            if state is None or results[index] is not None or stopped[index]:
+                continue
+            try:
+                _warm(state, warmup)
+                started = time.perf_counter()
+                timed, _ = _timed(state, per_block)
+                walls[index] += time.perf_counter() - started
+                blocks[index].append(timed)
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc(file=sys.stderr)
+                results[index] = _error(state["backend"], exc)
+        if round_index == 0 and loser_fraction and blocks[0]:
+            first = _speed(states[0], blocks[0])
+            for index in range(1, len(specs)):
+                if blocks[index] and _speed(states[index], blocks[index]) < loser_fraction * first:
+                    stopped[index] = True
+    for index, state in enumerate(states):
+        if results[index] is None and state is not None:
+            timed = [t for block in blocks[index] for t in block]
+            results[index] = _result(state, timed, walls[index], stopped[index], blocks[index])
+    return [r or {"status": "error", "error": "not measured"} for r in results]
+
+
+def _speed(state: dict[str, Any] | None, blocks: list[list[float]]) -> float:
+    """Median images/s over a variant's timed steps so far."""
+    timed = [t for block in blocks for t in block]
+    return state["spec"].recipe.batch_size / statistics.median(timed) if state and timed else 0.0
 
 
 def _os_threads() -> int | None:
@@ -132,26 +231,38 @@ def _os_threads() -> int | None:
         return None
 
 
+def _error(backend: Any, exc: Exception) -> dict[str, Any]:
+    status = "oom" if backend.is_out_of_memory(exc) else "error"
+    return {"status": status, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
 def run_tune_request(backend_name: str, request_path: str, out_path: str) -> int:
-    """The ``tune`` worker task: measure the request's candidate, write the result to ``out_path``.
+    """The ``tune`` worker task: measure the request's candidate(s), write the result to ``out_path``.
 
     REQUEST: ``{"spec": RunSpec dict, "gate_steps": int, "warmup": int, "steps": int,
-    "stop_below": float | null}``. Failures are results too (status error / oom, one line).
+    "stop_below": float | null}`` for one candidate, or ``"specs": [RunSpec dict, ...]`` (with
+    ``"rounds"`` and ``"loser_fraction"``) for in-process variants measured alternately; the
+    result then is ``{"status": "ok", "variants": [result, ...]}`` in the request's order.
+    Failures are results too (status error / oom, one line).
     """
     request = json.loads(Path(request_path).read_text())
-    spec = RunSpec.from_dict(request["spec"])
     from common.registry import get_backend
 
+    counts = {"gate_steps": int(request["gate_steps"]), "warmup": int(request["warmup"]), "steps": int(request["steps"])}
+    if "specs" in request:
+        specs = [RunSpec.from_dict(raw) for raw in request["specs"]]
+        variants = measure_alternating(backend_name, specs, rounds=int(request.get("rounds") or ALTERNATION_ROUNDS),
+                                       loser_fraction=request.get("loser_fraction"), **counts)
+        write_json_atomic(out_path, {"status": "ok", "variants": variants})
+        return 0 if all(v.get("status") == "ok" for v in variants) else 1
+    spec = RunSpec.from_dict(request["spec"])
     backend = get_backend(backend_name)
     try:
-        result = measure_candidate(backend, spec, gate_steps=int(request["gate_steps"]),
-                                   warmup=int(request["warmup"]), steps=int(request["steps"]),
-                                   stop_below=request.get("stop_below"))
+        result = measure_candidate(backend, spec, stop_below=request.get("stop_below"), **counts)
         code = 0
     except Exception as exc:  # recorded for the search table: a candidate that cannot run is excluded
         traceback.print_exc(file=sys.stderr)  # the parent keeps the tail of stderr
-        status = "oom" if backend.is_out_of_memory(exc) else "error"
-        result = {"status": status, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        result = _error(backend, exc)
         code = 1
     write_json_atomic(out_path, result)
     return code

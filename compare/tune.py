@@ -15,14 +15,24 @@ numbers as the framework's reference configuration:
 3. a coordinate search: for each dimension of the backend's ``SearchSpace``,
    in order of expected effect (for TensorFlow oneDNN before the mode: which
    mode wins flips with oneDNN), every other value is tried against the
-   current best (the incumbent). A challenger replaces the incumbent when it
-   passes the gate and is at least ``MIN_GAIN`` faster; a result within
-   ``CONFIRM_BELOW`` either way (a close win or a close loss) is measured
-   again in the reverse order (challenger, then incumbent: ABBA over the two
+   current best (the incumbent). A process-level dimension (oneDNN,
+   allocator, thread pools: read when the process starts) takes one process
+   per value: a challenger replaces the incumbent when it passes the gate
+   and is at least ``MIN_GAIN`` faster; a result within ``CONFIRM_BELOW``
+   either way (a close win or a close loss) is measured again in the
+   reverse order (challenger, then incumbent: ABBA over the two
    measurements) and decided on the mean of both rounds, breadth first: only
    while the budget still holds one process for every challenger not yet
    tried. A challenger running below ``LOSER_FRACTION`` of the incumbent
-   stops after a few steps (a clear loser);
+   stops after a few steps (a clear loser). Consecutive in-process
+   dimensions (execution mode, memory format: ``Dimension.in_process``) are
+   tried together in ONE process: the incumbent and every combination of
+   their other values, built side by side and timed alternately in ABBA
+   blocks (common.tuning.measure_alternating); the fastest correct one wins
+   when it is ``MIN_GAIN`` faster than the incumbent in that same process.
+   The close calls this search exists for (torch eager vs compile, graph vs
+   XLA) are then decided without process-to-process noise, and the four
+   torch variants cost one process instead of four to six;
 4. dimensions whose effect comes from the machine rather than the model's
    graph (allocator, oneDNN kernels, tf.data's pool: ``per_model=False``)
    are searched for the first model of a backend and inherited by the next,
@@ -37,6 +47,7 @@ benchmarks/tune_check.py checks the choice against an exhaustive measurement.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import tempfile
@@ -51,6 +62,7 @@ from common.config import RunSpec
 from common.execution import FRAMEWORK_DEFAULT, ExecutionConfig
 from common.manifest import usable_cores
 from common.registry import REAL_BACKENDS, worker_command
+from common.tuning import ALTERNATION_ROUNDS
 from compare.process import run_process, stderr_tail, worker_env
 
 MIN_GAIN = 0.03  # a change must be this much faster to replace the incumbent (else: noise, keep the simpler)
@@ -68,6 +80,9 @@ LOSER_FRACTION = 0.7  # a challenger below this fraction of the incumbent stops 
 FORWARD_RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 UPDATE_RTOL = {"fp32": 1e-2, "bf16": 1e-1, "fp16": 1e-1}
 GATE_STEPS, WARMUP_STEPS, TIMED_STEPS = 3, 1, 8  # per candidate process (gate steps include the compile step)
+# In-process variants alternate in timed blocks, ABBA (common.tuning.ALTERNATION_ROUNDS): TIMED_STEPS per
+# variant in all, each block after WARMUP_STEPS untimed steps.
+IN_PROCESS_FIELDS = frozenset({"mode", "channels_last"})  # what a backend applies inside the process
 # The searches of one command share this budget (compare.tune_resolve: each gets an equal share of
 # what is left); 2 models x 2 backends must stay under 5 minutes on a 2-core CPU.
 DEFAULT_BUDGET_S = 270.0
@@ -81,6 +96,7 @@ class Dimension:
     values: tuple[Any, ...]
     per_model: bool = True  # False: machine-level, inherited by a backend's later models
     cpu_only: bool = False  # skipped when the run is on a GPU
+    in_process: bool = False  # applied inside the process (mode, memory format): variants alternate in one process
 
 
 @dataclass(frozen=True)
@@ -96,13 +112,14 @@ SPACES = {
     "torch": SearchSpace(
         reference=FRAMEWORK_DEFAULT["torch"], start=FRAMEWORK_DEFAULT["torch"],
         dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
-                    Dimension("channels_last", (False, True)),
-                    Dimension("mode", ("eager", "compile")),
+                    Dimension("channels_last", (False, True), in_process=True),
+                    Dimension("mode", ("eager", "compile"), in_process=True),
                     Dimension("inter_op_threads", (None, 1, 2)))),
     "tensorflow": SearchSpace(
         reference=FRAMEWORK_DEFAULT["tensorflow"], start=FRAMEWORK_DEFAULT["tensorflow"],
         dimensions=(Dimension("onednn", (True, False), per_model=False, cpu_only=True),
-                    Dimension("mode", ("graph", "xla")),  # eager: never faster than graph, not measured
+                    # eager: never faster than graph, not measured
+                    Dimension("mode", ("graph", "xla"), in_process=True),
                     Dimension("malloc_tuning", (False, True), per_model=False),
                     Dimension("inter_op_threads", (None, 1, 2)),
                     Dimension("data_threads", (None, 1), per_model=False))),
@@ -114,7 +131,7 @@ SPACES = {
         reference=FRAMEWORK_DEFAULT["keras-torch"], start=FRAMEWORK_DEFAULT["keras-torch"],
         dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
                     Dimension("inter_op_threads", (None, 1, 2)),
-                    Dimension("mode", ("eager", "jit_compile")))),
+                    Dimension("mode", ("eager", "jit_compile"), in_process=True))),
 }
 
 
@@ -139,7 +156,9 @@ class Candidate:
 
     config: ExecutionConfig
     role: str  # reference | framework default | inherited | <field>=<value>
-    rounds: list[float] = field(default_factory=list)  # median images/s of each measurement
+    rounds: list[float] = field(default_factory=list)  # median images/s of each measurement in a process of its own
+    together: list[float] = field(default_factory=list)  # ... in a process alternating with the incumbent
+    estimate: float | None = None  # no process of its own: the incumbent's figure x their ratio in the shared one
     pipeline_images_per_sec: float | None = None
     compile_s: float | None = None
     status: str = "pending"  # ok | excluded | failed | stopped early | skipped
@@ -149,12 +168,15 @@ class Candidate:
 
     @property
     def score(self) -> float:
-        return float(np.mean(self.rounds)) if self.rounds else 0.0
+        """Images/s comparable across processes: its own processes' mean, else the estimate."""
+        if self.rounds:
+            return float(np.mean(self.rounds))
+        return self.estimate or (float(np.mean(self.together)) if self.together else 0.0)
 
     def row(self, chosen: ExecutionConfig | None, default_score: float) -> dict[str, Any]:
         return {"candidate": self.config.label(), "role": self.role,
                 "images_per_sec": self.score or None,
-                "rounds": " ".join(f"{v:.1f}" for v in self.rounds),
+                "rounds": " ".join([f"{v:.1f}" for v in self.rounds] + [f"~{v:.1f}" for v in self.together]),
                 "vs_default": (self.score / default_score) if self.score and default_score else None,
                 "pipeline_images_per_sec": self.pipeline_images_per_sec, "compile_s": self.compile_s,
                 "status": self.status, "chosen": self.config == chosen and self.status == "ok",
@@ -193,6 +215,29 @@ def gate_failures(candidate: dict[str, Any], reference: dict[str, Any], precisio
     return problems
 
 
+def _launch(base: RunSpec, request: dict[str, Any], config: ExecutionConfig, timeout_s: float) -> tuple[Any, list[str]]:
+    """Run one ``tune`` worker process for ``request`` in ``config``'s environment; (its OUT or None, stderr tail)."""
+    with tempfile.TemporaryDirectory(prefix="dualbench-tune-") as tmp:
+        request_path, out, log = Path(tmp) / "request.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
+        request_path.write_text(json.dumps(request))
+        argv = [sys.executable, *worker_command(base.backend), "tune", str(request_path), str(out)]
+        outcome = run_process(argv, log_path=log, timeout_s=timeout_s, env=worker_env(config))
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+        tail = stderr_tail(log).strip().splitlines()
+        if out.exists():
+            return json.loads(out.read_text()), tail
+        reason = outcome.signal_name or ("timed out" if outcome.timed_out else f"exit {outcome.returncode}")
+        return {"status": "error", "error": f"worker ended ({reason}) without a result: "
+                                            f"{tail[-1] if tail else ''}"[:300]}, []
+
+
+def _with_tail(result: dict[str, Any], tail: list[str]) -> dict[str, Any]:
+    if result.get("status") != "ok" and tail and "(stderr:" not in str(result.get("error")):
+        result["error"] = f"{result.get('error')} (stderr: {tail[-1]})"
+    return result
+
+
 def run_candidate(base: RunSpec, config: ExecutionConfig, steps: tuple[int, int, int] = (GATE_STEPS, WARMUP_STEPS,
                   TIMED_STEPS), stop_below: float | None = None, timeout_s: float = 600) -> dict[str, Any]:
     """One candidate measured in its own worker process (the ``tune`` task, common.tuning).
@@ -202,25 +247,35 @@ def run_candidate(base: RunSpec, config: ExecutionConfig, steps: tuple[int, int,
     malloc). Returns the worker's result, or status "error" with the last line
     of its stderr when it wrote none. benchmarks/ reuse this.
     """
-    spec = replace(base, execution=config)
     gate, warmup, timed = steps
-    with tempfile.TemporaryDirectory(prefix="dualbench-tune-") as tmp:
-        request, out, log = Path(tmp) / "request.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
-        request.write_text(json.dumps({"spec": spec.to_dict(), "gate_steps": gate, "warmup": warmup,
-                                       "steps": timed, "stop_below": stop_below}))
-        argv = [sys.executable, *worker_command(base.backend), "tune", str(request), str(out)]
-        outcome = run_process(argv, log_path=log, timeout_s=timeout_s, env=worker_env(config))
-        if outcome.interrupted:
-            raise KeyboardInterrupt
-        tail = stderr_tail(log).strip().splitlines()
-        if out.exists():
-            result = json.loads(out.read_text())
-            if result.get("status") != "ok" and tail:
-                result["error"] = f"{result.get('error')} (stderr: {tail[-1]})"
-            return result
-        reason = outcome.signal_name or ("timed out" if outcome.timed_out else f"exit {outcome.returncode}")
-        return {"status": "error", "error": f"worker ended ({reason}) without a result: "
-                                            f"{tail[-1] if tail else ''}"[:300]}
+    request = {"spec": replace(base, execution=config).to_dict(), "gate_steps": gate, "warmup": warmup,
+               "steps": timed, "stop_below": stop_below}
+    result, tail = _launch(base, request, config, timeout_s)
+    return _with_tail(result, tail)
+
+
+def run_alternating(base: RunSpec, configs: list[ExecutionConfig], steps: tuple[int, int, int] = (GATE_STEPS,
+                    WARMUP_STEPS, TIMED_STEPS), loser_fraction: float | None = None,
+                    timeout_s: float = 900) -> list[dict[str, Any]]:
+    """In-process variants measured alternately in one worker process (common.tuning.measure_alternating).
+
+    ``configs`` differ only in in-process fields (``Dimension.in_process``);
+    the process gets the first one's environment. One result per config, in
+    order (each as run_candidate's, plus ``block_images_per_sec``).
+    """
+    process_fields = {name for name in ExecutionConfig.__dataclass_fields__ if name != "source"} - IN_PROCESS_FIELDS
+    first = configs[0]
+    for config in configs[1:]:
+        if any(getattr(config, name) != getattr(first, name) for name in process_fields):
+            raise ValueError(f"in-process variants must share the process settings: {config.label()} vs {first.label()}")
+    gate, warmup, timed = steps
+    request = {"specs": [replace(base, execution=c).to_dict() for c in configs], "gate_steps": gate,
+               "warmup": warmup, "steps": timed, "rounds": ALTERNATION_ROUNDS, "loser_fraction": loser_fraction}
+    result, tail = _launch(base, request, first, timeout_s)
+    variants = result.get("variants") if result.get("status") == "ok" else None
+    if not isinstance(variants, list) or len(variants) != len(configs):
+        return [_with_tail(dict(result), tail) for _ in configs]
+    return [_with_tail(variant, tail) for variant in variants]
 
 
 class Search:
@@ -248,15 +303,38 @@ class Search:
         """Run the candidate's worker process and return its result (status error if none)."""
         return run_candidate(self.base, config, self.steps, stop_below)
 
+    def measure_together(self, configs: list[ExecutionConfig], loser_fraction: float | None) -> list[dict[str, Any]]:
+        """Run in-process variants alternately in one worker process; one result per config, in order."""
+        return run_alternating(self.base, configs, self.steps, loser_fraction)
+
     def _run(self, candidate: Candidate, stop_below: float | None = None) -> Candidate:
         self.log(f"  tune {self.base.backend} {self.base.model}: {candidate.config.label()} ({candidate.role})")
         began = time.monotonic()
         result = self.measure(candidate.config, stop_below)
         self.durations.append(time.monotonic() - began)
+        return self._take(candidate, result)
+
+    def _run_together(self, candidates: list[Candidate], loser_fraction: float | None) -> list[float | None]:
+        """Measure ``candidates`` alternately in one process; each one's images/s in that process (None: failed)."""
+        self.log(f"  tune {self.base.backend} {self.base.model}: alternating in one process: "
+                 + " | ".join(f"{c.config.label()} ({c.role})" for c in candidates))
+        began = time.monotonic()
+        results = self.measure_together([c.config for c in candidates], loser_fraction)
+        self.durations.append(time.monotonic() - began)
+        found = []
+        for candidate, result in zip(candidates, results):
+            self._take(candidate, result, together=True)
+            ok = result.get("status") == "ok" and result.get("images_per_sec") and candidate.status == "ok"
+            found.append(float(result["images_per_sec"]) if ok else None)
+        return found
+
+    def _take(self, candidate: Candidate, result: dict[str, Any], together: bool = False) -> Candidate:
+        """Record one measurement of ``candidate`` (``together``: alternating in a shared process) and gate it."""
         if result.get("status") != "ok" or not result.get("images_per_sec"):
-            candidate.status, candidate.reason = "failed", str(result.get("error") or "no measurement")[:300]
+            if not (candidate.rounds or candidate.together):  # a candidate measured before keeps its status
+                candidate.status, candidate.reason = "failed", str(result.get("error") or "no measurement")[:300]
             return candidate
-        candidate.rounds.append(float(result["images_per_sec"]))
+        (candidate.together if together else candidate.rounds).append(float(result["images_per_sec"]))
         candidate.pipeline_images_per_sec = result.get("pipeline_images_per_sec")
         candidate.compile_s = result.get("compile_s")
         candidate.read_back = result.get("settings") or {}
@@ -293,10 +371,22 @@ class Search:
                 self.candidates.append(candidate)
                 if candidate.status == "ok" and candidate.score > incumbent.score:
                     incumbent = candidate
-        dimensions = self.space.dimensions
-        for index, dimension in enumerate(dimensions):
-            incumbent = self._try_dimension(dimension, incumbent, later=dimensions[index + 1:])
+        groups = self._groups()
+        for index, group in enumerate(groups):
+            later = groups[index + 1:]
+            incumbent = (self._try_together(group, incumbent, later) if group[0].in_process
+                         else self._try_dimension(group[0], incumbent, later))
         return self._record(incumbent.config, "")
+
+    def _groups(self) -> list[tuple[Dimension, ...]]:
+        """The dimensions in order, consecutive in-process ones together (one process alternates their values)."""
+        groups: list[tuple[Dimension, ...]] = []
+        for dimension in self.space.dimensions:
+            if dimension.in_process and groups and groups[-1][0].in_process:
+                groups[-1] += (dimension,)
+            else:
+                groups.append((dimension,))
+        return groups
 
     def _values(self, dimension: Dimension, incumbent: Candidate) -> list[Any]:
         """The values to try: not pinned, not the incumbent's own (effective) value, within the cores."""
@@ -319,12 +409,18 @@ class Search:
         typical = float(np.median(self.durations)) if self.durations else 0.0
         return time.monotonic() - self.started + processes * typical > self.budget_s
 
-    def _first_tries(self, dimensions: tuple[Dimension, ...], incumbent: Candidate) -> int:
-        """Challengers ``dimensions`` would start from ``incumbent`` (one process each, none known yet)."""
-        return sum(self._known(incumbent.config.replace(**{d.field: value})) is None
-                   for d in dimensions for value in self._values(d, incumbent))
+    def _first_tries(self, groups: list[tuple[Dimension, ...]], incumbent: Candidate) -> int:
+        """Processes ``groups`` would start from ``incumbent``: one per untried value of a process-level
+        dimension, one for a group of in-process dimensions with anything to try."""
+        count = 0
+        for group in groups:
+            untried = [self._known(incumbent.config.replace(**{d.field: value})) is None
+                       for d in group for value in self._values(d, incumbent)]
+            count += (any(untried) if group[0].in_process else sum(untried))
+        return count
 
-    def _try_dimension(self, dimension: Dimension, incumbent: Candidate, later: tuple[Dimension, ...] = ()) -> Candidate:
+    def _try_dimension(self, dimension: Dimension, incumbent: Candidate,
+                       later: list[tuple[Dimension, ...]] | None = None) -> Candidate:
         values = self._values(dimension, incumbent)
         for position, value in enumerate(values):
             config = incumbent.config.replace(**{dimension.field: value})
@@ -346,7 +442,7 @@ class Search:
             # first: the two processes are spent only if the budget still holds one process for every
             # challenger not tried yet (a dimension never tried can be worth more than a second opinion
             # on a close call); without them a close win stands on its one measurement (>= MIN_GAIN).
-            untried = len(values) - position - 1 + self._first_tries(later, incumbent)
+            untried = len(values) - position - 1 + self._first_tries(later or [], incumbent)
             if close and len(challenger.rounds) == 1 and not self._over_budget(processes=2 + untried):
                 self._run(challenger)
                 self._run(incumbent)
@@ -354,6 +450,45 @@ class Search:
             if wins:
                 incumbent = challenger
         return incumbent
+
+    def _try_together(self, group: tuple[Dimension, ...], incumbent: Candidate,
+                      later: list[tuple[Dimension, ...]]) -> Candidate:
+        """In-process dimensions: the incumbent and every combination of their other values, alternately in
+        one process (common.tuning.measure_alternating); the fastest correct one replaces the incumbent when
+        it is at least MIN_GAIN faster than the incumbent in that same process."""
+        choices = {d.field: [getattr(incumbent.config, d.field)] + self._values(d, incumbent) for d in group}
+        combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())][1:]
+        if not combos:
+            return incumbent
+        challengers = []
+        for combo in combos:
+            config = incumbent.config.replace(**combo)
+            challenger = self._known(config)
+            if challenger is None:
+                role = ", ".join(f"{name}={value}" for name, value in combo.items()
+                                 if value != getattr(incumbent.config, name))
+                challenger = Candidate(config, role)
+                self.candidates.append(challenger)
+            challengers.append(challenger)
+        if self.challengers and self._over_budget():
+            for challenger in challengers:
+                if not challenger.rounds:
+                    challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:.0f} s) spent"
+            return incumbent
+        self.challengers += len(challengers)
+        speeds = self._run_together([incumbent, *challengers], loser_fraction=LOSER_FRACTION)
+        own = speeds[0]
+        if not own:  # the incumbent failed beside them: nothing to compare with in this process
+            return incumbent
+        best, best_speed = incumbent, own * (1 + MIN_GAIN)
+        for challenger, speed in zip(challengers, speeds[1:]):
+            if speed is None:
+                continue
+            if not challenger.rounds:  # comparable with later processes through the incumbent's own figure
+                challenger.estimate = incumbent.score * speed / own
+            if speed >= best_speed:
+                best, best_speed = challenger, speed
+        return best
 
     def _record(self, choice: ExecutionConfig | None, note: str) -> dict[str, Any]:
         default = self._known(self._pinned(self.space.start)) or self.candidates[0]

@@ -58,9 +58,14 @@ def report_blocks(tuning: dict[str, Any]) -> list[Any]:
     searched = search_frame(resolutions)
     if not searched.empty:
         blocks += [Block("h3", "Search table"),
-                   Block("p", "Every candidate, each measured in its own process (median images/s of its timed "
-                              "steps; rounds: one value per measurement, a close win is measured again in "
-                              "reverse order). Excluded: what it computed from the seed's initial weights left "
+                   Block("p", "Every candidate the search measured (median images/s of its timed steps; rounds: "
+                              "one value per measurement). A process-level setting (oneDNN, allocator, thread "
+                              "pools) is measured in a process of its own, a close call again in reverse order; "
+                              "in-process settings (execution mode, memory format) are measured side by side in "
+                              "one process, alternating in ABBA blocks, and decided there (rounds marked ~; "
+                              "images_per_sec of a candidate with no process of its own: the incumbent's figure "
+                              "times their ratio in the shared process). Excluded: what it computed from the "
+                              "seed's initial weights left "
                               "the gate's tolerance around the reference's (max difference over max reference "
                               f"value; {_tolerances(resolutions)})."),
                    Block("table", table=searched, highlight=[s == "excluded" for s in searched["status"]])]

@@ -149,7 +149,8 @@ class Resolver:
     def _search(self, spec: RunSpec, key: str) -> dict[str, Any]:
         inherited = self._inherited(spec, key)
         self.log(f"tuning {spec.backend} / {spec.model} ({spec.precision}, batch {spec.recipe.batch_size}): "
-                 f"measuring execution configurations, one process each"
+                 f"measuring execution configurations (process-level settings one process each, execution modes "
+                 f"side by side in one)"
                  + (f" (machine-level settings from {inherited[1]})" if inherited else ""))
         # this search's share: what the command's budget has left, split among the searches still to run
         budget = max(self.budget_s - self.spent_s, 0.0) / max(self.planned - self.searches, 1)

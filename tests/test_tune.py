@@ -18,7 +18,7 @@ from compare import tune
 from compare.tune_cache import TuningCache, fingerprint_id, machine_fingerprint
 from compare.tune_resolve import AUTO_SEARCH_MIN_STEPS, Resolver, planned_steps
 from tests.fake_backend import TUNE_ENV
-from tests.runner_helpers import SMALL, fake_env, fake_run, launches, rows, run_cli  # noqa: F401
+from tests.runner_helpers import SMALL, fake_env, fake_run, launch_pids, launches, rows, run_cli  # noqa: F401
 
 DATA = "synthetic:256,128"
 # malloc tuning 2x, compile 2x faster, xla 20x faster but wrong: the gate must exclude xla, the search must pick compile
@@ -42,73 +42,125 @@ def _search_rows(resolver: Resolver, backend: str = "fakea", model: str = "seed_
 # -- decisions, with scripted measurements -------------------------------------------------------
 
 class ScriptedSearch(tune.Search):
-    """A Search whose candidates 'measure' as scripted: {label substring: images/s}, plus wrong ones."""
+    """A Search whose candidates 'measure' as scripted: {label substring: images/s}, plus wrong ones.
+
+    ``calls``: (label, stop_below) per measurement; ``processes``: the labels each (scripted) process
+    measured, one list per process (in-process variants share one)."""
 
     def __init__(self, base, speeds, wrong=(), **kwargs):
         kwargs.setdefault("log", lambda text: None)
         super().__init__(base, **kwargs)
-        self.speeds, self.wrong, self.calls = speeds, wrong, []
+        self.speeds, self.wrong, self.calls, self.processes = speeds, wrong, [], []
 
-    def measure(self, config, stop_below):
-        label = config.label()
-        self.calls.append((label, stop_below))
+    def scripted(self, config):
         speed = 100.0
         for part, factor in self.speeds.items():
-            speed *= factor if part in label else 1.0
-        shift = 1.0 if any(part in label for part in self.wrong) else 0.0
+            speed *= factor if part in config.label() else 1.0
+        return speed
+
+    def _result(self, config, speed):
+        shift = 1.0 if any(part in config.label() for part in self.wrong) else 0.0
         gate = {"eval_logits": [[1.0, 2.0]], "train_losses": [2.3, 2.2 + shift], "first_update": {"w": [0.1, -0.2]}}
         return {"status": "ok", "images_per_sec": speed, "settings": {"device_type": "cpu"}, "gate": gate}
 
+    def measure(self, config, stop_below):
+        self.calls.append((config.label(), stop_below))
+        self.processes.append([config.label()])
+        return self._result(config, self.scripted(config))
 
-def test_a_close_win_is_measured_again_in_reverse_order_and_a_clear_one_is_not(fake_env):
-    close = ScriptedSearch(_spec(), {"compile": 1.08, "malloc=tuned": 1.5})
+    def measure_together(self, configs, loser_fraction):
+        self.processes.append([c.label() for c in configs])
+        self.calls += [(c.label(), loser_fraction) for c in configs]
+        return [self._result(c, self.scripted(c)) for c in configs]
+
+
+MALLOC = "malloc=tuned"  # the fake's process-level dimension; channels_last and mode are in-process
+
+
+def test_a_close_win_of_a_process_level_setting_is_measured_again_in_reverse_order_and_a_clear_one_is_not(fake_env):
+    close = ScriptedSearch(_spec(), {MALLOC: 1.08})
     record = close.run()
-    assert record["choice_label"].startswith("compile") and "malloc=tuned" in record["choice_label"]
-    labels = [label for label, _ in close.calls]
-    first = next(i for i, label in enumerate(labels) if label.startswith("compile"))
-    incumbent = labels[first].replace("compile", "eager", 1)  # measured before the challenger: A ... B,
-    assert labels.index(incumbent) < first and labels[first + 1:first + 3] == [labels[first], incumbent]  # B A
-    malloc_first = labels.index(incumbent)
-    assert labels[malloc_first + 1] != incumbent  # malloc's clear win (x1.5) was not measured again at once
+    assert MALLOC in record["choice_label"]
+    labels = [process[0] for process in close.processes if len(process) == 1]  # one candidate per process
+    reference, challenger = labels[0], labels[1]
+    assert MALLOC in challenger and labels[1:4] == [challenger, challenger, reference]  # A B, then B A
+    clear = ScriptedSearch(_spec(), {MALLOC: 1.5})
+    clear.run()
+    singles = [process[0] for process in clear.processes if len(process) == 1]
+    assert singles.count(singles[1]) == 1  # a clear win: measured once
 
 
-def test_a_close_loss_is_measured_again_and_can_turn_into_a_win(fake_env):
-    """compile measures 1% slower in its first process (noise on a shared machine), 30% faster in its
-    second: the close loss is measured again in reverse order and compile wins on the mean of both."""
+def test_a_close_loss_of_a_process_level_setting_is_measured_again_and_can_turn_into_a_win(fake_env):
+    """malloc tuning measures 1% slower in its first process (noise on a shared machine), 30% faster in its
+    second: the close loss is measured again in reverse order and wins on the mean of both."""
     class NoisySearch(ScriptedSearch):
-        def measure(self, config, stop_below):
-            result = super().measure(config, stop_below)
-            if config.mode == "compile":
-                seen = sum(label.startswith("compile") for label, _ in self.calls)
-                result["images_per_sec"] *= 0.99 if seen == 1 else 1.30
-            return result
+        def scripted(self, config):
+            speed = super().scripted(config)
+            if config.malloc_tuning:
+                seen = sum(MALLOC in label for label, _ in self.calls)
+                speed *= 0.99 if seen == 1 else 1.30
+            return speed
 
     search = NoisySearch(_spec(), {})
+    assert MALLOC in search.run()["choice_label"]
+    labels = [process[0] for process in search.processes if len(process) == 1]
+    assert MALLOC in labels[1] and labels[2] == labels[1] and labels[3] == labels[0]  # B, then B A
+    clear = ScriptedSearch(_spec(), {MALLOC: 0.80})  # 20% slower: a clear loss, measured once
+    assert MALLOC not in clear.run()["choice_label"]
+    assert sum(MALLOC in label for label, _ in clear.calls) == 1
+
+
+def test_in_process_dimensions_are_measured_together_in_one_process_with_the_incumbent_first(fake_env):
+    """channels_last and mode (the fake's in-process dimensions): the incumbent and every combination of the
+    other values (cl on/off x eager/compile/xla) in ONE process; the fastest correct one wins."""
+    search = ScriptedSearch(_spec(), {"compile": 1.5, "cl=on": 1.2, MALLOC: 0.5})  # malloc: a clear loss
     record = search.run()
+    assert record["choice_label"].startswith("compile cl=on")
+    [together] = [process for process in search.processes if len(process) > 1]
+    assert len(together) == 6 and together[0].startswith("eager cl=off")  # the incumbent first
+    assert {label.split()[0] + " " + label.split()[1] for label in together} == {
+        f"{mode} cl={cl}" for mode in ("eager", "compile", "xla") for cl in ("off", "on")}
+    assert len(search.processes) == 3  # reference, malloc tuning, then the in-process variants together
+    [row] = [row for row in record["rows"] if row["candidate"].startswith("compile cl=on")]
+    assert row["role"] == "channels_last=True, mode=compile" and row["chosen"]
+
+
+def test_in_process_variants_are_decided_by_their_figures_in_that_process(fake_env):
+    """The incumbent measured 100 in its own process and 120 beside the variants (process-to-process noise):
+    compile's 110 there is a loss, although it beats the incumbent's earlier figure by 10%."""
+    class Drifting(ScriptedSearch):
+        def measure_together(self, configs, loser_fraction):
+            results = super().measure_together(configs, loser_fraction)
+            results[0]["images_per_sec"] = 120.0  # the incumbent, this process
+            return results
+
+    search = Drifting(_spec(), {"compile": 1.10}, budget_s=1e9)
+    assert search.run()["choice_label"].startswith("eager cl=off")
+    gained = Drifting(_spec(), {"compile": 1.25}, budget_s=1e9)  # 125 against 120: 4% >= MIN_GAIN
+    record = gained.run()
     assert record["choice_label"].startswith("compile")
-    labels = [label for label, _ in search.calls]
-    compile_label = next(label for label in labels if label.startswith("compile"))
-    first = labels.index(compile_label)
-    assert labels[first + 1] == compile_label  # measured again at once (then the incumbent): B A
-    clear = ScriptedSearch(_spec(), {"compile": 0.80})  # 20% slower: a clear loss, measured once
-    assert clear.run()["choice_label"].startswith("eager")
-    assert sum(label.startswith("compile") for label, _ in clear.calls) == 1
+    # comparable with other processes through the incumbent's own figure (100): 100 x 125 / 120, not 125
+    assert record["chosen_images_per_sec"] == pytest.approx(100 * 125 / 120)
+    [row] = [row for row in record["rows"] if row["chosen"]]
+    assert row["rounds"] == "~125.0" and row["images_per_sec"] == pytest.approx(104.17, abs=0.01)
 
 
 def test_gains_below_the_threshold_keep_the_incumbent_and_losers_get_a_stop_threshold(fake_env):
-    search = ScriptedSearch(_spec(), {"compile": 1.02, "cl=on": 0.5})
+    search = ScriptedSearch(_spec(), {"compile": 1.02, MALLOC: 0.5})
     record = search.run()
     assert record["choice_label"].startswith("eager cl=off")  # 2% is noise: the default stays
     stops = dict(search.calls)
-    assert stops[next(label for label in stops if "cl=on" in label)] == pytest.approx(100 * tune.LOSER_FRACTION)
+    assert stops[next(label for label in stops if MALLOC in label)] == pytest.approx(100 * tune.LOSER_FRACTION)
+    assert stops[next(label for label in stops if label.startswith("compile"))] == tune.LOSER_FRACTION  # relative
 
 
 def test_the_gate_excludes_a_wrong_candidate_even_when_it_is_fastest(fake_env):
     search = ScriptedSearch(_spec(), {"xla": 5.0, "compile": 2.0}, wrong=("xla",))
     record = search.run()
     assert record["choice_label"].startswith("compile")
-    [xla] = [row for row in record["rows"] if row["candidate"].startswith("xla")]
-    assert xla["status"] == "excluded" and xla["why_excluded"].startswith("later losses differ from the reference's")
+    xlas = [row for row in record["rows"] if row["candidate"].startswith("xla")]
+    assert xlas and all(row["status"] == "excluded" for row in xlas)
+    assert xlas[0]["why_excluded"].startswith("later losses differ from the reference's")
 
 
 def test_the_budget_stops_new_candidates_but_the_first_challenger_and_pins_are_never_varied(fake_env):
@@ -121,12 +173,12 @@ def test_the_budget_stops_new_candidates_but_the_first_challenger_and_pins_are_n
     assert challengers[0].startswith(first) and statuses[challengers[0]] == "ok"  # always tried (oneDNN for TF)
     assert {statuses[role] for role in challengers[1:]} == {"skipped"}
     assert all("cl=on" in row["candidate"] for row in record["rows"])  # the pin holds everywhere
-    assert not any(row["role"].startswith("channels_last") for row in record["rows"])
+    assert not any("channels_last" in row["role"] for row in record["rows"])
 
 
 @pytest.fixture
 def timed_search(monkeypatch):
-    """ScriptedSearch whose every candidate process 'takes' 10 s of a fake clock."""
+    """ScriptedSearch whose every candidate process 'takes' 10 s of a fake clock (in-process variants: one)."""
     clock = [0.0]
     monkeypatch.setattr(tune.time, "monotonic", lambda: clock[0])
 
@@ -134,6 +186,10 @@ def timed_search(monkeypatch):
         def measure(self, config, stop_below):
             clock[0] += 10.0
             return super().measure(config, stop_below)
+
+        def measure_together(self, configs, loser_fraction):
+            clock[0] += 10.0
+            return super().measure_together(configs, loser_fraction)
 
     return TimedSearch
 
@@ -143,24 +199,23 @@ def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, timed_
     search = timed_search(_spec(), {}, budget_s=25.0)
     record = search.run()
     ran = [row for row in record["rows"] if row["status"] != "skipped"]
-    assert len(ran) == 2 and len(search.calls) == 2  # ended at 20 s; a start at 20 s would end at 30 s
+    assert len(ran) == 2 and len(search.processes) == 2  # ended at 20 s; a start at 20 s would end at 30 s
     assert record["elapsed_s"] <= 25.0 and record["complete"] is False
 
 
 def test_a_tight_budget_tries_every_dimension_before_measuring_a_close_call_again(fake_env, timed_search):
-    """Breadth first: 5 processes of 10 s fit 55 s. A close win (malloc x1.08) measured again at once would
-    take two of them and leave compile and xla untried; instead it stands on its one measurement."""
-    search = timed_search(_spec(), {"malloc=tuned": 1.08}, budget_s=55.0)
+    """Breadth first: 3 processes of 10 s fit 35 s. A close win (malloc x1.08) measured again at once would
+    take two of them and leave the in-process variants untried; instead it stands on its one measurement."""
+    search = timed_search(_spec(), {MALLOC: 1.08}, budget_s=35.0)
     record = search.run()
     statuses = {row["role"]: row["status"] for row in record["rows"]}
-    assert set(statuses) == {"reference, framework default", "malloc_tuning=True", "channels_last=True",
-                             "mode=compile", "mode=xla"}
+    assert "malloc_tuning=True" in statuses and any(role.startswith("mode=xla") for role in statuses)
     assert set(statuses.values()) == {"ok"} and record["complete"] is True
-    assert len(search.calls) == len(set(label for label, _ in search.calls)) == 5  # nothing measured twice
-    assert "malloc=tuned" in record["choice_label"]  # the close win stands on its one measurement (>= MIN_GAIN)
-    roomy = timed_search(_spec(), {"malloc=tuned": 1.08}, budget_s=75.0)  # room for all of them and the BA
+    assert len(search.processes) == 3  # nothing measured twice
+    assert MALLOC in record["choice_label"]  # the close win stands on its one measurement (>= MIN_GAIN)
+    roomy = timed_search(_spec(), {MALLOC: 1.08}, budget_s=55.0)  # room for all of them and the BA
     roomy.run()
-    assert len(roomy.calls) == 7
+    assert len(roomy.processes) == 5
 
 
 def test_the_commands_budget_is_shared_among_the_searches_still_to_run(fake_env, tmp_path):
@@ -232,12 +287,15 @@ def test_search_picks_the_fastest_correct_configuration_and_records_the_excluded
     assert spec.execution.source.startswith("auto: searched")
     table = _search_rows(resolver)
     assert table[0]["role"] == "reference, framework default" and table[0]["vs_default"] == 1.0
-    [xla] = [row for row in table if row["candidate"].startswith("xla")]
-    assert xla["status"] == "excluded" and "eval logits differ" in xla["why_excluded"]
-    assert xla["images_per_sec"] > max(r["images_per_sec"] for r in table if r["chosen"])  # fastest, yet wrong
+    xlas = [row for row in table if row["candidate"].startswith("xla")]
+    assert len(xlas) == 2 and all(r["status"] == "excluded" and "eval logits differ" in r["why_excluded"] for r in xlas)
+    assert xlas[0]["images_per_sec"] > max(r["images_per_sec"] for r in table if r["chosen"])  # fastest, yet wrong
     assert sum(row["chosen"] for row in table) == 1
-    assert len(launches(fake_env, "tune")) == len([r for r in table if r["status"] != "skipped"]) + sum(
-        r["rounds"].count(" ") for r in table)  # one process per measurement
+    processes = len(set(launch_pids(fake_env)))
+    grid = [r for r in table if r["candidate"].split()[0] in ("compile", "xla") or "cl=on" in r["candidate"]]
+    assert len(grid) == 5 and all(r["rounds"].count(" ") == 0 for r in grid)  # each measured once, ...
+    measurements = sum(len(r["rounds"].split()) for r in table)
+    assert processes == measurements - 6 + 1  # ... with the incumbent in ONE process; the others one each
 
 
 def test_cache_hit_then_invalidation_by_fingerprint_then_retune(fake_env, tmp_path, monkeypatch):
@@ -322,6 +380,77 @@ def test_planned_steps_counts_epochs_capped_steps_and_seeds():
     spec = _spec(max_steps_per_epoch=5, recipe=Recipe(batch_size=32, epochs=3))
     assert planned_steps(spec, 1000, 3) == 3 * 5 * 3
     assert planned_steps(_spec(recipe=Recipe(batch_size=128, epochs=3)), 10000, 3) == 3 * 78 * 3
+
+
+# -- in-process variants, alternately in one process ---------------------------------------------------
+
+def test_in_process_variants_alternate_in_abba_blocks_each_gated_and_timed(fake_env, monkeypatch):
+    """common.tuning.measure_alternating on the fake backend: each variant built and gated from the initial
+    state, then timed in blocks eager, compile, xla | xla, compile, eager; compile's sleep is half eager's."""
+    from common import tuning
+
+    monkeypatch.setenv(TUNE_ENV, "mode=compile:x2;mode=xla:x4:wrong")
+    order = []
+    timed = tuning._timed
+
+    def recording(state, steps, stop_below=None):
+        order.append(state["spec"].execution.mode)
+        return timed(state, steps, stop_below)
+
+    monkeypatch.setattr(tuning, "_timed", recording)
+    base = _spec()
+    specs = [base.__class__.from_dict({**base.to_dict(), "execution": ExecutionConfig(m, channels_last=False).to_dict()})
+             for m in ("eager", "compile", "xla")]
+    results = tuning.measure_alternating("fakea", specs, gate_steps=2, warmup=1, steps=4, rounds=2)
+    assert order == ["eager", "compile", "xla", "xla", "compile", "eager"]
+    assert [r["status"] for r in results] == ["ok"] * 3
+    assert all(len(r["block_images_per_sec"]) == 2 and len(r["step_times_s"]) == 4 for r in results)
+    eager, compiled, xla = (r["images_per_sec"] for r in results)
+    assert 1.5 < compiled / eager < 2.5 and xla > compiled
+    assert tune.gate_failures(results[1]["gate"], results[0]["gate"]) == []
+    assert tune.gate_failures(results[2]["gate"], results[0]["gate"])  # xla is wrong: its own gate shows it
+    order.clear()
+    stopped = tuning.measure_alternating("fakea", specs[:2][::-1], gate_steps=1, warmup=0, steps=4, rounds=2,
+                                         loser_fraction=0.7)  # compile first: eager at half its speed stops
+    assert order == ["compile", "eager", "compile"] and stopped[1]["stopped_early"]
+
+
+def test_a_variant_that_fails_leaves_the_others_measured(fake_env, monkeypatch):
+    from common import tuning
+
+    real_prepare = tuning._prepare
+
+    def failing(backend, spec, gate_steps):
+        if spec.execution.mode == "compile":
+            raise RuntimeError("inductor failed")
+        return real_prepare(backend, spec, gate_steps)
+
+    monkeypatch.setattr(tuning, "_prepare", failing)
+    base = _spec()
+    specs = [base.__class__.from_dict({**base.to_dict(), "execution": ExecutionConfig(m).to_dict()})
+             for m in ("eager", "compile")]
+    ok, failed = tuning.measure_alternating("fakea", specs, gate_steps=1, warmup=0, steps=2)
+    assert ok["status"] == "ok" and failed == {"status": "error", "error": "RuntimeError: inductor failed"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, configs", [
+    ("torch", [ExecutionConfig("eager", channels_last=False, malloc_tuning=False),
+               ExecutionConfig("eager", channels_last=True, malloc_tuning=False)]),
+    ("tensorflow", [ExecutionConfig("graph", malloc_tuning=False), ExecutionConfig("xla", malloc_tuning=False)]),
+])
+def test_real_backends_run_in_process_variants_side_by_side_in_one_worker(backend, configs):
+    """Two backend objects, models and train steps in one worker process (compare.tune.run_alternating):
+    both measured, each one's own mode read back, and each passes the gate against the first."""
+    spec = RunSpec(model="seed_cnn", backend=backend, data="synthetic:256,32", device="cpu",
+                   recipe=Recipe(batch_size=16, eval_batch_size=16, dropout=0.0), threads=1)
+    results = tune.run_alternating(spec, configs, steps=(2, 1, 4))
+    assert [r["status"] for r in results] == ["ok", "ok"], results
+    assert [r["settings"]["execution_config"].split()[0] for r in results] == [c.mode for c in configs]
+    assert all(len(r["block_images_per_sec"]) == 2 for r in results)
+    assert tune.gate_failures(results[1]["gate"], results[0]["gate"]) == []
+    with pytest.raises(ValueError, match="share the process settings"):
+        tune.run_alternating(spec, [configs[0], configs[1].replace(malloc_tuning=True)])
 
 
 # -- process-level settings reach the worker ---------------------------------------------------------
