@@ -410,13 +410,17 @@ class Search:
         return time.monotonic() - self.started + processes * typical > self.budget_s
 
     def _first_tries(self, groups: list[tuple[Dimension, ...]], incumbent: Candidate) -> int:
-        """Processes ``groups`` would start from ``incumbent``: one per untried value of a process-level
-        dimension, one for a group of in-process dimensions with anything to try."""
+        """What ``groups`` would cost from ``incumbent``, in candidate processes: one per untried value of a
+        process-level dimension; for a group of in-process dimensions, one per variant it would build (their
+        shared process holds them all, compiled ones included: it costs about as much as that many)."""
         count = 0
         for group in groups:
-            untried = [self._known(incumbent.config.replace(**{d.field: value})) is None
-                       for d in group for value in self._values(d, incumbent)]
-            count += (any(untried) if group[0].in_process else sum(untried))
+            if group[0].in_process:
+                sizes = [1 + len(self._values(d, incumbent)) for d in group]
+                count += int(np.prod(sizes)) - 1 if any(size > 1 for size in sizes) else 0
+            else:
+                count += sum(self._known(incumbent.config.replace(**{d.field: value})) is None
+                             for d in group for value in self._values(d, incumbent))
         return count
 
     def _try_dimension(self, dimension: Dimension, incumbent: Candidate,

@@ -89,7 +89,7 @@ class StepClock(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class FitStep:
+class FitStep(keras_optim.OptimizerStateMixin):
     """The model compiled for ``fit`` with the reference-semantics optimizer; one epoch per ``fit_epoch``.
 
     ``epoch_data(plan)`` gives one epoch of the pipeline as ``fit`` takes it on
@@ -145,10 +145,3 @@ class FitStep:
             logs = self.model.train_on_batch(images, labels, return_dict=True)
         return np.float32(logs["loss"]), np.float32(logs["accuracy"] * int(labels.shape[0]))
 
-    def optimizer_state(self) -> dict[str, np.ndarray]:
-        """Slots keyed "<slot>/<canonical name>", "step" (and the fp16 loss scaler's state): keras_impl.optim."""
-        return keras_optim.optimizer_state(self.optimizer, self.variable_names)
-
-    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        """Inverse of ``optimizer_state``: same keys, every shape asserted before its copy."""
-        keras_optim.load_optimizer_state(self.optimizer, self.variable_names, state)

@@ -207,3 +207,19 @@ def load_optimizer_state(optimizer: keras.optimizers.Optimizer, variable_names: 
     if loss_scaling(optimizer):
         optimizer.dynamic_scale.assign(float(state["loss_scale"]))
         optimizer.step_counter.assign(int(state["loss_scale_growth_tracker"]))
+
+
+class OptimizerStateMixin:
+    """``optimizer_state`` / ``load_optimizer_state`` of a Keras train step (custom or fit, either backend):
+    the step holds ``optimizer`` and ``variable_names`` (canonical names, in the optimizer's order)."""
+
+    optimizer: keras.optimizers.Optimizer
+    variable_names: list[str]
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """Slots keyed "<slot>/<canonical name>", "step" (and the fp16 loss scaler's state)."""
+        return optimizer_state(self.optimizer, self.variable_names)
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Inverse of ``optimizer_state``: same keys, every shape asserted before its copy."""
+        load_optimizer_state(self.optimizer, self.variable_names, state)

@@ -205,7 +205,8 @@ def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, timed_
 
 def test_a_tight_budget_tries_every_dimension_before_measuring_a_close_call_again(fake_env, timed_search):
     """Breadth first: 3 processes of 10 s fit 35 s. A close win (malloc x1.08) measured again at once would
-    take two of them and leave the in-process variants untried; instead it stands on its one measurement."""
+    take two of them and leave the in-process variants untried; instead it stands on its one measurement.
+    The in-process variants still to come count as the 5 processes they would take on their own."""
     search = timed_search(_spec(), {MALLOC: 1.08}, budget_s=35.0)
     record = search.run()
     statuses = {row["role"]: row["status"] for row in record["rows"]}
@@ -213,7 +214,10 @@ def test_a_tight_budget_tries_every_dimension_before_measuring_a_close_call_agai
     assert set(statuses.values()) == {"ok"} and record["complete"] is True
     assert len(search.processes) == 3  # nothing measured twice
     assert MALLOC in record["choice_label"]  # the close win stands on its one measurement (>= MIN_GAIN)
-    roomy = timed_search(_spec(), {MALLOC: 1.08}, budget_s=55.0)  # room for all of them and the BA
+    tight = timed_search(_spec(), {MALLOC: 1.08}, budget_s=85.0)  # 20 s + (2 + 5) x 10 s: no room for the BA
+    tight.run()
+    assert len(tight.processes) == 3
+    roomy = timed_search(_spec(), {MALLOC: 1.08}, budget_s=95.0)  # room for all of them and the BA
     roomy.run()
     assert len(roomy.processes) == 5
 

@@ -57,7 +57,7 @@ def compile_function(fn: Callable, mode: str) -> Callable:
     return tf.function(fn, jit_compile=mode == "xla", reduce_retracing=True)
 
 
-class TrainStep:
+class TrainStep(_keras_optim.OptimizerStateMixin):
     """forward (dtype policy) -> float32 loss -> gradients (loss-scaled under fp16) -> optimizer update.
 
     ``__call__`` returns ``(mean_loss, correct_count)`` as device tensors (no host sync).
@@ -117,14 +117,6 @@ class TrainStep:
         self.inner_optimizer.learning_rate = float(lr)
         with tf.device(self.device):
             return self._step(images, labels)
-
-    def optimizer_state(self) -> dict[str, np.ndarray]:
-        """Slots keyed "<slot>/<canonical name>", "step" (and the fp16 loss scaler's state): keras_impl.optim."""
-        return _keras_optim.optimizer_state(self.optimizer, self.variable_names)
-
-    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        """Inverse of ``optimizer_state``: same keys, every shape asserted before its copy."""
-        _keras_optim.load_optimizer_state(self.optimizer, self.variable_names, state)
 
 
 class EvalStep:
