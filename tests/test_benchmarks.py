@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _common  # noqa: E402
 import bare_vs_dualbench  # noqa: E402
+import compile_region  # noqa: E402
 import best_bare_ratio  # noqa: E402
 import mode_matrix  # noqa: E402
 import pipeline_cost  # noqa: E402
@@ -222,6 +223,16 @@ def test_best_bare_ratio_picks_each_side_by_its_median_over_rounds_not_one_lucky
               "images_per_sec": value} for (backend, config), values in speeds.items() for k, value in enumerate(values)]
     [row] = best_bare_ratio.summarise(rows)
     assert row["best_bare_torch"] == "b" and row["bare_best_ratio"] == pytest.approx(0.8)  # not mean(208/300, 0.8)
+
+
+def test_compile_region_pools_every_timed_step_of_a_region_and_counts_rounds_won():
+    """Images/s from the median of all timed steps (not of per-round figures); round by round, who won."""
+    steps = {"model": [[0.1, 0.1, 0.3], [0.1, 0.2, 0.2]], "model+loss+argmax": [[0.2, 0.2, 0.2], [0.1, 0.1, 0.1]]}
+    rows = [{"model": "m", "round": k + 1, "region": region, "batch_size": 10, "step_times_s": times,
+             "images_per_sec": 10 / sorted(times)[1]} for region, blocks in steps.items() for k, times in enumerate(blocks)]
+    [row] = compile_region.summarise(rows)
+    assert row["model_img_s"] == pytest.approx(10 / 0.15) and row["whole_img_s"] == pytest.approx(10 / 0.15)
+    assert row["model_over_whole"] == pytest.approx(1.0) and row["rounds_model_faster"] == "1/2"
 
 
 def test_threads_varies_one_pool_at_a_time_and_interleaves_the_frameworks():
