@@ -141,7 +141,7 @@ class TrainStep:
         # Only the model's forward is compiled (as a hand-written torch.compile loop does): backward runs
         # its compiled backward graph; the loss, the argmax and the optimizer run eager (the optimizer
         # reads the LR from the param groups, so changing the LR never recompiles). Compiling the loss
-        # and the argmax into the same graph measured slower on both CPU families (README, issue 12).
+        # and the argmax into the same graph runs at the same speed (benchmarks/compile_region.py).
         self._model_forward = compile_function(self.forward_model, mode)
 
     @property
