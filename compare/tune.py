@@ -96,7 +96,11 @@ class Dimension:
     values: tuple[Any, ...]
     per_model: bool = True  # False: machine-level, inherited by a backend's later models
     cpu_only: bool = False  # skipped when the run is on a GPU
-    in_process: bool = False  # applied inside the process (mode, memory format): variants alternate in one process
+
+    @property
+    def in_process(self) -> bool:
+        """Applied inside the process (IN_PROCESS_FIELDS: mode, memory format): variants alternate in one process."""
+        return self.field in IN_PROCESS_FIELDS
 
 
 @dataclass(frozen=True)
@@ -112,14 +116,14 @@ SPACES = {
     "torch": SearchSpace(
         reference=FRAMEWORK_DEFAULT["torch"], start=FRAMEWORK_DEFAULT["torch"],
         dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
-                    Dimension("channels_last", (False, True), in_process=True),
-                    Dimension("mode", ("eager", "compile"), in_process=True),
+                    Dimension("channels_last", (False, True)),
+                    Dimension("mode", ("eager", "compile")),
                     Dimension("inter_op_threads", (None, 1, 2)))),
     "tensorflow": SearchSpace(
         reference=FRAMEWORK_DEFAULT["tensorflow"], start=FRAMEWORK_DEFAULT["tensorflow"],
         dimensions=(Dimension("onednn", (True, False), per_model=False, cpu_only=True),
                     # eager: never faster than graph, not measured
-                    Dimension("mode", ("graph", "xla"), in_process=True),
+                    Dimension("mode", ("graph", "xla")),
                     Dimension("malloc_tuning", (False, True), per_model=False),
                     Dimension("inter_op_threads", (None, 1, 2)),
                     Dimension("data_threads", (None, 1), per_model=False))),
@@ -131,7 +135,7 @@ SPACES = {
         reference=FRAMEWORK_DEFAULT["keras-torch"], start=FRAMEWORK_DEFAULT["keras-torch"],
         dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
                     Dimension("inter_op_threads", (None, 1, 2)),
-                    Dimension("mode", ("eager", "jit_compile"), in_process=True))),
+                    Dimension("mode", ("eager", "jit_compile")))),
 }
 
 
@@ -259,7 +263,7 @@ def run_alternating(base: RunSpec, configs: list[ExecutionConfig], steps: tuple[
                     timeout_s: float = 900) -> list[dict[str, Any]]:
     """In-process variants measured alternately in one worker process (common.tuning.measure_alternating).
 
-    ``configs`` differ only in in-process fields (``Dimension.in_process``);
+    ``configs`` differ only in in-process fields (``IN_PROCESS_FIELDS``);
     the process gets the first one's environment. One result per config, in
     order (each as run_candidate's, plus ``block_images_per_sec``).
     """

@@ -66,8 +66,8 @@ SEARCH_SPACE = SearchSpace(
     reference=ExecutionConfig("eager", channels_last=False, malloc_tuning=False),
     start=ExecutionConfig("eager", channels_last=False, malloc_tuning=False),
     dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
-                Dimension("channels_last", (False, True), in_process=True),
-                Dimension("mode", ("eager", "compile", "xla"), in_process=True)))
+                Dimension("channels_last", (False, True)),
+                Dimension("mode", ("eager", "compile", "xla"))))
 
 
 def tune_effects(config: ExecutionConfig) -> tuple[float, bool]:
