@@ -138,7 +138,8 @@ def run_bare(backend: str, model: str, batch_size: int, steps: int, warmup: int,
             argv += ["--inter-op", str(execution.inter_op_threads)]
     result, outcome = run_json(argv, f"bare-{backend}-{model}", execution=execution)
     result = result or {}
-    return {"images_per_sec": result.get("images_per_sec"), "compile_s": result.get("compile_s"),
+    return {"images_per_sec": result.get("images_per_sec"),
+            "step_median_images_per_sec": result.get("step_median_images_per_sec"), "compile_s": result.get("compile_s"),
             "host_peak_rss_bytes": outcome.host_peak_rss_bytes, "process_wall_s": outcome.wall_s,
             "onednn": result.get("onednn"), "status": "ok" if result else f"failed (exit {outcome.returncode})"}
 

@@ -29,7 +29,12 @@ come from the environment the caller starts it with (benchmarks/_common.py
 
 Timing mirrors common.loop: the first step is compile time; ``--warmup`` steps
 follow untimed; then ONE wall clock around ``--steps`` steps including each
-batch fetch, stopped after the last loss is read to the host (a sync).
+batch fetch, stopped after the last loss is read to the host (a sync):
+``images_per_sec``. On the CPU, where a step call returns when its work is
+done, each step call is also timed alone (fetch excluded, as common.loop's
+compute-only step time): ``step_median_images_per_sec`` = batch / the median
+step time, the statistic ``dualbench run`` reports as train img/s (None on a
+GPU, whose calls return before the work ends).
 
     python benchmarks/bare_loops.py --backend torch --model resnet20 --batch-size 128 --steps 30
 
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,8 +61,12 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4  # the Recipe defaults dualbench tr
 
 
 def timed_loop(step: Callable[[Any, Any], Any], batches: Iterator, steps: int, warmup: int,
-               batch_size: int, to_host: Callable[[Any], float]) -> dict[str, float]:
-    """Compile step alone, ``warmup`` untimed steps, then one clock over ``steps`` steps (fetch included)."""
+               batch_size: int, to_host: Callable[[Any], float], synchronous: bool = True) -> dict[str, Any]:
+    """Compile step alone, ``warmup`` untimed steps, then one clock over ``steps`` steps (fetch included).
+
+    ``synchronous``: a step call returns when its work is done (CPU), so each call's own time is its
+    compute time; then ``step_median_images_per_sec`` is batch / the median of those times.
+    """
     t0 = time.perf_counter()
     to_host(step(*next(batches)))  # reading the loss waits for the step (sync)
     compile_s = time.perf_counter() - t0
@@ -65,12 +75,18 @@ def timed_loop(step: Callable[[Any, Any], Any], batches: Iterator, steps: int, w
         loss = step(*next(batches))
     if loss is not None:
         to_host(loss)
+    step_times = []
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = step(*next(batches))
+        batch = next(batches)
+        called = time.perf_counter()
+        loss = step(*batch)
+        step_times.append(time.perf_counter() - called)
     final_loss = to_host(loss)
     wall = time.perf_counter() - t0
+    median_step = statistics.median(step_times) if synchronous and step_times else None
     return {"images_per_sec": steps * batch_size / wall, "wall_s": wall, "compile_s": compile_s,
+            "step_median_images_per_sec": batch_size / median_step if median_step else None,
             "final_loss": final_loss}
 
 
@@ -122,7 +138,8 @@ def torch_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: 
         optimizer.step()
         return loss
 
-    result = timed_loop(step, batches(), steps, warmup, batch_size, lambda loss: float(loss.item()))
+    result = timed_loop(step, batches(), steps, warmup, batch_size, lambda loss: float(loss.item()),
+                        synchronous=device.type == "cpu")
     return {**result, "framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
             "inter_op_threads": torch.get_num_interop_threads(),
             "onednn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
@@ -167,12 +184,14 @@ def tf_loop(model_name: str, data: str, batch_size: int, steps: int, warmup: int
                 index = order[start:start + batch_size]
                 yield tf.gather(images, index), tf.gather(labels, index)
 
-    result = timed_loop(step, batches(), steps, warmup, batch_size, lambda loss: float(loss.numpy()))
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    result = timed_loop(step, batches(), steps, warmup, batch_size, lambda loss: float(loss.numpy()),
+                        synchronous=not on_gpu)
     return {**result, "framework": f"tensorflow {tf.__version__} / keras {keras.__version__}",
             "threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
             "onednn": bool(_pywrap_util_port.IsMklEnabled()),
-            "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
+            "device": "gpu" if on_gpu else "cpu",
             "loop": f"{mode} step, keras.optimizers.SGD, preloaded tensors"}
 
 

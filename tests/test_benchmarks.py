@@ -225,6 +225,36 @@ def test_best_bare_ratio_picks_each_side_by_its_median_over_rounds_not_one_lucky
     assert row["best_bare_torch"] == "b" and row["bare_best_ratio"] == pytest.approx(0.8)  # not mean(208/300, 0.8)
 
 
+def test_best_bare_ratio_sends_the_sweeps_fastest_and_a_close_runner_up_to_the_alternation():
+    configs = {("m", "torch"): best_bare_ratio.bare_configs("torch", ["mode"]),
+               ("m", "tensorflow"): best_bare_ratio.bare_configs("tensorflow", ["mode"])}
+    labels = {(b, c.mode): c.label() for (_, b), cs in configs.items() for c in cs}
+    speeds = {("torch", "eager"): 100.0, ("torch", "compile"): 95.0,  # within 10%: both go on
+              ("tensorflow", "graph"): 200.0, ("tensorflow", "xla"): 170.0, ("tensorflow", "eager"): 199.0}
+    rows = [{"round": 1, "side": "sweep", "model": "m", "backend": b, "config": labels[(b, mode)],
+             "step_median_images_per_sec": v, "images_per_sec": 1.0} for (b, mode), v in speeds.items()]
+    chosen = best_bare_ratio.finalists(rows, configs)
+    assert [c.mode for c in chosen[("m", "torch")]] == ["eager", "compile"]
+    # at most two, fastest first; xla (15% behind) is dropped; the step-median figure is what counts
+    assert [c.mode for c in chosen[("m", "tensorflow")]] == ["graph", "eager"]
+    rows[0]["step_median_images_per_sec"] = 80.0  # torch eager now 16% behind compile
+    assert [c.mode for c in best_bare_ratio.finalists(rows, configs)[("m", "torch")]] == ["compile"]
+
+
+def test_best_bare_ratio_reads_the_bare_loop_as_the_run_is_read_and_ignores_the_sweep():
+    rows = [{"round": k, "side": "run", "model": "m", "ratio": 1.0} for k in (1, 2)]
+    for k, (t, f) in enumerate([(100.0, 110.0), (100.0, 90.0)], start=1):
+        rows += [{"round": k, "side": "bare", "model": "m", "backend": "torch", "config": "a",
+                  "step_median_images_per_sec": t, "images_per_sec": 50.0},
+                 {"round": k, "side": "bare", "model": "m", "backend": "tensorflow", "config": "c",
+                  "step_median_images_per_sec": f, "images_per_sec": 500.0}]
+    rows.append({"round": 1, "side": "sweep", "model": "m", "backend": "torch", "config": "z",
+                 "step_median_images_per_sec": 1000.0})  # the sweep chooses finalists, it is not the figure
+    [row] = best_bare_ratio.summarise(rows)
+    assert row["best_bare_torch"] == "a" and row["bare_best_ratio"] == pytest.approx(1.0)  # not 500/50
+    assert row["agreement_per_round"] == "0.909 1.111"
+
+
 def test_compile_region_pools_every_timed_step_of_a_region_and_counts_rounds_won():
     """Images/s from the median of all timed steps (not of per-round figures); round by round, who won."""
     steps = {"model": [[0.1, 0.1, 0.3], [0.1, 0.2, 0.2]], "model+loss+argmax": [[0.2, 0.2, 0.2], [0.1, 0.1, 0.1]]}
