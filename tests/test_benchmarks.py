@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import _common  # noqa: E402
 import bare_vs_dualbench  # noqa: E402
 import compile_region  # noqa: E402
+import machine_noise  # noqa: E402
 import best_bare_ratio  # noqa: E402
 import mode_matrix  # noqa: E402
 import pipeline_cost  # noqa: E402
@@ -253,6 +254,18 @@ def test_best_bare_ratio_reads_the_bare_loop_as_the_run_is_read_and_ignores_the_
     [row] = best_bare_ratio.summarise(rows)
     assert row["best_bare_torch"] == "a" and row["bare_best_ratio"] == pytest.approx(1.0)  # not 500/50
     assert row["agreement_per_round"] == "0.909 1.111"
+
+
+def test_machine_noise_compares_neighbouring_windows_of_the_same_work():
+    # 1-s slices: a slow minute-scale swing (100, 100, 80, 80, 100, 100) under per-second jitter
+    per_second = [100.0, 100.0, 80.0, 80.0, 100.0, 100.0]
+    one, two = machine_noise.summarise(per_second, (1, 2))
+    assert one["windows"] == 6 and one["ratio_p50"] == pytest.approx(0.0)  # 3 of 5 neighbours equal
+    assert one["ratio_p90"] == pytest.approx(0.25)  # 80 -> 100
+    assert two["windows"] == 3 and two["slowest_over_fastest"] == pytest.approx(0.8)
+    assert two["ratio_p50"] == pytest.approx(0.225)  # |80/100 - 1| = 0.2, |100/80 - 1| = 0.25
+    assert machine_noise.summarise([1.0] * 10, (1, 5, 30))[-1]["window_s"] == 5  # a window with <2 is dropped
+    assert machine_noise.summarise([1.0] * 10, (1,))[0]["cv"] == 0.0
 
 
 def test_compile_region_pools_every_timed_step_of_a_region_and_counts_rounds_won():
