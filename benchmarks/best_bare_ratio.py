@@ -20,9 +20,9 @@ One sitting, two phases:
 The two sides are read the same way: the run's train img/s is batch / the
 median compute-only step time; the bare loop's ``step_median_images_per_sec``
 is batch / the median time of its step calls (CPU). Why the long windows and
-the rounds: on a shared 2-core machine one process's figure over a ~10 s
-window moves by 15-20 % from one minute to the next (README, issue 12), more
-than the 10 % this checks; per-round figures and their spread are in the raw
+the rounds: on a shared 2-core machine neighbouring ~10 s windows of the same
+work differ by 10-19 % one time in ten (benchmarks/machine_noise.py measures
+it), as much as the 10 % this checks; per-round figures and their spread are in the raw
 rows.
 
 Target: the run's ratio within 10% of the best bare ratio (``agreement`` =

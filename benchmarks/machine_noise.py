@@ -1,16 +1,16 @@
 """How far this machine's own speed drifts: the noise floor of any A/B figure measured on it.
 
 One fixed CPU workload (a float32 matrix product, ``torch.matmul`` on
-``--threads`` threads, default every usable core) is run back to back for ``--seconds``, counting the
-products finished in each 1-second slice. Two measurements of the SAME work
+``--threads`` threads, default every usable core) is run back to back for
+``--seconds``, counting the products finished in each 1-second slice. Two measurements of the SAME work
 taken one after the other should give a ratio of 1; how far they do not is the
 floor under every comparison this machine produces. For each window length W
 (1, 5, 10, 30, 60 s) the slices are grouped into consecutive W-second windows
 and every pair of neighbouring windows gives one such ratio (later / earlier):
 
 * ``cv``: the windows' coefficient of variation;
-* ``ratio_p50`` / ``ratio_p90``: the median and 90th percentile of |ratio - 1|
-  over the neighbouring pairs: an A/B comparison of identical work with
+* ``ratio_p50`` / ``ratio_p90``: the median and 90th percentile (nearest rank:
+  an observed pair, not an interpolation) of |ratio - 1| over the neighbouring pairs: an A/B comparison of identical work with
   W-second windows lands this far from 1 half / one tenth of the time.
 
 Where ``ratio_p90`` at the window a benchmark uses exceeds the difference it is
