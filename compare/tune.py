@@ -7,9 +7,10 @@ numbers as the framework's reference configuration:
 
 1. the reference (the framework's defaults, no compiler: torch eager,
    TensorFlow graph mode, whose tf.function runs eager's kernels, Keras on
-   PyTorch eager) runs
-   first: its logits and losses are what every other candidate (XLA,
-   torch.compile, oneDNN, ...) is gated against;
+   PyTorch eager) runs first: its logits and losses are what every other
+   candidate (XLA, torch.compile, oneDNN, ...) is gated against. When the
+   first dimension is an in-process one (torch: the memory format), its
+   variants are measured in the reference's own process, beside it;
 2. the framework's own defaults (``FRAMEWORK_DEFAULT``) are the starting
    point (the report shows how far they are from the choice);
 3. a coordinate search: for each dimension of the backend's ``SearchSpace``,
@@ -19,35 +20,40 @@ numbers as the framework's reference configuration:
    allocator, thread pools: read when the process starts) takes one process
    per value: a challenger replaces the incumbent when it passes the gate
    and is at least ``MIN_GAIN`` faster; a result within ``CONFIRM_BELOW``
-   either way (a close win or a close loss) is measured again in the
-   reverse order (challenger, then incumbent: ABBA over the two
-   measurements) and decided on the mean of both rounds, breadth first: only
-   while the budget still holds one process for every challenger not yet
-   tried. A challenger running below ``LOSER_FRACTION`` of the incumbent
-   stops after a few steps (a clear loser). Consecutive in-process
-   dimensions (execution mode, memory format: ``Dimension.in_process``) are
-   tried together in ONE process: the incumbent and every combination of
-   their other values, built side by side and timed alternately in ABBA
-   blocks (common.tuning.measure_alternating); the fastest correct one wins
-   when it is ``MIN_GAIN`` faster than the incumbent in that same process.
-   The close calls this search exists for (torch eager vs compile, graph vs
-   XLA) are then decided without process-to-process noise, and the four
-   torch variants cost one process instead of four to six;
+   either way (a close win or a close loss: one process's figure on a shared
+   machine moves that much) is measured again in the reverse order
+   (challenger, then incumbent: ABBA over the two measurements) and decided
+   on the mean of both rounds, breadth first: only while the budget still
+   holds one process for every challenger not yet tried. A challenger
+   running below ``LOSER_FRACTION`` of the incumbent stops after a few steps
+   (a clear loser). An in-process dimension (execution mode, memory format:
+   ``Dimension.in_process``) is tried in ONE process: the incumbent and each
+   other value, built side by side and timed alternately in ABBA blocks
+   (common.tuning.measure_alternating); the fastest correct one wins when it
+   is ``MIN_GAIN`` faster than the incumbent in that same process. The close
+   calls this search exists for (torch eager vs compile, graph vs XLA) are
+   then decided without process-to-process noise. torch decides its memory
+   format (in eager) before its mode, so that torch.compile builds once, in
+   the chosen format: a cold compile is the costliest part of a search. A
+   process-level challenger followed by an in-process dimension (torch's
+   allocator before its mode, TensorFlow's oneDNN before its mode) holds that
+   dimension's variants in its own process: where the challenger wins, the
+   next dimension is decided there, a process fewer;
 4. dimensions whose effect comes from the machine rather than the model's
    graph (allocator, oneDNN kernels, tf.data's pool: ``per_model=False``)
    are searched for the first model of a backend and inherited by the next,
-   which starts from that model's choice;
+   not its per-model choices: its search starts from its reference (or what
+   the reference's process chose) with those settings, measured beside the
+   next dimension it varies;
 5. a search does not start a candidate that would end after ``budget_s``
-   seconds (elapsed time + the median duration of its processes so far),
-   except its first challenger: every search tries at least the first
-   dimension's other value (TensorFlow's oneDNN switch, torch's allocator
-   or, for a later model, its first per-model dimension).
+   seconds (elapsed time + the median duration of its processes so far, one
+   per variant for an in-process dimension), except its first challenger:
+   every search tries at least the first dimension's other value.
 
 benchmarks/tune_check.py checks the choice against an exhaustive measurement.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 import tempfile
@@ -66,7 +72,9 @@ from common.tuning import ALTERNATION_ROUNDS
 from compare.process import run_process, stderr_tail, worker_env
 
 MIN_GAIN = 0.03  # a change must be this much faster to replace the incumbent (else: noise, keep the simpler)
-CONFIRM_BELOW = 0.15  # results closer than this (either way) are measured again in reverse order
+CONFIRM_BELOW = 0.20  # results closer than this (either way) are measured again in reverse order
+# (benchmarks/machine_noise.py: neighbouring 1-5 s windows of the same work differ by ~20% at p90 on a
+# shared 2-core machine; a candidate's timed steps are such a window)
 LOSER_FRACTION = 0.7  # a challenger below this fraction of the incumbent stops early
 # The correctness gate: max|candidate - reference| <= tolerance * max|reference|.
 # FORWARD_RTOL, for what the initial weights compute (eval-mode logits, the first step's training-mode
@@ -115,8 +123,10 @@ class SearchSpace:
 SPACES = {
     "torch": SearchSpace(
         reference=FRAMEWORK_DEFAULT["torch"], start=FRAMEWORK_DEFAULT["torch"],
-        dimensions=(Dimension("malloc_tuning", (False, True), per_model=False),
-                    Dimension("channels_last", (False, True)),
+        # the memory format first, in eager, in the reference's own process; the mode last of the three:
+        # torch.compile builds once, in the memory format and allocator already chosen
+        dimensions=(Dimension("channels_last", (False, True)),
+                    Dimension("malloc_tuning", (False, True), per_model=False),
                     Dimension("mode", ("eager", "compile")),
                     Dimension("inter_op_threads", (None, 1, 2)))),
     "tensorflow": SearchSpace(
@@ -298,6 +308,7 @@ class Search:
         self.device_type: str | None = None
         self.durations: list[float] = []  # wall seconds of each candidate process (startup included)
         self.challengers = 0  # challengers measured (the budget never skips the first)
+        self.decided: set[str] = set()  # in-process dimensions decided beside a process-level challenger
 
     # -- measuring ------------------------------------------------------------------
     def _pinned(self, config: ExecutionConfig) -> ExecutionConfig:
@@ -318,16 +329,19 @@ class Search:
         self.durations.append(time.monotonic() - began)
         return self._take(candidate, result)
 
-    def _run_together(self, candidates: list[Candidate], loser_fraction: float | None) -> list[float | None]:
-        """Measure ``candidates`` alternately in one process; each one's images/s in that process (None: failed)."""
+    def _run_together(self, candidates: list[Candidate], loser_fraction: float | None,
+                      first_alone: bool = False) -> list[float | None]:
+        """Measure ``candidates`` alternately in one process; each one's images/s in that process (None: failed).
+        ``first_alone``: the process is the first one's own (a process-level challenger's): its figure counts
+        as a measurement in a process of its own, comparable with other processes."""
         self.log(f"  tune {self.base.backend} {self.base.model}: alternating in one process: "
                  + " | ".join(f"{c.config.label()} ({c.role})" for c in candidates))
         began = time.monotonic()
         results = self.measure_together([c.config for c in candidates], loser_fraction)
         self.durations.append(time.monotonic() - began)
         found = []
-        for candidate, result in zip(candidates, results):
-            self._take(candidate, result, together=True)
+        for index, (candidate, result) in enumerate(zip(candidates, results)):
+            self._take(candidate, result, together=not (first_alone and index == 0))
             ok = result.get("status") == "ok" and result.get("images_per_sec") and candidate.status == "ok"
             found.append(float(result["images_per_sec"]) if ok else None)
         return found
@@ -359,38 +373,79 @@ class Search:
         """Measure, decide, and return the search record (choice + table)."""
         self.started = time.monotonic()
         same = self.space.reference == self.space.start
-        reference = self._run(Candidate(self._pinned(self.space.reference),
-                                        "reference, framework default" if same else "reference"))
+        reference = Candidate(self._pinned(self.space.reference), "reference, framework default" if same else "reference")
         self.candidates.append(reference)
+        dimensions = list(self.space.dimensions)
+        incumbent = reference
+        if dimensions and dimensions[0].in_process and self._values(dimensions[0], reference):
+            # the reference's process also decides the first in-process dimension (torch: the memory format,
+            # in eager): its variants share the reference's process settings, one process fewer
+            incumbent = self._try_together(dimensions.pop(0), reference, dimensions)
+            if reference.status == "failed":  # a variant beside it may have ended the process: alone, once
+                reference.status, reference.reason = "pending", ""
+                incumbent = self._run(reference)
+        else:
+            self._run(reference)
         if reference.status != "ok":
             return self._record(None, f"the reference configuration failed ({reference.reason}): no gate, no search")
-        incumbent = reference
-        starts = [(self.space.start, "framework default")]
-        if self.inherited is not None:
-            starts.append((self.inherited.replace(source=""), "inherited"))
-        for config, role in starts:
-            config = self._pinned(config)
-            if self._known(config) is None:
-                candidate = self._run(Candidate(config, role))
-                self.candidates.append(candidate)
-                if candidate.status == "ok" and candidate.score > incumbent.score:
-                    incumbent = candidate
-        groups = self._groups()
-        for index, group in enumerate(groups):
-            later = groups[index + 1:]
-            incumbent = (self._try_together(group, incumbent, later) if group[0].in_process
-                         else self._try_dimension(group[0], incumbent, later))
+        fallback = self._from_starts(incumbent)
+        incumbent = self._inherited_start(fallback)
+        for index, dimension in enumerate(dimensions):
+            later = dimensions[index + 1:]
+            if dimension.field in self.decided or not self._values(dimension, incumbent):
+                continue
+            if dimension.in_process:
+                incumbent = self._try_together(dimension, incumbent, later)
+            else:
+                if incumbent.status == "pending":  # an inherited start not measured yet: its own process first
+                    self._run(incumbent)
+                    incumbent = incumbent if incumbent.status == "ok" else fallback
+                host = later[0] if later and later[0].in_process else None
+                incumbent = self._try_dimension(dimension, incumbent, later, host)
+            incumbent = self._unless_failed(incumbent, fallback, dimension, later)
+        if incumbent.status == "pending":
+            self._run(incumbent)
+            incumbent = incumbent if incumbent.status == "ok" else fallback
         return self._record(incumbent.config, "")
 
-    def _groups(self) -> list[tuple[Dimension, ...]]:
-        """The dimensions in order, consecutive in-process ones together (one process alternates their values)."""
-        groups: list[tuple[Dimension, ...]] = []
-        for dimension in self.space.dimensions:
-            if dimension.in_process and groups and groups[-1][0].in_process:
-                groups[-1] += (dimension,)
-            else:
-                groups.append((dimension,))
-        return groups
+    def _inherited_start(self, incumbent: Candidate) -> Candidate:
+        """A later model takes the machine-level settings an earlier model's search chose (``per_model=False``:
+        allocator, oneDNN, tf.data's pool), which it does not search again, on top of ``incumbent`` (its
+        reference, or what the reference's own process chose). Not measured here: the next dimension measures
+        it (an in-process one beside its variants). ``incumbent`` itself when those are its settings already."""
+        if self.inherited is None:
+            return incumbent
+        machine = {d.field: getattr(self.inherited, d.field) for d in self.space.dimensions
+                   if not d.per_model and d.field not in self.pins}
+        config = incumbent.config.replace(**machine)
+        if config == incumbent.config:
+            return incumbent
+        start = self._known(config) or Candidate(config, "inherited")
+        if start not in self.candidates:
+            self.candidates.append(start)
+        return start
+
+    def _from_starts(self, incumbent: Candidate) -> Candidate:
+        """The framework's own defaults, where they are not the reference: measured, the start if faster."""
+        config = self._pinned(self.space.start)
+        if self._known(config) is None:
+            candidate = self._run(Candidate(config, "framework default"))
+            self.candidates.append(candidate)
+            if candidate.status == "ok" and candidate.score > incumbent.score:
+                return candidate
+        return incumbent
+
+    def _unless_failed(self, incumbent: Candidate, fallback: Candidate, dimension: Dimension,
+                       later: list[Dimension]) -> Candidate:
+        """An inherited start that failed or left the gate where it was first measured: the search goes on
+        from ``fallback`` (what it started from), this dimension again."""
+        if incumbent.status in ("ok", "pending") or incumbent is fallback:
+            return incumbent
+        self.log(f"  tune {self.base.backend} {self.base.model}: {incumbent.config.label()} {incumbent.status} "
+                 f"({incumbent.reason}): on from {fallback.config.label()}")
+        if dimension.in_process:
+            return self._try_together(dimension, fallback, later)
+        return self._try_dimension(dimension, fallback, later)
 
     def _values(self, dimension: Dimension, incumbent: Candidate) -> list[Any]:
         """The values to try: not pinned, not the incumbent's own (effective) value, within the cores."""
@@ -413,34 +468,44 @@ class Search:
         typical = float(np.median(self.durations)) if self.durations else 0.0
         return time.monotonic() - self.started + processes * typical > self.budget_s
 
-    def _first_tries(self, groups: list[tuple[Dimension, ...]], incumbent: Candidate) -> int:
-        """What ``groups`` would cost from ``incumbent``, in candidate processes: one per untried value of a
-        process-level dimension; for a group of in-process dimensions, one per variant it would build (their
-        shared process holds them all, compiled ones included: it costs about as much as that many)."""
+    def _first_tries(self, dimensions: list[Dimension], incumbent: Candidate) -> int:
+        """What ``dimensions`` would cost from ``incumbent``, in candidate processes: one per untried value of
+        a process-level dimension; for an in-process one, one per variant its shared process builds, the
+        incumbent's included (a compiled one too: it costs about as much as that many; as _try_together)."""
         count = 0
-        for group in groups:
-            if group[0].in_process:
-                sizes = [1 + len(self._values(d, incumbent)) for d in group]
-                count += int(np.prod(sizes)) - 1 if any(size > 1 for size in sizes) else 0
+        for dimension in dimensions:
+            values = self._values(dimension, incumbent)
+            if dimension.in_process:
+                count += 1 + len(values) if values else 0
             else:
-                count += sum(self._known(incumbent.config.replace(**{d.field: value})) is None
-                             for d in group for value in self._values(d, incumbent))
+                count += sum(self._known(incumbent.config.replace(**{dimension.field: value})) is None
+                             for value in values)
         return count
 
-    def _try_dimension(self, dimension: Dimension, incumbent: Candidate,
-                       later: list[tuple[Dimension, ...]] | None = None) -> Candidate:
+    def _try_dimension(self, dimension: Dimension, incumbent: Candidate, later: list[Dimension] | None = None,
+                       host: Dimension | None = None) -> Candidate:
+        """A process-level dimension: one process per other value. ``host``: the in-process dimension that
+        follows; each challenger's process also holds its variants (built beside the challenger, timed
+        alternately), and when the challenger wins, ``host`` is decided in that process (``self.decided``):
+        a process fewer where a process-level setting wins (TensorFlow's oneDNN on an AVX2 CPU)."""
         values = self._values(dimension, incumbent)
+        rest = [d for d in later or [] if d is not host]
         for position, value in enumerate(values):
             config = incumbent.config.replace(**{dimension.field: value})
-            challenger = self._known(config)
+            challenger, beside, speeds = self._known(config), [], []
             if challenger is None:
                 challenger = Candidate(config, f"{dimension.field}={value}")
                 self.candidates.append(challenger)
-                if self.challengers and self._over_budget():
+                beside = self._variants(host, challenger) if host is not None else []
+                if self.challengers and self._over_budget(processes=1 + len(beside)):
                     challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:.0f} s) spent"
                     continue
-                self.challengers += 1
-                self._run(challenger, stop_below=incumbent.score * LOSER_FRACTION)
+                self.challengers += 1 + len(beside)
+                if beside:
+                    self.candidates += [c for c in beside if c not in self.candidates]
+                    speeds = self._run_together([challenger, *beside], LOSER_FRACTION, first_alone=True)
+                else:
+                    self._run(challenger, stop_below=incumbent.score * LOSER_FRACTION)
             if challenger.status != "ok":
                 continue
             wins = challenger.score >= incumbent.score * (1 + MIN_GAIN)
@@ -450,49 +515,57 @@ class Search:
             # first: the two processes are spent only if the budget still holds one process for every
             # challenger not tried yet (a dimension never tried can be worth more than a second opinion
             # on a close call); without them a close win stands on its one measurement (>= MIN_GAIN).
-            untried = len(values) - position - 1 + self._first_tries(later or [], incumbent)
+            untried = len(values) - position - 1 + self._first_tries(rest if beside else later or [], incumbent)
             if close and len(challenger.rounds) == 1 and not self._over_budget(processes=2 + untried):
                 self._run(challenger)
                 self._run(incumbent)
                 wins = challenger.status == "ok" and challenger.score >= incumbent.score * (1 + MIN_GAIN)
+            best = self._best_beside(challenger, beside, speeds) if beside else challenger
             if wins:
-                incumbent = challenger
+                incumbent = best
+                if beside:
+                    self.decided.add(host.field)
         return incumbent
 
-    def _try_together(self, group: tuple[Dimension, ...], incumbent: Candidate,
-                      later: list[tuple[Dimension, ...]]) -> Candidate:
-        """In-process dimensions: the incumbent and every combination of their other values, alternately in
-        one process (common.tuning.measure_alternating); the fastest correct one replaces the incumbent when
-        it is at least MIN_GAIN faster than the incumbent in that same process."""
-        choices = {d.field: [getattr(incumbent.config, d.field)] + self._values(d, incumbent) for d in group}
-        combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())][1:]
-        if not combos:
+    def _variants(self, dimension: Dimension, incumbent: Candidate) -> list[Candidate]:
+        """``incumbent`` with each other value of the in-process ``dimension`` (known candidates reused)."""
+        variants = []
+        for value in self._values(dimension, incumbent):
+            config = incumbent.config.replace(**{dimension.field: value})
+            variants.append(self._known(config) or Candidate(config, f"{dimension.field}={value}"))
+        return variants
+
+    def _try_together(self, dimension: Dimension, incumbent: Candidate, later: list[Dimension]) -> Candidate:
+        """An in-process dimension: the incumbent and each of the dimension's other values, alternately in one
+        process (common.tuning.measure_alternating); the fastest correct one replaces the incumbent when it is
+        at least MIN_GAIN faster than the incumbent in that same process."""
+        challengers = self._variants(dimension, incumbent)
+        if not challengers:
             return incumbent
-        challengers = []
-        for combo in combos:
-            config = incumbent.config.replace(**combo)
-            challenger = self._known(config)
-            if challenger is None:
-                role = ", ".join(f"{name}={value}" for name, value in combo.items()
-                                 if value != getattr(incumbent.config, name))
-                challenger = Candidate(config, role)
-                self.candidates.append(challenger)
-            challengers.append(challenger)
-        if self.challengers and self._over_budget():
+        self.candidates += [c for c in challengers if c not in self.candidates]
+        # the shared process builds every variant (a compiled one: a cold compile): it costs about one
+        # process per variant
+        if self.challengers and self._over_budget(processes=1 + len(challengers)):
             for challenger in challengers:
                 if not challenger.rounds:
                     challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:.0f} s) spent"
             return incumbent
         self.challengers += len(challengers)
         speeds = self._run_together([incumbent, *challengers], loser_fraction=LOSER_FRACTION)
-        own = speeds[0]
+        return self._best_beside(incumbent, challengers, speeds)
+
+    def _best_beside(self, incumbent: Candidate, challengers: list[Candidate], speeds: list[float | None]) -> Candidate:
+        """From one shared process's figures (``speeds``: the incumbent's, then each challenger's): the fastest
+        correct one, where it is at least MIN_GAIN faster than the incumbent there; each challenger gets its
+        estimate, comparable with other processes through the incumbent's own figure."""
+        own = speeds[0] if speeds else None
         if not own:  # the incumbent failed beside them: nothing to compare with in this process
             return incumbent
         best, best_speed = incumbent, own * (1 + MIN_GAIN)
         for challenger, speed in zip(challengers, speeds[1:]):
             if speed is None:
                 continue
-            if not challenger.rounds:  # comparable with later processes through the incumbent's own figure
+            if not challenger.rounds:
                 challenger.estimate = incumbent.score * speed / own
             if speed >= best_speed:
                 best, best_speed = challenger, speed

@@ -77,17 +77,23 @@ class ScriptedSearch(tune.Search):
 MALLOC = "malloc=tuned"  # the fake's process-level dimension; channels_last and mode are in-process
 
 
+def _anchors(search: ScriptedSearch) -> list[str]:
+    """The first candidate of each process: its own (the others, in-process variants, are measured beside it)."""
+    return [process[0] for process in search.processes]
+
+
 def test_a_close_win_of_a_process_level_setting_is_measured_again_in_reverse_order_and_a_clear_one_is_not(fake_env):
     close = ScriptedSearch(_spec(), {MALLOC: 1.08})
     record = close.run()
     assert MALLOC in record["choice_label"]
-    labels = [process[0] for process in close.processes if len(process) == 1]  # one candidate per process
+    labels = _anchors(close)
     reference, challenger = labels[0], labels[1]
     assert MALLOC in challenger and labels[1:4] == [challenger, challenger, reference]  # A B, then B A
+    assert close.processes[2:4] == [[challenger], [reference]]  # the BA: each alone
     clear = ScriptedSearch(_spec(), {MALLOC: 1.5})
     clear.run()
-    singles = [process[0] for process in clear.processes if len(process) == 1]
-    assert singles.count(singles[1]) == 1  # a clear win: measured once
+    # a clear win: measured once (reference; malloc tuning, the memory format beside it; the mode beside it)
+    assert [len(process) for process in clear.processes] == [1, 2, 3]
 
 
 def test_a_close_loss_of_a_process_level_setting_is_measured_again_and_can_turn_into_a_win(fake_env):
@@ -97,32 +103,70 @@ def test_a_close_loss_of_a_process_level_setting_is_measured_again_and_can_turn_
         def scripted(self, config):
             speed = super().scripted(config)
             if config.malloc_tuning:
-                seen = sum(MALLOC in label for label, _ in self.calls)
+                seen = sum(MALLOC in label for label in _anchors(self))  # processes of its own so far
                 speed *= 0.99 if seen == 1 else 1.30
             return speed
 
     search = NoisySearch(_spec(), {})
     assert MALLOC in search.run()["choice_label"]
-    labels = [process[0] for process in search.processes if len(process) == 1]
+    labels = _anchors(search)
     assert MALLOC in labels[1] and labels[2] == labels[1] and labels[3] == labels[0]  # B, then B A
-    clear = ScriptedSearch(_spec(), {MALLOC: 0.80})  # 20% slower: a clear loss, measured once
+    clear = ScriptedSearch(_spec(), {MALLOC: 0.75})  # 25% slower: a clear loss, measured once
     assert MALLOC not in clear.run()["choice_label"]
-    assert sum(MALLOC in label for label, _ in clear.calls) == 1
+    assert sum(MALLOC in label for label in _anchors(clear)) == 1
 
 
-def test_in_process_dimensions_are_measured_together_in_one_process_with_the_incumbent_first(fake_env):
-    """channels_last and mode (the fake's in-process dimensions): the incumbent and every combination of the
-    other values (cl on/off x eager/compile/xla) in ONE process; the fastest correct one wins."""
+def test_each_in_process_dimension_is_measured_in_one_process_with_the_incumbent_first(fake_env):
+    """channels_last, then mode (the fake's in-process dimensions): each in ONE process, the incumbent first
+    and each other value beside it; the mode's variants are built in the memory format already chosen only
+    (one cold compile per model on torch, where a joint grid built every format compiled)."""
     search = ScriptedSearch(_spec(), {"compile": 1.5, "cl=on": 1.2, MALLOC: 0.5})  # malloc: a clear loss
     record = search.run()
     assert record["choice_label"].startswith("compile cl=on")
-    [together] = [process for process in search.processes if len(process) > 1]
-    assert len(together) == 6 and together[0].startswith("eager cl=off")  # the incumbent first
-    assert {label.split()[0] + " " + label.split()[1] for label in together} == {
-        f"{mode} cl={cl}" for mode in ("eager", "compile", "xla") for cl in ("off", "on")}
-    assert len(search.processes) == 3  # reference, malloc tuning, then the in-process variants together
+    layout, mode = [process for process in search.processes if len(process) > 1 and MALLOC not in process[0]]
+    assert [label.split()[:2] for label in layout] == [["eager", "cl=off"], ["eager", "cl=on"]]
+    assert [label.split()[:2] for label in mode] == [["eager", "cl=on"], ["compile", "cl=on"], ["xla", "cl=on"]]
+    assert len(search.processes) == 4  # reference, malloc tuning (lost), then one per in-process dimension
     [row] = [row for row in record["rows"] if row["candidate"].startswith("compile cl=on")]
-    assert row["role"] == "channels_last=True, mode=compile" and row["chosen"]
+    assert row["role"] == "mode=compile" and row["chosen"]
+    # a variant wrongly built in another format fails this test: seen failing with the joint grid restored
+
+
+def test_a_process_level_challengers_process_holds_the_next_in_process_dimension(fake_env):
+    """malloc tuning (process-level) is followed by the memory format (in-process): the challenger's process
+    also builds the challenger in the other memory format. Where malloc tuning wins, the memory format is
+    decided there and not measured again; where it loses, the memory format gets its own process from the
+    incumbent."""
+    wins = ScriptedSearch(_spec(), {MALLOC: 1.5, "cl=on": 1.2})
+    record = wins.run()
+    assert [len(process) for process in wins.processes] == [1, 2, 3]
+    assert [label.split()[1] for label in wins.processes[1]] == ["cl=off", "cl=on"]
+    assert all(MALLOC in label for label in wins.processes[1])
+    assert record["choice_label"].startswith("eager cl=on") and MALLOC in record["choice_label"]
+    assert wins.processes[2][0].startswith("eager cl=on")  # the mode, from there
+    loses = ScriptedSearch(_spec(), {MALLOC: 0.5, "cl=on": 1.2})
+    record = loses.run()
+    assert [len(process) for process in loses.processes] == [1, 2, 2, 3]
+    assert not any(MALLOC in label for label in loses.processes[2])  # the memory format again, from the reference
+    assert record["choice_label"].startswith("eager cl=on") and MALLOC not in record["choice_label"]
+
+
+def test_a_first_in_process_dimension_is_measured_in_the_references_own_process(fake_env):
+    """torch's order (memory format first): the reference's process also holds the memory format's other
+    value, a process fewer; the gate's reference outputs come from that process."""
+    search = ScriptedSearch(_spec(), {"cl=on": 1.2, "compile": 0.5, MALLOC: 0.5})
+    space = search.space
+    by_field = {d.field: d for d in space.dimensions}
+    search.space = tune.SearchSpace(space.reference, space.start,
+                                    (by_field["channels_last"], by_field["malloc_tuning"], by_field["mode"]))
+    record = search.run()
+    assert [label.split()[:2] for label in search.processes[0]] == [["eager", "cl=off"], ["eager", "cl=on"]]
+    assert len(search.processes) == 3 and record["choice_label"].startswith("eager cl=on")
+    rows = {row["role"]: row for row in record["rows"]}
+    assert rows["reference, framework default"]["status"] == "ok" and rows["channels_last=True"]["chosen"]
+    wrong = ScriptedSearch(_spec(), {"cl=on": 1.2}, wrong=("cl=on",))  # gated against the reference beside it
+    wrong.space = search.space
+    assert wrong.run()["choice_label"].startswith("eager cl=off")
 
 
 def test_in_process_variants_are_decided_by_their_figures_in_that_process(fake_env):
@@ -134,9 +178,10 @@ def test_in_process_variants_are_decided_by_their_figures_in_that_process(fake_e
             results[0]["images_per_sec"] = 120.0  # the incumbent, this process
             return results
 
-    search = Drifting(_spec(), {"compile": 1.10}, budget_s=1e9)
+    libc = {"malloc_tuning": False}  # no process-level challenger (its process would hold the memory format)
+    search = Drifting(_spec(), {"compile": 1.10}, budget_s=1e9, pins=libc)
     assert search.run()["choice_label"].startswith("eager cl=off")
-    gained = Drifting(_spec(), {"compile": 1.25}, budget_s=1e9)  # 125 against 120: 4% >= MIN_GAIN
+    gained = Drifting(_spec(), {"compile": 1.25}, budget_s=1e9, pins=libc)  # 125 against 120: 4% >= MIN_GAIN
     record = gained.run()
     assert record["choice_label"].startswith("compile")
     # comparable with other processes through the incumbent's own figure (100): 100 x 125 / 120, not 125
@@ -146,7 +191,8 @@ def test_in_process_variants_are_decided_by_their_figures_in_that_process(fake_e
 
 
 def test_gains_below_the_threshold_keep_the_incumbent_and_losers_get_a_stop_threshold(fake_env):
-    search = ScriptedSearch(_spec(), {"compile": 1.02, MALLOC: 0.5})
+    # the memory format pinned: malloc tuning's process holds no in-process variants, it stops on its own figure
+    search = ScriptedSearch(_spec(), {"compile": 1.02, MALLOC: 0.5}, pins={"channels_last": False})
     record = search.run()
     assert record["choice_label"].startswith("eager cl=off")  # 2% is noise: the default stays
     stops = dict(search.calls)
@@ -198,26 +244,26 @@ def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, timed_
     """Each candidate process takes 10 s: with 25 s, the third would end at 30 s."""
     search = timed_search(_spec(), {}, budget_s=25.0)
     record = search.run()
-    ran = [row for row in record["rows"] if row["status"] != "skipped"]
-    assert len(ran) == 2 and len(search.processes) == 2  # ended at 20 s; a start at 20 s would end at 30 s
+    assert len(search.processes) == 2  # ended at 20 s; a start at 20 s would end at 30 s
     assert record["elapsed_s"] <= 25.0 and record["complete"] is False
 
 
 def test_a_tight_budget_tries_every_dimension_before_measuring_a_close_call_again(fake_env, timed_search):
-    """Breadth first: 3 processes of 10 s fit 35 s. A close win (malloc x1.08) measured again at once would
-    take two of them and leave the in-process variants untried; instead it stands on its one measurement.
-    The in-process variants still to come count as the 5 processes they would take on their own."""
-    search = timed_search(_spec(), {MALLOC: 1.08}, budget_s=35.0)
+    """Breadth first: the reference, then malloc tuning with the memory format's other value beside it, then
+    the mode (1 + 2 variants, counted as 3 processes), 10 s each, fit 65 s. A close win (malloc x1.08)
+    measured again at once would take two more processes and leave the mode untried; instead it stands on
+    its one measurement."""
+    search = timed_search(_spec(), {MALLOC: 1.08}, budget_s=65.0)
     record = search.run()
     statuses = {row["role"]: row["status"] for row in record["rows"]}
-    assert "malloc_tuning=True" in statuses and any(role.startswith("mode=xla") for role in statuses)
+    assert "malloc_tuning=True" in statuses and "mode=xla" in statuses
     assert set(statuses.values()) == {"ok"} and record["complete"] is True
     assert len(search.processes) == 3  # nothing measured twice
     assert MALLOC in record["choice_label"]  # the close win stands on its one measurement (>= MIN_GAIN)
-    tight = timed_search(_spec(), {MALLOC: 1.08}, budget_s=85.0)  # 20 s + (2 + 5) x 10 s: no room for the BA
+    tight = timed_search(_spec(), {MALLOC: 1.08}, budget_s=69.0)  # 20 s + (2 + 3) x 10 s: no room for the BA
     tight.run()
     assert len(tight.processes) == 3
-    roomy = timed_search(_spec(), {MALLOC: 1.08}, budget_s=95.0)  # room for all of them and the BA
+    roomy = timed_search(_spec(), {MALLOC: 1.08}, budget_s=75.0)  # room for all of them and the BA
     roomy.run()
     assert len(roomy.processes) == 5
 
@@ -292,14 +338,14 @@ def test_search_picks_the_fastest_correct_configuration_and_records_the_excluded
     table = _search_rows(resolver)
     assert table[0]["role"] == "reference, framework default" and table[0]["vs_default"] == 1.0
     xlas = [row for row in table if row["candidate"].startswith("xla")]
-    assert len(xlas) == 2 and all(r["status"] == "excluded" and "eval logits differ" in r["why_excluded"] for r in xlas)
+    assert len(xlas) == 1 and xlas[0]["status"] == "excluded" and "eval logits differ" in xlas[0]["why_excluded"]
     assert xlas[0]["images_per_sec"] > max(r["images_per_sec"] for r in table if r["chosen"])  # fastest, yet wrong
     assert sum(row["chosen"] for row in table) == 1
     processes = len(set(launch_pids(fake_env)))
     grid = [r for r in table if r["candidate"].split()[0] in ("compile", "xla") or "cl=on" in r["candidate"]]
-    assert len(grid) == 5 and all(r["rounds"].count(" ") == 0 for r in grid)  # each measured once, ...
-    measurements = sum(len(r["rounds"].split()) for r in table)
-    assert processes == measurements - 6 + 1  # ... with the incumbent in ONE process; the others one each
+    assert len(grid) == 3 and all(r["rounds"].count(" ") == 0 for r in grid)  # each measured once, ...
+    # ... beside the incumbent: reference, malloc tuning with the memory format's other value, the mode
+    assert processes == 3
 
 
 def test_cache_hit_then_invalidation_by_fingerprint_then_retune(fake_env, tmp_path, monkeypatch):
@@ -338,6 +384,34 @@ def test_a_later_model_inherits_machine_level_settings(fake_env, tmp_path, monke
     assert [r["role"] for r in second][:2] == ["reference, framework default", "inherited"]
     assert not any(r["role"].startswith("malloc_tuning") for r in second)  # machine-level: not searched again
     assert any(r["role"].startswith("mode=") for r in second)  # per model: searched
+
+
+def test_a_later_models_inherited_start_is_measured_beside_its_first_per_model_dimension(fake_env):
+    """A later model inherits the machine-level settings (malloc tuning) but not the earlier model's mode or
+    memory format: it starts from its reference with malloc tuning, measured in the memory format's process
+    (no process of its own). A start that leaves the gate there: the search goes on from the reference."""
+    earlier = ExecutionConfig("compile", channels_last=True, malloc_tuning=True)
+    search = ScriptedSearch(_spec(model="resnet20"), {MALLOC: 2.0}, inherited=earlier)
+    record = search.run()
+    assert [len(process) for process in search.processes] == [1, 2, 3]  # reference; memory format; mode
+    assert search.processes[1][0].startswith("eager cl=off") and MALLOC in search.processes[1][0]
+    assert MALLOC in record["choice_label"]
+    assert [row["role"] for row in record["rows"]][:2] == ["reference, framework default", "inherited"]
+    broken = ScriptedSearch(_spec(model="resnet20"), {MALLOC: 2.0}, wrong=(MALLOC,), inherited=earlier)
+    record = broken.run()
+    assert [len(process) for process in broken.processes] == [1, 2, 2, 3]  # the memory format again, from the reference
+    assert MALLOC not in broken.processes[2][0] and MALLOC not in record["choice_label"]
+    assert {row["status"] for row in record["rows"] if MALLOC in row["candidate"]} == {"excluded"}
+    # torch's order (memory format first): the reference's process decides it under the defaults, and the
+    # inherited settings start with the mode, beside its variants: two processes for a later model
+    torch_like = ScriptedSearch(_spec(model="resnet20"), {MALLOC: 2.0, "cl=on": 1.2}, inherited=earlier)
+    by_field = {d.field: d for d in torch_like.space.dimensions}
+    torch_like.space = tune.SearchSpace(torch_like.space.reference, torch_like.space.start,
+                                        tuple(by_field[f] for f in ("channels_last", "malloc_tuning", "mode")))
+    record = torch_like.run()
+    assert [len(process) for process in torch_like.processes] == [2, 3]
+    assert MALLOC not in torch_like.processes[0][1] and torch_like.processes[1][0].startswith("eager cl=on")
+    assert MALLOC in torch_like.processes[1][0] and record["choice_label"].startswith("eager cl=on")
 
 
 def test_short_run_uses_the_fallback_without_a_search(fake_env, tmp_path, monkeypatch):
