@@ -35,10 +35,10 @@ numbers as the framework's reference configuration:
    then decided without process-to-process noise. torch decides its memory
    format (in eager) before its mode, so that torch.compile builds once, in
    the chosen format: a cold compile is the costliest part of a search. A
-   process-level challenger followed by an in-process dimension (torch's
-   allocator before its mode, TensorFlow's oneDNN before its mode) holds that
-   dimension's variants in its own process: where the challenger wins, the
-   next dimension is decided there, a process fewer;
+   process-level challenger followed by an in-process dimension (TensorFlow's
+   oneDNN before its mode) holds that dimension's variants in its own
+   process: where the challenger wins, the next dimension is decided there,
+   a process fewer;
 4. dimensions whose effect comes from the machine rather than the model's
    graph (allocator, oneDNN kernels, tf.data's pool: ``per_model=False``)
    are searched for the first model of a backend and inherited by the next,
@@ -47,8 +47,12 @@ numbers as the framework's reference configuration:
    next dimension it varies;
 5. a search does not start a candidate that would end after ``budget_s``
    seconds (elapsed time + the median duration of its processes so far, one
-   per variant for an in-process dimension), except its first challenger:
-   every search tries at least the first dimension's other value.
+   per variant the process builds, ``COMPILED_VARIANT_COST`` for a variant
+   that compiles), except its first challenger: every search tries at least
+   the first dimension's other value. The first dimension that does not fit
+   ends the search: a later one (a smaller expected effect) never runs in
+   its place. A process-level challenger whose in-process neighbours would
+   not fit runs alone.
 
 benchmarks/tune_check.py checks the choice against an exhaustive measurement.
 """
@@ -91,9 +95,20 @@ GATE_STEPS, WARMUP_STEPS, TIMED_STEPS = 3, 1, 8  # per candidate process (gate s
 # In-process variants alternate in timed blocks, ABBA (common.tuning.ALTERNATION_ROUNDS): TIMED_STEPS per
 # variant in all, each block after WARMUP_STEPS untimed steps.
 IN_PROCESS_FIELDS = frozenset({"mode", "channels_last"})  # what a backend applies inside the process
-# The searches of one command share this budget (compare.tune_resolve: each gets an equal share of
-# what is left); 2 models x 2 backends must stay under 5 minutes on a 2-core CPU.
+# A variant that compiles (torch.compile, XLA, Keras's jit_compile) costs its process a cold compile of the
+# training step and, where it can win, of the evaluation step: about this many processes' worth of time in the
+# budget's estimates (on a 2-core AMD EPYC, seed_cnn 15 s + 7 s, resnet20 45 s + 20 s, where an eager
+# candidate's process is 15-25 s).
+COMPILING_MODES = frozenset({"compile", "xla", "jit_compile"})
+COMPILED_VARIANT_COST = 2.0
+# The searches of one command share this budget (compare.tune_resolve: each may use what is left but
+# RESERVE_FRACTION of it for each search still to run, and at least an equal share); 2 models x 2 backends
+# must stay under 5 minutes on a 2-core CPU.
 DEFAULT_BUDGET_S = 270.0
+# A later search's reference and first challenger always run (~50 s on a 2-core CPU): what each search
+# still to come keeps back. The first search of a backend, which also decides the machine-level settings,
+# gets the most.
+RESERVE_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -123,11 +138,11 @@ class SearchSpace:
 SPACES = {
     "torch": SearchSpace(
         reference=FRAMEWORK_DEFAULT["torch"], start=FRAMEWORK_DEFAULT["torch"],
-        # the memory format first, in eager, in the reference's own process; the mode last of the three:
-        # torch.compile builds once, in the memory format and allocator already chosen
+        # the memory format first, in eager, in the reference's own process; then the mode: torch.compile
+        # builds once, in the memory format chosen (for a later model beside the inherited allocator)
         dimensions=(Dimension("channels_last", (False, True)),
-                    Dimension("malloc_tuning", (False, True), per_model=False),
                     Dimension("mode", ("eager", "compile")),
+                    Dimension("malloc_tuning", (False, True), per_model=False),
                     Dimension("inter_op_threads", (None, 1, 2)))),
     "tensorflow": SearchSpace(
         reference=FRAMEWORK_DEFAULT["tensorflow"], start=FRAMEWORK_DEFAULT["tensorflow"],
@@ -210,6 +225,8 @@ def gate_differences(candidate: dict[str, Any], reference: dict[str, Any]) -> di
              "first loss": (losses_c[:1], losses_r[:1]), "first update": (_flat_update(candidate), _flat_update(reference)),
              "later losses": (losses_c[1:], losses_r[1:])}
     found = {}
+    if candidate.get("eval_logits") is None:  # not computed: slower than the incumbent beside it (common.tuning)
+        del pairs["eval logits"]
     for name, (ours, theirs) in pairs.items():
         ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
         if ours.shape != theirs.shape:
@@ -309,6 +326,7 @@ class Search:
         self.durations: list[float] = []  # wall seconds of each candidate process (startup included)
         self.challengers = 0  # challengers measured (the budget never skips the first)
         self.decided: set[str] = set()  # in-process dimensions decided beside a process-level challenger
+        self.cut = False  # a dimension did not fit the budget: the later ones (smaller effects) are not tried
 
     # -- measuring ------------------------------------------------------------------
     def _pinned(self, config: ExecutionConfig) -> ExecutionConfig:
@@ -363,6 +381,8 @@ class Search:
                                                                   self.precision)
         candidate.status = "excluded" if problems else ("stopped early" if result.get("stopped_early") else "ok")
         candidate.reason = "; ".join(problems)
+        if not problems and reference is not candidate and (candidate.gate or {}).get("eval_logits") is None:
+            candidate.reason = "eval-mode logits not compared: slower than the incumbent beside it"
         return candidate
 
     def _known(self, config: ExecutionConfig) -> Candidate | None:
@@ -463,23 +483,28 @@ class Search:
             values.append(value)
         return values
 
-    def _over_budget(self, processes: int = 1) -> bool:
+    def _over_budget(self, processes: float = 1.0) -> bool:
         """Whether ``processes`` more candidate processes would end after the budget (each: the median so far)."""
         typical = float(np.median(self.durations)) if self.durations else 0.0
         return time.monotonic() - self.started + processes * typical > self.budget_s
 
-    def _first_tries(self, dimensions: list[Dimension], incumbent: Candidate) -> int:
-        """What ``dimensions`` would cost from ``incumbent``, in candidate processes: one per untried value of
-        a process-level dimension; for an in-process one, one per variant its shared process builds, the
-        incumbent's included (a compiled one too: it costs about as much as that many; as _try_together)."""
-        count = 0
+    @staticmethod
+    def _cost(configs: list[ExecutionConfig]) -> float:
+        """A process building ``configs``, in candidate processes (each variant one, a compiling one more)."""
+        return sum(COMPILED_VARIANT_COST if c.mode in COMPILING_MODES else 1.0 for c in configs)
+
+    def _first_tries(self, dimensions: list[Dimension], incumbent: Candidate) -> float:
+        """What ``dimensions`` would cost from ``incumbent``, in candidate processes (``_cost``): each untried
+        value of a process-level dimension; for an in-process one, every variant its shared process builds,
+        the incumbent's included (as _try_together)."""
+        count = 0.0
         for dimension in dimensions:
-            values = self._values(dimension, incumbent)
+            configs = [incumbent.config.replace(**{dimension.field: value})
+                       for value in self._values(dimension, incumbent)]
             if dimension.in_process:
-                count += 1 + len(values) if values else 0
+                count += self._cost([incumbent.config, *configs]) if configs else 0.0
             else:
-                count += sum(self._known(incumbent.config.replace(**{dimension.field: value})) is None
-                             for value in values)
+                count += self._cost([c for c in configs if self._known(c) is None])
         return count
 
     def _try_dimension(self, dimension: Dimension, incumbent: Candidate, later: list[Dimension] | None = None,
@@ -497,8 +522,11 @@ class Search:
                 challenger = Candidate(config, f"{dimension.field}={value}")
                 self.candidates.append(challenger)
                 beside = self._variants(host, challenger) if host is not None else []
-                if self.challengers and self._over_budget(processes=1 + len(beside)):
+                if self.challengers and beside and self._over_budget(self._cost([config, *(c.config for c in beside)])):
+                    beside = []  # the variants do not fit beside it: the challenger alone, if it fits
+                if self.cut or (self.challengers and self._over_budget(self._cost([config, *(c.config for c in beside)]))):
                     challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:.0f} s) spent"
+                    self.cut = True
                     continue
                 self.challengers += 1 + len(beside)
                 if beside:
@@ -515,7 +543,8 @@ class Search:
             # first: the two processes are spent only if the budget still holds one process for every
             # challenger not tried yet (a dimension never tried can be worth more than a second opinion
             # on a close call); without them a close win stands on its one measurement (>= MIN_GAIN).
-            untried = len(values) - position - 1 + self._first_tries(rest if beside else later or [], incumbent)
+            untried = (self._cost([incumbent.config.replace(**{dimension.field: v}) for v in values[position + 1:]])
+                       + self._first_tries(rest if beside else later or [], incumbent))
             if close and len(challenger.rounds) == 1 and not self._over_budget(processes=2 + untried):
                 self._run(challenger)
                 self._run(incumbent)
@@ -543,12 +572,13 @@ class Search:
         if not challengers:
             return incumbent
         self.candidates += [c for c in challengers if c not in self.candidates]
-        # the shared process builds every variant (a compiled one: a cold compile): it costs about one
-        # process per variant
-        if self.challengers and self._over_budget(processes=1 + len(challengers)):
+        # the shared process builds every variant (a compiled one: a cold compile, ``_cost``)
+        if self.cut or (self.challengers and self._over_budget(self._cost([incumbent.config,
+                                                                           *(c.config for c in challengers)]))):
             for challenger in challengers:
                 if not challenger.rounds:
                     challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:.0f} s) spent"
+            self.cut = True
             return incumbent
         self.challengers += len(challengers)
         speeds = self._run_together([incumbent, *challengers], loser_fraction=LOSER_FRACTION)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from common.config import RunSpec
 from common.execution import ExecutionConfig, requested
-from compare.tune import DEFAULT_BUDGET_S, GATE_STEPS, TIMED_STEPS, WARMUP_STEPS, Search
+from compare.tune import DEFAULT_BUDGET_S, GATE_STEPS, RESERVE_FRACTION, TIMED_STEPS, WARMUP_STEPS, Search
 from compare.tune_cache import TuningCache
 
 # A search costs about ten candidate processes (start-up, compile, a dozen steps each) per backend
@@ -152,8 +152,10 @@ class Resolver:
                  f"measuring execution configurations (process-level settings one process each, execution modes "
                  f"side by side in one)"
                  + (f" (machine-level settings from {inherited[1]})" if inherited else ""))
-        # this search's share: what the command's budget has left, split among the searches still to run
-        budget = max(self.budget_s - self.spent_s, 0.0) / max(self.planned - self.searches, 1)
+        # this search's share of what the command's budget has left: all of it but RESERVE_FRACTION of the
+        # budget for each search still to run after it, and never less than an equal split
+        left, after = max(self.budget_s - self.spent_s, 0.0), max(self.planned - self.searches - 1, 0)
+        budget = max(left - RESERVE_FRACTION * self.budget_s * after, left / (after + 1))
         search = self.search_factory(candidate_spec(spec, self.dataset), budget_s=budget,
                                      inherited=inherited[0] if inherited else None, pins=_pins(spec),
                                      quick=self.quick, log=self.log)

@@ -250,26 +250,60 @@ def test_the_budget_starts_no_candidate_that_would_end_after_it(fake_env, timed_
 
 def test_a_tight_budget_tries_every_dimension_before_measuring_a_close_call_again(fake_env, timed_search):
     """Breadth first: the reference, then malloc tuning with the memory format's other value beside it, then
-    the mode (1 + 2 variants, counted as 3 processes), 10 s each, fit 65 s. A close win (malloc x1.08)
-    measured again at once would take two more processes and leave the mode untried; instead it stands on
-    its one measurement."""
-    search = timed_search(_spec(), {MALLOC: 1.08}, budget_s=65.0)
+    the mode (eager + compile + xla: 1 + 2 + 2 processes in the estimate, a compiling variant counting
+    COMPILED_VARIANT_COST), each process 10 s, fit 75 s. A close win (malloc x1.08) measured again at once
+    would take two more processes and leave the mode untried; instead it stands on its one measurement."""
+    assert tune.COMPILED_VARIANT_COST == 2.0
+    search = timed_search(_spec(), {MALLOC: 1.08}, budget_s=75.0)
     record = search.run()
     statuses = {row["role"]: row["status"] for row in record["rows"]}
     assert "malloc_tuning=True" in statuses and "mode=xla" in statuses
     assert set(statuses.values()) == {"ok"} and record["complete"] is True
     assert len(search.processes) == 3  # nothing measured twice
     assert MALLOC in record["choice_label"]  # the close win stands on its one measurement (>= MIN_GAIN)
-    tight = timed_search(_spec(), {MALLOC: 1.08}, budget_s=69.0)  # 20 s + (2 + 3) x 10 s: no room for the BA
+    tight = timed_search(_spec(), {MALLOC: 1.08}, budget_s=85.0)  # 20 s + (2 + 5) x 10 s: no room for the BA
     tight.run()
     assert len(tight.processes) == 3
-    roomy = timed_search(_spec(), {MALLOC: 1.08}, budget_s=75.0)  # room for all of them and the BA
+    roomy = timed_search(_spec(), {MALLOC: 1.08}, budget_s=95.0)  # room for all of them and the BA
     roomy.run()
     assert len(roomy.processes) == 5
 
 
+def test_a_challenger_whose_variants_do_not_fit_the_budget_is_measured_alone(fake_env, timed_search):
+    """The reference's process (the memory format beside it) takes 10 s; malloc tuning with the mode's
+    variants beside it would cost 1 + 2 + 2 processes (50 s) and end after the 50 s budget, alone it fits
+    (10 s): it runs alone, and the mode is skipped."""
+    search = timed_search(_spec(), {MALLOC: 1.5}, budget_s=50.0)
+    by_field = {d.field: d for d in search.space.dimensions}
+    search.space = tune.SearchSpace(search.space.reference, search.space.start,
+                                    tuple(by_field[f] for f in ("channels_last", "malloc_tuning", "mode")))
+    record = search.run()
+    assert [len(process) for process in search.processes] == [2, 1]
+    assert MALLOC in search.processes[1][0] and MALLOC in record["choice_label"]
+    assert {row["status"] for row in record["rows"] if row["role"].startswith("mode=")} == {"skipped"}
+    assert record["complete"] is False
+
+
+def test_a_dimension_that_does_not_fit_ends_the_search_in_the_order_of_expected_effect(fake_env, timed_search):
+    """torch's order (memory format, mode, allocator): the mode's process (eager + compile + xla: 5 processes
+    in the estimate, 50 s) does not fit a 40 s budget after the reference's 10 s; the allocator after it would
+    (10 s), but a smaller expected effect never jumps ahead of a skipped larger one: it is skipped too."""
+    search = timed_search(_spec(), {MALLOC: 1.5, "compile": 1.5}, budget_s=40.0)
+    by_field = {d.field: d for d in search.space.dimensions}
+    search.space = tune.SearchSpace(search.space.reference, search.space.start,
+                                    tuple(by_field[f] for f in ("channels_last", "mode", "malloc_tuning")))
+    record = search.run()
+    assert [len(process) for process in search.processes] == [2]
+    statuses = {row["role"]: row["status"] for row in record["rows"]}
+    assert statuses["mode=compile"] == statuses["malloc_tuning=True"] == "skipped" and not record["complete"]
+    roomy = timed_search(_spec(), {MALLOC: 1.5, "compile": 1.5}, budget_s=75.0)
+    roomy.space = search.space
+    assert [len(process) for process in (roomy.run(), roomy.processes)[1]] == [2, 3, 1]
+
+
 def test_the_commands_budget_is_shared_among_the_searches_still_to_run(fake_env, tmp_path):
-    """--tune-budget-s is the command's: 3 searches of 90 s get 30 s, then what the first left over, split."""
+    """--tune-budget-s is the command's: a search may use what is left but a fifth of the budget (18 s) for
+    each search still to come, and at least an equal split of what is left."""
     given = []
 
     class Recorded(ScriptedSearch):
@@ -284,7 +318,13 @@ def test_the_commands_budget_is_shared_among_the_searches_still_to_run(fake_env,
     specs = [_spec(model=m) for m in ("seed_cnn", "resnet20", "vgg11_bn")]
     resolver.resolve(specs + [_spec(model="seed_cnn", seed=1)])  # a second seed shares its model's search
     assert resolver.searches == 3
-    assert given == pytest.approx([30.0, 40.0, 70.0])  # 90/3; (90-10)/2; (90-20)/1
+    assert given == pytest.approx([54.0, 62.0, 70.0])  # 90 - 2 x 18; (90 - 10) - 18; 90 - 20
+    given.clear()
+    many = _resolver(tmp_path / "many", search_if_missing=True, budget_s=90.0,
+                     search_factory=lambda base, **kwargs: Recorded(base, {}, **kwargs))
+    models = ("seed_cnn", "resnet20", "vgg11_bn", "mobilenet_v2", "resnet18")
+    many.resolve([_spec(model=m) for m in models] + [_spec(recipe=Recipe(batch_size=16))])  # 6 searches
+    assert given[:3] == pytest.approx([15.0, 16.0, 17.5])  # the floor: 90/6 (90 - 5 x 18 = 0); 80/5; 70/4 > 70 - 54
 
 
 def test_a_search_cut_short_by_its_budget_is_used_by_runs_and_redone_by_tune(fake_env, tmp_path):
@@ -487,10 +527,17 @@ def test_in_process_variants_alternate_in_abba_blocks_each_gated_and_timed(fake_
     assert 1.5 < compiled / eager < 2.5 and xla > compiled
     assert tune.gate_failures(results[1]["gate"], results[0]["gate"]) == []
     assert tune.gate_failures(results[2]["gate"], results[0]["gate"])  # xla is wrong: its own gate shows it
+    # faster than the first variant: their eval-mode logits are computed after the timing, from the initial
+    # weights put back (compile's equal eager's, computed before any step)
+    assert results[1]["gate"]["eval_logits"] == results[0]["gate"]["eval_logits"]
     order.clear()
     stopped = tuning.measure_alternating("fakea", specs[:2][::-1], gate_steps=1, warmup=0, steps=4, rounds=2,
                                          loser_fraction=0.7)  # compile first: eager at half its speed stops
     assert order == ["compile", "eager", "compile"] and stopped[1]["stopped_early"]
+    # slower than the first: it cannot be chosen, its eval step (a cold compile where compiled) never runs
+    assert stopped[1]["gate"]["eval_logits"] is None and stopped[0]["gate"]["eval_logits"] is not None
+    assert "eval logits" not in tune.gate_differences(stopped[1]["gate"], stopped[0]["gate"])
+    assert "eval logits" in tune.gate_differences(results[1]["gate"], results[0]["gate"])
 
 
 def test_a_variant_that_fails_leaves_the_others_measured(fake_env, monkeypatch):
@@ -498,10 +545,10 @@ def test_a_variant_that_fails_leaves_the_others_measured(fake_env, monkeypatch):
 
     real_prepare = tuning._prepare
 
-    def failing(backend, spec, gate_steps):
+    def failing(backend, spec, gate_steps, **kwargs):
         if spec.execution.mode == "compile":
             raise RuntimeError("inductor failed")
-        return real_prepare(backend, spec, gate_steps)
+        return real_prepare(backend, spec, gate_steps, **kwargs)
 
     monkeypatch.setattr(tuning, "_prepare", failing)
     base = _spec()
