@@ -127,9 +127,11 @@ def _one_step(backend: Any, step: Any, batch: tuple, lr: float) -> float:
     return float(backend.to_numpy(loss))
 
 
-def free_run(backend: Any, case: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]], list[float]]:
-    """K steps on this backend alone: the states before steps 0..K (K+1 of them) and the K losses."""
-    model, step, batches, arch, recipe = _prepare(backend, case)
+def free_run(backend: Any, case: dict[str, Any], prepared: tuple | None = None
+             ) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+    """K steps on this backend alone: the states before steps 0..K (K+1 of them) and the K losses.
+    ``prepared``: ``_prepare``'s model, step and batches to use (default: built here)."""
+    model, step, batches, arch, recipe = prepared or _prepare(backend, case)
     states, losses = [_state(backend, model, step, arch, recipe)], []
     for k in range(case["steps"]):
         losses.append(_one_step(backend, step, batches[k], lr_at(recipe, k, case["steps"])))
@@ -137,10 +139,12 @@ def free_run(backend: Any, case: dict[str, Any]) -> tuple[list[dict[str, np.ndar
     return states, losses
 
 
-def replay(backend: Any, case: dict[str, Any], states: list[dict[str, np.ndarray]]
+def replay(backend: Any, case: dict[str, Any], states: list[dict[str, np.ndarray]], prepared: tuple | None = None
            ) -> tuple[list[dict[str, np.ndarray]], list[float]]:
-    """Step k made from ``states[k]`` (another backend's), for every k: (states after, losses)."""
-    model, step, batches, arch, recipe = _prepare(backend, case)
+    """Step k made from ``states[k]`` (another backend's), for every k: (states after, losses). Every step
+    loads its whole state first (weights, BN statistics, optimizer slots and step count), so the model and
+    step of this backend's free run (``prepared``) serve: no second build, trace or compile."""
+    model, step, batches, arch, recipe = prepared or _prepare(backend, case)
     after, losses = [], []
     for k in range(case["steps"]):
         _load(backend, model, step, states[k])
@@ -186,8 +190,9 @@ def run_step_parity_request(backend_name: str, request: str, out: str) -> int:
         backend.setup(case_spec(cases[0], backend_name))  # joins the engine: this process's rank
     rank = backend.replica().rank
     for case in cases:
+        prepared = _prepare(backend, case)
         if spec.get("free_run", True):
-            states, losses = free_run(backend, case)
+            states, losses = free_run(backend, case, prepared)
             save_states(out_dir / state_file(case["name"], rank, "free"), states, losses)
         if not case.get("replay", True):
             continue
@@ -196,7 +201,7 @@ def run_step_parity_request(backend_name: str, request: str, out: str) -> int:
             if source.exists():  # the source backend ran this case
                 states, _ = load_states(source)
                 save_states(out_dir / state_file(case["name"], rank, f"replay_{replay_request['source']}"),
-                            *replay(backend, case, states))
+                            *replay(backend, case, states, prepared))
     backend.finish()
     return 0
 
