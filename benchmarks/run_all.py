@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("machine_noise", "bench_table", "bare_vs_dualbench", "memory", "pipeline_cost", "roofline",
-           "mode_matrix", "tf_bn_kernels", "threads", "tune_check", "best_bare_ratio")
+           "mode_matrix", "tf_bn_kernels", "threads", "tune_check", "tune_budget", "best_bare_ratio")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -315,6 +315,35 @@ def test_search_benchmarks_quick_run_on_the_fake_backend(tmp_path, script, extra
         assert int(row["excluded"]) >= 1 and row["meets"] == "yes"  # xla: faster, but wrong
 
 
+def test_tune_budget_checks_each_round_against_the_limit_and_the_choices_across_rounds():
+    import tune_budget
+
+    def row(round_index, model, choice, elapsed, command_s):
+        return {"round": round_index, "status": "ok", "model": model, "backend": "torch", "choice": choice,
+                "elapsed_s": elapsed, "complete": True, "command_s": command_s}
+
+    rows = [row(1, "seed_cnn", "eager", 100.0, 260.0), row(1, "resnet20", "eager", 120.0, 260.0),
+            row(2, "seed_cnn", "eager", 130.0, 310.0), row(2, "resnet20", "compile", 150.0, 310.0)]
+    summary = {r["what"]: r for r in tune_budget.summarise(rows, limit_s=300.0)}
+    assert summary["round 1"]["within"] == "yes" and summary["round 1"]["searches_s"] == 220.0
+    assert summary["round 2"]["within"] == "no"  # the command's 310 s, not the searches' 280 s
+    assert summary["seed_cnn / torch"]["same_every_round"] == "yes"
+    assert summary["resnet20 / torch"]["same_every_round"] == "no"
+    assert summary["resnet20 / torch"]["choices"] == "eager | compile"
+
+
+def test_tune_budget_quick_run_on_the_fake_backend(tmp_path):
+    out = tmp_path / "tune_budget.csv"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune_budget.py"), "--quick", "--backends",
+                           "fakea", "--models", "seed_cnn", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=_fake_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out) as handle:
+        summary = {r["what"]: r for r in csv.DictReader(handle)}
+    assert summary["round 1"]["within"] == "yes"
+    assert summary["seed_cnn / fakea"]["choices"].startswith("compile")  # xla: faster, but wrong
+
+
 def test_parity_margins_rows_put_each_worst_value_beside_its_limit():
     import parity_margins
 
