@@ -9,8 +9,9 @@ new user's first run pays: every compile is cold) and records:
 
 * ``command_s``: the command's wall time (dataset load included);
 * per search: ``elapsed_s``, its share of the budget, whether it was complete
-  (candidates the budget skipped), processes' candidates measured, and the
-  choice.
+  (candidates the budget skipped), candidates measured, and the choice; the
+  raw CSV also holds each search's table (every candidate's figures, status
+  and why it was excluded).
 
 The summary gives, per round, the command's seconds and the sum of the
 searches' against ``--limit-s`` (300), and per (model, backend) whether every
@@ -52,24 +53,29 @@ def one_round(args, round_index: int) -> list[dict]:
     if done is None or done.returncode != 0:
         tail = (done.stderr.strip().splitlines() if done else ["timed out"]) or [""]
         print(f"  round {round_index + 1}: dualbench tune failed: {tail[-1]}", file=sys.stderr)
-        return [{"round": round_index + 1, "status": "failed", "command_s": round(command_s, 1)}]
+        return [{"round": round_index + 1, "kind": "search", "status": "failed", "command_s": round(command_s, 1)}]
     records = json.loads(done.stdout[done.stdout.find("["):])
-    rows = []
+    rows, tables = [], []
     for record in records:
         search = record.get("search") or {}
         statuses = [row.get("status") for row in search.get("rows", [])]
-        rows.append({"round": round_index + 1, "status": "ok", "model": record["model"], "backend": record["backend"],
+        rows.append({"round": round_index + 1, "kind": "search", "status": "ok", "model": record["model"],
+                     "backend": record["backend"],
                      "choice": record["label"], "how": record["how"], "elapsed_s": search.get("elapsed_s"),
                      "share_s": round(search["budget_s"], 1) if search.get("budget_s") is not None else None,
                      "complete": search.get("complete"), "measured": sum(s not in ("skipped", "pending") for s in statuses),
                      "skipped": statuses.count("skipped"), "command_s": round(command_s, 1)})
-    return rows
+        # the search's own table (every candidate: figures, status, why excluded), for reading a choice
+        tables += [{"round": round_index + 1, "kind": "candidate", "model": record["model"],
+                    "backend": record["backend"], **candidate} for candidate in search.get("rows", [])]
+    return rows + tables
 
 
 def summarise(rows: list[dict], limit_s: float = LIMIT_S) -> list[dict]:
     """Per round: the command's and the searches' seconds against the limit; then per (model, backend): the
     choices of every round and whether they are all the same."""
     out = []
+    rows = [r for r in rows if r.get("kind") != "candidate"]  # the search tables ride along in the raw CSV
     for round_index in sorted({r["round"] for r in rows}):
         mine = [r for r in rows if r["round"] == round_index]
         searches = sum(r.get("elapsed_s") or 0.0 for r in mine)
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["what", "command_s", "searches_s", "limit_s", "within", "incomplete_searches", "choices",
                  "same_every_round"])
     write_results(args.out, summary, rows)
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return 0 if all(r["status"] == "ok" for r in rows if r["kind"] == "search") else 1
 
 
 if __name__ == "__main__":

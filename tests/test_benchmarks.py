@@ -323,7 +323,9 @@ def test_tune_budget_checks_each_round_against_the_limit_and_the_choices_across_
                 "elapsed_s": elapsed, "complete": True, "command_s": command_s}
 
     rows = [row(1, "seed_cnn", "eager", 100.0, 260.0), row(1, "resnet20", "eager", 120.0, 260.0),
-            row(2, "seed_cnn", "eager", 130.0, 310.0), row(2, "resnet20", "compile", 150.0, 310.0)]
+            row(2, "seed_cnn", "eager", 130.0, 310.0), row(2, "resnet20", "compile", 150.0, 310.0),
+            {"round": 2, "kind": "candidate", "status": "excluded", "model": "resnet20", "backend": "torch",
+             "candidate": "xla"}]  # a search table's row: not a search, not a choice
     summary = {r["what"]: r for r in tune_budget.summarise(rows, limit_s=300.0)}
     assert summary["round 1"]["within"] == "yes" and summary["round 1"]["searches_s"] == 220.0
     assert summary["round 2"]["within"] == "no"  # the command's 310 s, not the searches' 280 s
