@@ -103,7 +103,7 @@ def _prepare(backend: Any, spec: RunSpec, gate_steps: int, eval_now: bool = True
         kept = backend.get_weights(model)  # every canonical tensor, BN statistics included
     batches = _training_batches(backend, spec, len(dataset.train_labels))
     losses, compile_s, first_update = [], None, {}
-    initial = weight_sample(backend.get_weights(model))
+    initial = weight_sample(kept if kept is not None else backend.get_weights(model))
     for index in range(max(1, gate_steps)):
         images, labels = next(batches)
         backend.synchronize()
