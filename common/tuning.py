@@ -51,7 +51,11 @@ from common.results import write_json_atomic
 from common.sampler import epoch_plan
 
 MIN_TIMED_STEPS = 3  # timed steps before a candidate may stop early
-ALTERNATION_ROUNDS = 2  # in-process variants: timed blocks in ABBA order (forward, then backward)
+# In-process variants: timed blocks in ABBA order (forward, then backward, ...). Four rounds of short blocks
+# rather than two long ones: a burst of load from a neighbour (1-2 s on a shared machine) then falls on one
+# short block of a variant, a quarter of its timed steps, and its median holds; in two blocks of four steps it
+# fell on half of one variant's steps and swayed the choice (benchmarks/tune_budget.py, stop 25).
+ALTERNATION_ROUNDS = 4
 
 
 SAMPLES_PER_TENSOR = 256  # values of each weight tensor compared by the gate (evenly spaced)
@@ -189,7 +193,8 @@ def measure_alternating(backend_name: str, specs: list[RunSpec], *, gate_steps: 
     steps (the first step after a switch pays for the other variant's
     caches) then ``steps // rounds`` timed steps. A variant's figure is the
     median over all its timed steps; ``block_images_per_sec`` keeps each
-    block's. After the first round, a variant below ``loser_fraction`` of the
+    block's. After the first half of the rounds (one forward and one backward
+    pass where there are four), a variant below ``loser_fraction`` of the
     first variant (the incumbent) stops. The eval-mode logits of the gate
     (a second cold compile for a compiled variant) are computed for the first
     variant, and for another only where it ran faster than the first (it can
@@ -228,7 +233,7 @@ def measure_alternating(backend_name: str, specs: list[RunSpec], *, gate_steps: 
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc(file=sys.stderr)
                 results[index] = _error(state["backend"], exc)
-        if round_index == 0 and loser_fraction and blocks[0]:
+        if round_index == max(0, rounds // 2 - 1) and loser_fraction and blocks[0]:
             first = _speed(states[0], blocks[0])
             for index in range(1, len(specs)):
                 if blocks[index] and _speed(states[index], blocks[index]) < loser_fraction * first:

@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from common import tuning
 from common.config import Recipe, RunSpec
 from common.data import load_dataset
 from common.execution import MALLOC_TUNING, ONEDNN_ENV, ExecutionConfig, process_env, requested
@@ -301,6 +302,30 @@ def test_a_dimension_that_does_not_fit_ends_the_search_in_the_order_of_expected_
     assert [len(process) for process in (roomy.run(), roomy.processes)[1]] == [2, 3, 1]
 
 
+def test_torchs_allocator_is_tried_before_its_mode_with_the_modes_variants_in_its_process(fake_env, timed_search):
+    """torch's own space: the memory format in the reference's process, then malloc tuning with eager and
+    torch.compile beside it (1 + 1 + 2 processes in the estimate), deciding the mode there; then the inter-op
+    pool. With 35 s the allocator's process with the mode's variants does not fit after the reference's 10 s,
+    the allocator alone does, and the mode is skipped. With the mode before the allocator (stop 25's order) the
+    mode's process held eager and compile without the allocator, and at 35 s the allocator was never tried:
+    seen failing with that order restored."""
+    search = timed_search(_spec(), {MALLOC: 1.4, "compile": 1.1}, budget_s=45.0)
+    search.space = tune.SPACES["torch"]
+    record = search.run()
+    assert [len(process) for process in search.processes] == [2, 2, 1]
+    assert all(MALLOC in label for label in search.processes[1])
+    assert [label.split()[0] for label in search.processes[1]] == ["eager", "compile"]
+    assert search.processes[2][0].startswith("compile") and "inter=1" in search.processes[2][0]
+    assert record["choice_label"].startswith("compile") and MALLOC in record["choice_label"]
+    tight = timed_search(_spec(), {MALLOC: 1.4, "compile": 1.1}, budget_s=35.0)
+    tight.space = tune.SPACES["torch"]
+    record = tight.run()
+    assert [len(process) for process in tight.processes] == [2, 1] and MALLOC in tight.processes[1][0]
+    assert record["choice_label"].startswith("eager") and MALLOC in record["choice_label"]
+    statuses = {row["role"]: row["status"] for row in record["rows"]}
+    assert statuses["mode=compile"] == "skipped" and not record["complete"]
+
+
 def test_the_commands_budget_is_shared_among_the_searches_still_to_run(fake_env, tmp_path):
     """--tune-budget-s is the command's: a search may use what is left but a fifth of the budget (18 s) for
     each search still to come, and at least an equal split of what is left."""
@@ -534,6 +559,13 @@ def test_in_process_variants_alternate_in_abba_blocks_each_gated_and_timed(fake_
     stopped = tuning.measure_alternating("fakea", specs[:2][::-1], gate_steps=1, warmup=0, steps=4, rounds=2,
                                          loser_fraction=0.7)  # compile first: eager at half its speed stops
     assert order == ["compile", "eager", "compile"] and stopped[1]["stopped_early"]
+    order.clear()  # four rounds (the search's): a loser stops after the first forward and backward pass
+    assert tuning.ALTERNATION_ROUNDS == 4
+    four = tuning.measure_alternating("fakea", specs[:2][::-1], gate_steps=1, warmup=0, steps=8, rounds=4,
+                                      loser_fraction=0.7)
+    assert order == ["compile", "eager", "eager", "compile", "compile", "compile"] and four[1]["stopped_early"]
+    assert len(four[0]["block_images_per_sec"]) == 4 and len(four[1]["block_images_per_sec"]) == 2
+    order.clear()
     # slower than the first: it cannot be chosen, its eval step (a cold compile where compiled) never runs
     assert stopped[1]["gate"]["eval_logits"] is None and stopped[0]["gate"]["eval_logits"] is not None
     assert "eval logits" not in tune.gate_differences(stopped[1]["gate"], stopped[0]["gate"])
@@ -572,7 +604,7 @@ def test_real_backends_run_in_process_variants_side_by_side_in_one_worker(backen
     results = tune.run_alternating(spec, configs, steps=(2, 1, 4))
     assert [r["status"] for r in results] == ["ok", "ok"], results
     assert [r["settings"]["execution_config"].split()[0] for r in results] == [c.mode for c in configs]
-    assert all(len(r["block_images_per_sec"]) == 2 for r in results)
+    assert all(len(r["block_images_per_sec"]) == tuning.ALTERNATION_ROUNDS for r in results)
     assert tune.gate_failures(results[1]["gate"], results[0]["gate"]) == []
     with pytest.raises(ValueError, match="share the process settings"):
         tune.run_alternating(spec, [configs[0], configs[1].replace(malloc_tuning=True)])
