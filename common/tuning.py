@@ -31,6 +31,15 @@ memory format) are measured in one process, alternately: each variant is
 built and gated as above, then timed in blocks in ABBA order, so that the
 choice between them is not left to process-to-process noise (10-20% on a
 shared machine, more than the differences the search has to resolve).
+
+Paired processes (``Turns``: configurations that differ in a process-level
+setting, the allocator or oneDNN, which only a process of its own can hold)
+run at the same time and take turns: each builds and gates its variants,
+waits until the other is ready, then times its blocks only in its own turns,
+in ABBA order over the rounds (A B | B A | A B | B A), the other one waiting
+idle. The two are compared on figures from the same minutes, as in-process
+variants are; anything a process does after its last block (deferred eval
+logits, writing, exiting) waits until both have finished timing.
 """
 from __future__ import annotations
 
@@ -180,8 +189,103 @@ def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: i
     return _result(state, timed, time.perf_counter() - started, stopped_early)
 
 
+TURN_POLL_S = 0.002  # how often a waiting process looks whether its turn has come (idle otherwise)
+TURN_TIMEOUT_S = 600.0  # a partner silent this long is taken as gone: this process goes on alone
+
+
+class Turns:
+    """Turn-taking between the processes of a pair (or more), through files in a shared folder.
+
+    ``names``: the processes, in the order of the first round; round r runs them
+    in that order when r is even, reversed when odd (ABBA). A process marks
+    itself ready once built, waits for the others, and before each of its
+    rounds waits until the shared counter points at its own turn; after the
+    round it moves the counter on. A process that ends (finished or failed)
+    marks itself gone, and the others stop waiting for it; so does one that
+    stays silent for ``TURN_TIMEOUT_S``. ``paired``: whether every turn of
+    this process ran with its partners present.
+    """
+
+    def __init__(self, folder: str, name: str, names: list[str], rounds: int):
+        self.folder, self.name, self.names, self.rounds = Path(folder), name, list(names), rounds
+        self.sequence = [n for r in range(rounds) for n in (self.names if r % 2 == 0 else self.names[::-1])]
+        self.paired = True
+
+    @classmethod
+    def from_request(cls, raw: dict[str, Any] | None, rounds: int) -> "Turns | None":
+        return cls(raw["folder"], raw["name"], raw["names"], rounds) if raw else None
+
+    def _mark(self, what: str) -> None:
+        (self.folder / f"{what}-{self.name}").write_text("")
+
+    def _gone(self, name: str) -> bool:
+        return (self.folder / f"gone-{name}").exists()
+
+    def _counter(self) -> int:
+        try:
+            return int((self.folder / "turn").read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _set(self, value: int) -> None:
+        tmp = self.folder / f"turn.{self.name}.tmp"
+        tmp.write_text(str(value))
+        os.replace(tmp, self.folder / "turn")
+
+    def _wait(self, done: Any) -> None:
+        deadline = time.monotonic() + TURN_TIMEOUT_S
+        while not done():
+            if time.monotonic() > deadline:
+                self.paired = False
+                for name in self.names:
+                    if name != self.name:
+                        (self.folder / f"gone-{name}").write_text("silent")
+                return
+            time.sleep(TURN_POLL_S)
+
+    def ready(self) -> None:
+        """Built and gated: wait until every partner is too (or gone)."""
+        self._mark("ready")
+        self._wait(lambda: all((self.folder / f"ready-{n}").exists() or self._gone(n) for n in self.names))
+
+    def begin(self, round_index: int) -> None:
+        """Wait for this process's turn in round ``round_index``, moving past the turns of partners gone."""
+        mine = [k for k, n in enumerate(self.sequence) if n == self.name][round_index]
+
+        def my_turn() -> bool:
+            current = self._counter()
+            while current < mine and self._gone(self.sequence[current]):
+                current += 1
+                self.paired = False
+                self._set(current)
+            return current >= mine
+        self._wait(my_turn)
+
+    def end(self, round_index: int) -> None:
+        mine = [k for k, n in enumerate(self.sequence) if n == self.name][round_index]
+        self._set(mine + 1)
+
+    def finish(self) -> None:
+        """After this process's last round: wait until the partners have timed theirs (nothing of this
+        process may run beside their timed steps), then mark this one gone."""
+        def all_done() -> bool:
+            current = self._counter()
+            while current < len(self.sequence) and self._gone(self.sequence[current]):
+                current += 1
+            return current >= len(self.sequence)
+        self._wait(all_done)
+        self.leave()
+
+    def leave(self) -> None:
+        try:
+            self._mark("gone")
+        except OSError:
+            pass
+
+
 def measure_alternating(backend_name: str, specs: list[RunSpec], *, gate_steps: int, warmup: int, steps: int,
-                        rounds: int = ALTERNATION_ROUNDS, loser_fraction: float | None = None) -> list[dict[str, Any]]:
+                        rounds: int = ALTERNATION_ROUNDS, loser_fraction: float | None = None,
+                        turns: Turns | None = None) -> list[dict[str, Any]]:
     """Several in-process variants of one configuration, measured alternately in this process.
 
     ``specs`` differ only in what a backend applies in-process (execution mode,
@@ -200,7 +304,9 @@ def measure_alternating(backend_name: str, specs: list[RunSpec], *, gate_steps: 
     variant, and for another only where it ran faster than the first (it can
     win; ``_deferred_eval``); a slower one's are None (it cannot be chosen).
     A variant that fails to build or to run is an error result; the others
-    go on.
+    go on. ``turns``: this process is one of a pair (``Turns``): each round's
+    blocks run in this process's turn only, and nothing runs after the last
+    until the partner has timed its own; no variant stops early then.
     """
     from common.registry import get_backend
 
@@ -217,27 +323,38 @@ def measure_alternating(backend_name: str, specs: list[RunSpec], *, gate_steps: 
             results.append(_error(backend, exc))
     per_block = max(1, steps // max(1, rounds))
     blocks: list[list[list[float]]] = [[] for _ in specs]
+    spans: list[list[tuple[float, float]]] = [[] for _ in specs]  # each block's (start, end), system-wide clock
     walls, stopped = [0.0] * len(specs), [False] * len(specs)
+    if turns is not None:
+        turns.ready()
     for round_index in range(max(1, rounds)):
+        if turns is not None:
+            turns.begin(round_index)
         order = list(range(len(specs)))
         for index in (order if round_index % 2 == 0 else order[::-1]):
             state = states[index]
             if state is None or results[index] is not None or stopped[index]:
                 continue
             try:
+                began = time.monotonic()
                 _warm(state, warmup)
                 started = time.perf_counter()
                 timed, _ = _timed(state, per_block)
                 walls[index] += time.perf_counter() - started
                 blocks[index].append(timed)
+                spans[index].append((began, time.monotonic()))
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc(file=sys.stderr)
                 results[index] = _error(state["backend"], exc)
-        if round_index == max(0, rounds // 2 - 1) and loser_fraction and blocks[0]:
+        if turns is not None:
+            turns.end(round_index)
+        if round_index == max(0, rounds // 2 - 1) and loser_fraction and blocks[0] and turns is None:
             first = _speed(states[0], blocks[0])
             for index in range(1, len(specs)):
                 if blocks[index] and _speed(states[index], blocks[index]) < loser_fraction * first:
                     stopped[index] = True
+    if turns is not None:
+        turns.finish()
     first = _speed(states[0], blocks[0])
     for index, state in enumerate(states):
         if results[index] is None and state is not None:
@@ -250,6 +367,7 @@ def measure_alternating(backend_name: str, specs: list[RunSpec], *, gate_steps: 
                     continue
             timed = [t for block in blocks[index] for t in block]
             results[index] = _result(state, timed, walls[index], stopped[index], blocks[index])
+            results[index]["block_spans_s"] = spans[index]  # CLOCK_MONOTONIC: comparable across processes
     return [r or {"status": "error", "error": "not measured"} for r in results]
 
 
@@ -278,7 +396,9 @@ def run_tune_request(backend_name: str, request_path: str, out_path: str) -> int
     REQUEST: ``{"spec": RunSpec dict, "gate_steps": int, "warmup": int, "steps": int,
     "stop_below": float | null}`` for one candidate, or ``"specs": [RunSpec dict, ...]`` (with
     ``"rounds"`` and ``"loser_fraction"``) for in-process variants measured alternately; the
-    result then is ``{"status": "ok", "variants": [result, ...]}`` in the request's order.
+    result then is ``{"status": "ok", "variants": [result, ...], "paired": ...}`` in the request's
+    order. With ``"turns": {"folder", "name", "names"}`` the process is one of a pair (``Turns``);
+    ``paired`` says whether every turn ran with its partner present.
     Failures are results too (status error / oom, one line).
     """
     request = json.loads(Path(request_path).read_text())
@@ -287,9 +407,16 @@ def run_tune_request(backend_name: str, request_path: str, out_path: str) -> int
     counts = {"gate_steps": int(request["gate_steps"]), "warmup": int(request["warmup"]), "steps": int(request["steps"])}
     if "specs" in request:
         specs = [RunSpec.from_dict(raw) for raw in request["specs"]]
-        variants = measure_alternating(backend_name, specs, rounds=int(request.get("rounds") or ALTERNATION_ROUNDS),
-                                       loser_fraction=request.get("loser_fraction"), **counts)
-        write_json_atomic(out_path, {"status": "ok", "variants": variants})
+        rounds = int(request.get("rounds") or ALTERNATION_ROUNDS)
+        turns = Turns.from_request(request.get("turns"), rounds)
+        try:
+            variants = measure_alternating(backend_name, specs, rounds=rounds,
+                                           loser_fraction=request.get("loser_fraction"), turns=turns, **counts)
+        finally:
+            if turns is not None:
+                turns.leave()  # a partner stops waiting for this process, however it ended
+        write_json_atomic(out_path, {"status": "ok", "variants": variants,
+                                     "paired": turns.paired if turns is not None else None})
         return 0 if all(v.get("status") == "ok" for v in variants) else 1
     spec = RunSpec.from_dict(request["spec"])
     backend = get_backend(backend_name)

@@ -18,14 +18,16 @@ numbers as the framework's reference configuration:
    mode wins flips with oneDNN), every other value is tried against the
    current best (the incumbent). A process-level dimension (oneDNN,
    allocator, thread pools: read when the process starts) takes one process
-   per value: a challenger replaces the incumbent when it passes the gate
-   and is at least ``MIN_GAIN`` faster; a result within ``CONFIRM_BELOW``
-   either way (a close win or a close loss: one process's figure on a shared
-   machine moves that much) is measured again in the reverse order
-   (challenger, then incumbent: ABBA over the two measurements) and decided
-   on the mean of both rounds, breadth first: only while the budget still
-   holds one process for every challenger not yet tried. A challenger
-   running below ``LOSER_FRACTION`` of the incumbent stops after a few steps
+   per value, and the incumbent gets a process of its own beside it: both
+   start at once, build and gate side by side, then time their blocks in
+   turns, ABBA over four rounds, the other idle (``run_paired``,
+   common.tuning.Turns); a challenger replaces the incumbent when it passes
+   the gate and is at least ``MIN_GAIN`` faster than the incumbent in the
+   same minutes. Two processes measured one after the other differ by
+   10-50% on a shared machine (benchmarks/tune_budget.py: torch's reference
+   measured 241-367 images/s in three searches), more than the allocator's
+   effect; in turns, the drift hits both. A challenger in an in-process
+   alternation running below ``LOSER_FRACTION`` of the incumbent stops early
    (a clear loser). An in-process dimension (execution mode, memory format:
    ``Dimension.in_process``) is tried in ONE process: the incumbent and each
    other value, built side by side and timed alternately in ABBA blocks
@@ -59,8 +61,11 @@ benchmarks/tune_check.py checks the choice against an exhaustive measurement.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -76,10 +81,7 @@ from common.tuning import ALTERNATION_ROUNDS
 from compare.process import run_process, stderr_tail, worker_env
 
 MIN_GAIN = 0.03  # a change must be this much faster to replace the incumbent (else: noise, keep the simpler)
-CONFIRM_BELOW = 0.20  # results closer than this (either way) are measured again in reverse order
-# (benchmarks/machine_noise.py: neighbouring 1-5 s windows of the same work differ by ~20% at p90 on a
-# shared 2-core machine; a candidate's timed steps are such a window)
-LOSER_FRACTION = 0.7  # a challenger below this fraction of the incumbent stops early
+LOSER_FRACTION = 0.7  # in an in-process alternation, a variant below this fraction of the incumbent stops early
 # The correctness gate: max|candidate - reference| <= tolerance * max|reference|.
 # FORWARD_RTOL, for what the initial weights compute (eval-mode logits, the first step's training-mode
 # loss): fp32, the forward-parity tolerance; bf16/fp16 round every op to 8/11 mantissa bits, so another
@@ -101,6 +103,9 @@ IN_PROCESS_FIELDS = frozenset({"mode", "channels_last"})  # what a backend appli
 # candidate's process is 15-25 s).
 COMPILING_MODES = frozenset({"compile", "xla", "jit_compile"})
 COMPILED_VARIANT_COST = 2.0
+# A process-level challenger runs beside the incumbent's own process, at the same time (run_paired): the two
+# build in parallel, then their timed blocks take turns; the incumbent's process adds about half a process.
+PAIR_PARTNER_COST = 0.5
 # The searches of one command share this budget (compare.tune_resolve: each may use what is left but
 # RESERVE_FRACTION of it for each search still to run, and at least an equal share); 2 models x 2 backends
 # must stay under 5 minutes on a 2-core CPU.
@@ -249,13 +254,14 @@ def gate_failures(candidate: dict[str, Any], reference: dict[str, Any], precisio
     return problems
 
 
-def _launch(base: RunSpec, request: dict[str, Any], config: ExecutionConfig, timeout_s: float) -> tuple[Any, list[str]]:
+def _launch(base: RunSpec, request: dict[str, Any], config: ExecutionConfig, timeout_s: float,
+            on_start: Callable[[int], None] | None = None) -> tuple[Any, list[str]]:
     """Run one ``tune`` worker process for ``request`` in ``config``'s environment; (its OUT or None, stderr tail)."""
     with tempfile.TemporaryDirectory(prefix="dualbench-tune-") as tmp:
         request_path, out, log = Path(tmp) / "request.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
         request_path.write_text(json.dumps(request))
         argv = [sys.executable, *worker_command(base.backend), "tune", str(request_path), str(out)]
-        outcome = run_process(argv, log_path=log, timeout_s=timeout_s, env=worker_env(config))
+        outcome = run_process(argv, log_path=log, timeout_s=timeout_s, env=worker_env(config), on_start=on_start)
         if outcome.interrupted:
             raise KeyboardInterrupt
         tail = stderr_tail(log).strip().splitlines()
@@ -312,6 +318,61 @@ def run_alternating(base: RunSpec, configs: list[ExecutionConfig], steps: tuple[
     return [_with_tail(variant, tail) for variant in variants]
 
 
+def run_paired(base: RunSpec, groups: list[list[ExecutionConfig]], steps: tuple[int, int, int] = (GATE_STEPS,
+               WARMUP_STEPS, TIMED_STEPS), timeout_s: float = 900) -> list[list[dict[str, Any]]]:
+    """Processes that differ in a process-level setting, measured in the same minutes (common.tuning.Turns).
+
+    One worker process per group, all started at once: each builds and gates
+    its group's variants (in-process variants of one configuration, as in
+    run_alternating) while the others do, then they take turns, one round of
+    timed blocks each, ABBA over ALTERNATION_ROUNDS rounds, the others idle.
+    One list of results per group, in order; each result as run_alternating's.
+    A process that ends early (crash, timeout) is marked gone here, so its
+    partner finishes alone (its results then say ``paired`` False).
+    """
+    gate, warmup, timed = steps
+    outcomes: list[tuple[Any, list[str]] | None] = [None] * len(groups)
+    pids: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="dualbench-pair-") as folder:
+        names = [f"p{index}" for index in range(len(groups))]
+
+        def one(index: int) -> None:
+            configs = groups[index]
+            request = {"specs": [replace(base, execution=c).to_dict() for c in configs], "gate_steps": gate,
+                       "warmup": warmup, "steps": timed, "rounds": ALTERNATION_ROUNDS, "loser_fraction": None,
+                       "turns": {"folder": folder, "name": names[index], "names": names}}
+            try:
+                outcomes[index] = _launch(base, request, configs[0], timeout_s, on_start=pids.append)
+            except KeyboardInterrupt:
+                outcomes[index] = None
+            finally:
+                Path(folder, f"gone-{names[index]}").write_text("ended")
+
+        threads = [threading.Thread(target=one, args=(index,), daemon=True) for index in range(len(groups))]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.2)
+        except KeyboardInterrupt:
+            for pid in pids:
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+            raise
+    found = []
+    for configs, outcome in zip(groups, outcomes):
+        result, tail = outcome or ({"status": "error", "error": "interrupted"}, [])
+        variants = result.get("variants") if result.get("status") == "ok" else None
+        if not isinstance(variants, list) or len(variants) != len(configs):
+            found.append([_with_tail(dict(result), tail) for _ in configs])
+        else:
+            found.append([_with_tail({**variant, "paired": result.get("paired")}, tail) for variant in variants])
+    return found
+
+
 class Search:
     """One (backend, model, ...) search; ``measure`` runs a candidate process (injectable for tests)."""
 
@@ -342,6 +403,28 @@ class Search:
     def measure_together(self, configs: list[ExecutionConfig], loser_fraction: float | None) -> list[dict[str, Any]]:
         """Run in-process variants alternately in one worker process; one result per config, in order."""
         return run_alternating(self.base, configs, self.steps, loser_fraction)
+
+    def measure_paired(self, groups: list[list[ExecutionConfig]]) -> list[list[dict[str, Any]]]:
+        """Run one process per group at the same time, taking turns (run_paired); results per group, in order."""
+        return run_paired(self.base, groups, self.steps)
+
+    def _run_pair(self, incumbent: Candidate, group: list[Candidate]) -> tuple[float | None, list[float | None]]:
+        """The incumbent in a process of its own beside ``group``'s process (a process-level challenger first,
+        then in-process variants of it), timed in turns in the same minutes: (the incumbent's images/s, each of
+        ``group``'s), None where one failed or left the gate."""
+        self.log(f"  tune {self.base.backend} {self.base.model}: in turns: {incumbent.config.label()} "
+                 f"({incumbent.role}) | " + " + ".join(f"{c.config.label()} ({c.role})" for c in group))
+        began = time.monotonic()
+        mine, theirs = self.measure_paired([[incumbent.config], [c.config for c in group]])
+        self.durations.append(time.monotonic() - began)
+        self._take(incumbent, mine[0])
+        own = mine[0].get("images_per_sec") if mine[0].get("status") == "ok" and incumbent.status == "ok" else None
+        found = []
+        for index, (candidate, result) in enumerate(zip(group, theirs)):
+            self._take(candidate, result, together=index > 0)
+            ok = result.get("status") == "ok" and result.get("images_per_sec") and candidate.status == "ok"
+            found.append(float(result["images_per_sec"]) if ok else None)
+        return (float(own) if own else None), found
 
     def _run(self, candidate: Candidate, stop_below: float | None = None) -> Candidate:
         self.log(f"  tune {self.base.backend} {self.base.model}: {candidate.config.label()} ({candidate.role})")
@@ -419,10 +502,7 @@ class Search:
                 continue
             if dimension.in_process:
                 incumbent = self._try_together(dimension, incumbent, later)
-            else:
-                if incumbent.status == "pending":  # an inherited start not measured yet: its own process first
-                    self._run(incumbent)
-                    incumbent = incumbent if incumbent.status == "ok" else fallback
+            else:  # (an inherited start not measured yet is measured in the pair, beside the challenger)
                 host = later[0] if later and later[0].in_process else None
                 incumbent = self._try_dimension(dimension, incumbent, later, host)
             incumbent = self._unless_failed(incumbent, fallback, dimension, later)
@@ -507,57 +587,51 @@ class Search:
             if dimension.in_process:
                 count += self._cost([incumbent.config, *configs]) if configs else 0.0
             else:
-                count += self._cost([c for c in configs if self._known(c) is None])
+                count += sum(self._cost([c]) + PAIR_PARTNER_COST for c in configs if self._known(c) is None)
         return count
 
     def _try_dimension(self, dimension: Dimension, incumbent: Candidate, later: list[Dimension] | None = None,
                        host: Dimension | None = None) -> Candidate:
-        """A process-level dimension: one process per other value. ``host``: the in-process dimension that
-        follows; each challenger's process also holds its variants (built beside the challenger, timed
+        """A process-level dimension: for each other value, a challenger process and the incumbent's own
+        process at the same time, timed in turns (``_run_pair``): the challenger wins when it is at least
+        MIN_GAIN faster than the incumbent in the same minutes. ``host``: the in-process dimension that
+        follows; the challenger's process also holds its variants (built beside the challenger, timed
         alternately), and when the challenger wins, ``host`` is decided in that process (``self.decided``):
         a process fewer where a process-level setting wins (TensorFlow's oneDNN on an AVX2 CPU)."""
-        values = self._values(dimension, incumbent)
-        rest = [d for d in later or [] if d is not host]
-        for position, value in enumerate(values):
+        for value in self._values(dimension, incumbent):
             config = incumbent.config.replace(**{dimension.field: value})
             challenger, beside, speeds = self._known(config), [], []
-            if challenger is None:
-                challenger = Candidate(config, f"{dimension.field}={value}")
-                self.candidates.append(challenger)
-                beside = self._variants(host, challenger) if host is not None else []
-                if self.challengers and beside and self._over_budget(self._cost([config, *(c.config for c in beside)])):
-                    beside = []  # the variants do not fit beside it: the challenger alone, if it fits
-                if self.cut or (self.challengers and self._over_budget(self._cost([config, *(c.config for c in beside)]))):
-                    challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:.0f} s) spent"
-                    self.cut = True
-                    continue
-                self.challengers += 1 + len(beside)
-                if beside:
-                    self.candidates += [c for c in beside if c not in self.candidates]
-                    speeds = self._run_together([challenger, *beside], LOSER_FRACTION, first_alone=True)
-                else:
-                    self._run(challenger, stop_below=incumbent.score * LOSER_FRACTION)
-            if challenger.status != "ok":
+            if challenger is not None:  # measured before (another path): its figures against the incumbent's
+                if challenger.status == "ok" and incumbent.status == "ok" and \
+                        challenger.score >= incumbent.score * (1 + MIN_GAIN):
+                    incumbent = challenger
                 continue
-            wins = challenger.score >= incumbent.score * (1 + MIN_GAIN)
-            close = abs(challenger.score / incumbent.score - 1) < CONFIRM_BELOW if incumbent.score else False
-            # close either way: BA after the AB above. One process's figure moves by 10-20% on a shared
-            # machine, so a close loss is as likely a hidden win as a close win is a false one. Breadth
-            # first: the two processes are spent only if the budget still holds one process for every
-            # challenger not tried yet (a dimension never tried can be worth more than a second opinion
-            # on a close call); without them a close win stands on its one measurement (>= MIN_GAIN).
-            untried = (self._cost([incumbent.config.replace(**{dimension.field: v}) for v in values[position + 1:]])
-                       + self._first_tries(rest if beside else later or [], incumbent))
-            if close and len(challenger.rounds) == 1 and not self._over_budget(processes=2 + untried):
-                self._run(challenger)
-                self._run(incumbent)
-                wins = challenger.status == "ok" and challenger.score >= incumbent.score * (1 + MIN_GAIN)
-            best = self._best_beside(challenger, beside, speeds) if beside else challenger
-            if wins:
-                incumbent = best
+            challenger = Candidate(config, f"{dimension.field}={value}")
+            self.candidates.append(challenger)
+            beside = self._variants(host, challenger) if host is not None else []
+            if self.challengers and beside and self._over_budget(self._pair_cost([config, *(c.config for c in beside)])):
+                beside = []  # the variants do not fit beside it: the challenger alone, if it fits
+            if self.cut or (self.challengers and self._over_budget(self._pair_cost([config, *(c.config for c in beside)]))):
+                challenger.status, challenger.reason = "skipped", f"search budget ({self.budget_s:.0f} s) spent"
+                self.cut = True
+                continue
+            self.challengers += 1 + len(beside)
+            self.candidates += [c for c in beside if c not in self.candidates]
+            own, speeds = self._run_pair(incumbent, [challenger, *beside])
+            if incumbent.status not in ("ok", "stopped early") or not own:
+                return incumbent  # the incumbent failed or left the gate beside it (an inherited start): the caller
+            if speeds[0] is None:
+                continue
+            if speeds[0] >= own * (1 + MIN_GAIN):
+                incumbent = self._best_beside(challenger, beside, speeds) if beside else challenger
                 if beside:
                     self.decided.add(host.field)
         return incumbent
+
+    @classmethod
+    def _pair_cost(cls, configs: list[ExecutionConfig]) -> float:
+        """A challenger's process building ``configs`` and the incumbent's process beside it (``_cost``)."""
+        return cls._cost(configs) + PAIR_PARTNER_COST
 
     def _variants(self, dimension: Dimension, incumbent: Candidate) -> list[Candidate]:
         """``incumbent`` with each other value of the in-process ``dimension`` (known candidates reused)."""

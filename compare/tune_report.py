@@ -60,7 +60,8 @@ def report_blocks(tuning: dict[str, Any]) -> list[Any]:
         blocks += [Block("h3", "Search table"),
                    Block("p", "Every candidate the search measured (median images/s of its timed steps; rounds: "
                               "one value per measurement). A process-level setting (oneDNN, allocator, thread "
-                              "pools) is measured in a process of its own, a close call again in reverse order; "
+                              "pools) is measured in a process of its own, in turns with the incumbent's own process "
+                              "(both running at once, timed one at a time, ABBA), and decided on that pair's figures; "
                               "in-process settings (execution mode, memory format) are measured side by side in "
                               "one process, alternating in ABBA blocks, and decided there (rounds marked ~; "
                               "images_per_sec of a candidate with no process of its own: the incumbent's figure "
