@@ -189,7 +189,7 @@ def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: i
     return _result(state, timed, time.perf_counter() - started, stopped_early)
 
 
-TURN_POLL_S = 0.002  # how often a waiting process looks whether its turn has come (idle otherwise)
+TURN_POLL_S = 0.005  # how often a waiting process looks whether its turn has come (idle otherwise)
 TURN_TIMEOUT_S = 600.0  # a partner silent this long is taken as gone: this process goes on alone
 
 

@@ -346,7 +346,10 @@ def run_paired(base: RunSpec, groups: list[list[ExecutionConfig]], steps: tuple[
             except KeyboardInterrupt:
                 outcomes[index] = None
             finally:
-                Path(folder, f"gone-{names[index]}").write_text("ended")
+                try:  # its partner stops waiting for it, however it ended
+                    Path(folder, f"gone-{names[index]}").write_text("ended")
+                except OSError:  # the folder is gone: interrupted
+                    pass
 
         threads = [threading.Thread(target=one, args=(index,), daemon=True) for index in range(len(groups))]
         for thread in threads:

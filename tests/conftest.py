@@ -21,6 +21,15 @@ for _name in ("torch", "triton"):
 
 import pytest  # noqa: E402
 
+MAX_TEST_WORKERS = 4  # each worker imports torch and TensorFlow (~1-2 GB resident with the tests' models)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (the dev extra)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per usable core, at most MAX_TEST_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_TEST_WORKERS, cores))
+
 
 @pytest.fixture(autouse=True)
 def _no_real_execution_search(monkeypatch):
