@@ -61,9 +61,9 @@ from common.sampler import epoch_plan
 
 MIN_TIMED_STEPS = 3  # timed steps before a candidate may stop early
 # In-process variants: timed blocks in ABBA order (forward, then backward, ...). Four rounds of short blocks
-# rather than two long ones: a burst of load from a neighbour (1-2 s on a shared machine) then falls on one
-# short block of a variant, a quarter of its timed steps, and its median holds; in two blocks of four steps it
-# fell on half of one variant's steps and swayed the choice (benchmarks/tune_budget.py, stop 25).
+# rather than two long ones: a burst of load from a neighbour on a shared machine then falls on one short
+# block of a variant, a quarter of its timed steps, and its median holds; with two blocks it fell on half of
+# one variant's steps (benchmarks/tune_budget.py and benchmarks/machine_noise.py measure both).
 ALTERNATION_ROUNDS = 4
 
 

@@ -23,10 +23,10 @@ numbers as the framework's reference configuration:
    turns, ABBA over four rounds, the other idle (``run_paired``,
    common.tuning.Turns); a challenger replaces the incumbent when it passes
    the gate and is at least ``MIN_GAIN`` faster than the incumbent in the
-   same minutes. Two processes measured one after the other differ by
-   10-50% on a shared machine (benchmarks/tune_budget.py: torch's reference
-   measured 241-367 images/s in three searches), more than the allocator's
-   effect; in turns, the drift hits both. A challenger in an in-process
+   same minutes. Two processes measured one after the other can differ on
+   a shared machine by more than the allocator's effect (the search tables
+   of benchmarks/tune_budget.py show the reference's spread between
+   searches); in turns, the drift hits both. A challenger in an in-process
    alternation running below ``LOSER_FRACTION`` of the incumbent stops early
    (a clear loser). An in-process dimension (execution mode, memory format:
    ``Dimension.in_process``) is tried in ONE process: the incumbent and each
