@@ -429,10 +429,10 @@ class Search:
             found.append(float(result["images_per_sec"]) if ok else None)
         return (float(own) if own else None), found
 
-    def _run(self, candidate: Candidate, stop_below: float | None = None) -> Candidate:
+    def _run(self, candidate: Candidate) -> Candidate:
         self.log(f"  tune {self.base.backend} {self.base.model}: {candidate.config.label()} ({candidate.role})")
         began = time.monotonic()
-        result = self.measure(candidate.config, stop_below)
+        result = self.measure(candidate.config, None)
         self.durations.append(time.monotonic() - began)
         return self._take(candidate, result)
 
@@ -578,20 +578,6 @@ class Search:
     def _cost(configs: list[ExecutionConfig]) -> float:
         """A process building ``configs``, in candidate processes (each variant one, a compiling one more)."""
         return sum(COMPILED_VARIANT_COST if c.mode in COMPILING_MODES else 1.0 for c in configs)
-
-    def _first_tries(self, dimensions: list[Dimension], incumbent: Candidate) -> float:
-        """What ``dimensions`` would cost from ``incumbent``, in candidate processes (``_cost``): each untried
-        value of a process-level dimension; for an in-process one, every variant its shared process builds,
-        the incumbent's included (as _try_together)."""
-        count = 0.0
-        for dimension in dimensions:
-            configs = [incumbent.config.replace(**{dimension.field: value})
-                       for value in self._values(dimension, incumbent)]
-            if dimension.in_process:
-                count += self._cost([incumbent.config, *configs]) if configs else 0.0
-            else:
-                count += sum(self._cost([c]) + PAIR_PARTNER_COST for c in configs if self._known(c) is None)
-        return count
 
     def _try_dimension(self, dimension: Dimension, incumbent: Candidate, later: list[Dimension] | None = None,
                        host: Dimension | None = None) -> Candidate:
