@@ -311,11 +311,16 @@ def run_alternating(base: RunSpec, configs: list[ExecutionConfig], steps: tuple[
     gate, warmup, timed = steps
     request = {"specs": [replace(base, execution=c).to_dict() for c in configs], "gate_steps": gate,
                "warmup": warmup, "steps": timed, "rounds": ALTERNATION_ROUNDS, "loser_fraction": loser_fraction}
-    result, tail = _launch(base, request, first, timeout_s)
+    return _per_variant(*_launch(base, request, first, timeout_s), len(configs))
+
+
+def _per_variant(result: dict[str, Any], tail: list[str], count: int) -> list[dict[str, Any]]:
+    """A ``specs`` worker's OUT as one result per variant, in order (its error for each where it wrote none);
+    each variant also says whether its process ran ``paired`` (run_paired) or not (None)."""
     variants = result.get("variants") if result.get("status") == "ok" else None
-    if not isinstance(variants, list) or len(variants) != len(configs):
-        return [_with_tail(dict(result), tail) for _ in configs]
-    return [_with_tail(variant, tail) for variant in variants]
+    if not isinstance(variants, list) or len(variants) != count:
+        return [_with_tail(dict(result), tail) for _ in range(count)]
+    return [_with_tail({**variant, "paired": result.get("paired")}, tail) for variant in variants]
 
 
 def run_paired(base: RunSpec, groups: list[list[ExecutionConfig]], steps: tuple[int, int, int] = (GATE_STEPS,
@@ -365,15 +370,8 @@ def run_paired(base: RunSpec, groups: list[list[ExecutionConfig]], steps: tuple[
                 except OSError:
                     pass
             raise
-    found = []
-    for configs, outcome in zip(groups, outcomes):
-        result, tail = outcome or ({"status": "error", "error": "interrupted"}, [])
-        variants = result.get("variants") if result.get("status") == "ok" else None
-        if not isinstance(variants, list) or len(variants) != len(configs):
-            found.append([_with_tail(dict(result), tail) for _ in configs])
-        else:
-            found.append([_with_tail({**variant, "paired": result.get("paired")}, tail) for variant in variants])
-    return found
+    return [_per_variant(*(outcome or ({"status": "error", "error": "interrupted"}, [])), len(configs))
+            for configs, outcome in zip(groups, outcomes)]
 
 
 class Search:
@@ -420,14 +418,8 @@ class Search:
         began = time.monotonic()
         mine, theirs = self.measure_paired([[incumbent.config], [c.config for c in group]])
         self.durations.append(time.monotonic() - began)
-        self._take(incumbent, mine[0])
-        own = mine[0].get("images_per_sec") if mine[0].get("status") == "ok" and incumbent.status == "ok" else None
-        found = []
-        for index, (candidate, result) in enumerate(zip(group, theirs)):
-            self._take(candidate, result, together=index > 0)
-            ok = result.get("status") == "ok" and result.get("images_per_sec") and candidate.status == "ok"
-            found.append(float(result["images_per_sec"]) if ok else None)
-        return (float(own) if own else None), found
+        [own] = self._take_each([incumbent], mine, first_alone=True)
+        return own, self._take_each(group, theirs, first_alone=True)
 
     def _run(self, candidate: Candidate) -> Candidate:
         self.log(f"  tune {self.base.backend} {self.base.model}: {candidate.config.label()} ({candidate.role})")
@@ -446,6 +438,12 @@ class Search:
         began = time.monotonic()
         results = self.measure_together([c.config for c in candidates], loser_fraction)
         self.durations.append(time.monotonic() - began)
+        return self._take_each(candidates, results, first_alone)
+
+    def _take_each(self, candidates: list[Candidate], results: list[dict[str, Any]],
+                   first_alone: bool) -> list[float | None]:
+        """``_take`` each of one process's results (the first: its own figure where ``first_alone``, the others
+        measured beside it); each one's images/s there, None where it failed or left the gate."""
         found = []
         for index, (candidate, result) in enumerate(zip(candidates, results)):
             self._take(candidate, result, together=not (first_alone and index == 0))
