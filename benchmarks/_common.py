@@ -193,16 +193,23 @@ def dualbench_bench(args: list[str], tag: str) -> list[dict[str, Any]]:
     process's peak RSS, and the pretty-printed JSON is longer than
     run_process keeps of stdout.
     """
-    done = dualbench_cli(["bench", *args, "--json"], tag)
+    return json_list(dualbench_cli(["bench", *args, "--json"], tag), tag)
+
+
+def json_list(done: subprocess.CompletedProcess | None, tag: str) -> list[dict[str, Any]]:
+    """The JSON list a `dualbench ... --json` command printed ([] where it timed out or printed none)."""
     if done is None:
         return []
     start = done.stdout.find("[")
     try:
-        return json.loads(done.stdout[start:]) if start >= 0 else []
+        found = json.loads(done.stdout[start:]) if start >= 0 else []
     except ValueError:
+        found = None
+    if not isinstance(found, list):
         tail = done.stderr.strip().splitlines()
         print(f"  {tag}: no rows (exit {done.returncode}): {tail[-1] if tail else ''}", file=sys.stderr)
         return []
+    return found
 
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:

@@ -9,7 +9,13 @@ One sitting, two phases:
    Per framework and model the fastest configuration by its median, plus the
    runner-up when it is within ``FINALIST_MARGIN`` of it, go on as finalists
    (one sweep round cannot tell apart configurations closer than the machine's
-   noise).
+   noise). The run's own configuration (``dualbench tune --json``: what
+   ``--mode auto`` takes) joins them where it is not one: its bare loop in
+   the same rounds gives ``agreement_same_config``, the run against a
+   hand-written loop in the very configuration the search chose. Where
+   ``agreement`` misses and that one does not, the search chose another
+   configuration than the best bare loop; where both miss, the run is slower
+   than a hand-written loop. ``meets`` reads ``agreement`` only.
 2. alternation (ABBA rounds): ``dualbench run`` with ``--mode auto`` (the
    search's cached choice for this machine; ``dualbench tune`` runs first and
    is timed, ``--retune`` forces it), one seed, ``--steps`` timed steps; then
@@ -48,8 +54,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import (abba, base_parser, dualbench_cli, machine_header, median, print_table, run_bare, split,
-                     write_results)
+from _common import (abba, base_parser, dualbench_cli, json_list, machine_header, median, print_table, run_bare,
+                     split, write_results)
 from common.execution import ExecutionConfig
 
 TOLERANCE = 0.10  # |run ratio / bare ratio - 1|
@@ -130,6 +136,31 @@ def finalists(rows: list[dict], configs: dict[tuple[str, str], list[ExecutionCon
     return chosen
 
 
+def run_choices(records: list[dict]) -> dict[tuple[str, str], ExecutionConfig]:
+    """Per (model, backend): the configuration `dualbench run --mode auto` takes (``dualbench tune --json``'s
+    records), as a bare loop runs it: a bare loop has no tf.data pipeline, so no tf.data pool of its own."""
+    return {(r["model"], r["backend"]): ExecutionConfig.from_dict(r["config"]).replace(data_threads=None, source="")
+            for r in records if r.get("config")}
+
+
+def with_run_choices(final: dict[tuple[str, str], list[ExecutionConfig]],
+                     choices: dict[tuple[str, str], ExecutionConfig]) -> dict[tuple[str, str], list[ExecutionConfig]]:
+    """The finalists plus, where it is not one of them, the run's own configuration: measured as a bare loop
+    in the same rounds, it tells a choice that is not the best bare one from a run that is slower than a
+    hand-written loop in the same configuration (``agreement_same_config``)."""
+    out = {}
+    for key, configs in final.items():
+        choice = choices.get(key)
+        out[key] = configs + ([choice] if choice and choice.label() not in {c.label() for c in configs} else [])
+    return out
+
+
+def config_speeds(rows: list[dict], model: str, backend: str, label: str | None) -> dict[int, float]:
+    """One bare configuration's images/s per round (none where ``label`` is None)."""
+    return {r["round"]: speed(r) for r in rows if label is not None and speed(r)
+            and (r["side"], r["model"], r.get("backend"), r.get("config")) == ("bare", model, backend, label)}
+
+
 def best_config(rows: list[dict], model: str, backend: str) -> tuple[str | None, dict[int, float]]:
     """The backend's bare configuration with the highest median over rounds, and its images/s per round.
 
@@ -146,7 +177,10 @@ def best_config(rows: list[dict], model: str, backend: str) -> tuple[str | None,
     return best, by_config[best]
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], choices: dict[tuple[str, str], str] | None = None) -> list[dict]:
+    """Per model: the run's tf/torch ratio against that of the best bare loops (``meets``: the target), and,
+    as a diagnosis, against that of bare loops in the run's own configurations (``choices``: labels per
+    (model, backend))."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         runs = [r for r in rows if r["side"] == "run" and r["model"] == model]
@@ -157,6 +191,11 @@ def summarise(rows: list[dict]) -> list[dict]:
         run_ratio, bare_ratio = median(run_by_round.values()), median(bare_by_round.values())
         agreement = run_ratio / bare_ratio if run_ratio and bare_ratio else None
         per_round = [run_by_round[k] / bare_by_round[k] for k in sorted(set(run_by_round) & set(bare_by_round))]
+        # the run's own configurations as bare loops (with_run_choices): like for like, whatever the search chose
+        same_torch = config_speeds(rows, model, "torch", (choices or {}).get((model, "torch")))
+        same_tf = config_speeds(rows, model, "tensorflow", (choices or {}).get((model, "tensorflow")))
+        same_by_round = {k: same_tf[k] / same_torch[k] for k in sorted(set(same_tf) & set(same_torch))}
+        same_ratio = median(same_by_round.values())
         out.append({"model": model, "run_ratio": run_ratio, "bare_best_ratio": bare_ratio, "agreement": agreement,
                     "agreement_per_round": " ".join(f"{a:.3f}" for a in per_round),
                     "run_torch_img_s": median(r.get("torch_img_s") for r in runs),
@@ -165,6 +204,11 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "bare_tensorflow_img_s": median(tf_speeds.values()),
                     "best_bare_torch": torch_config, "best_bare_tensorflow": tf_config,
                     "tensorflow_onednn_in_run": runs[0].get("tensorflow_onednn") if runs else None,
+                    "run_config_torch": (choices or {}).get((model, "torch")),
+                    "run_config_tensorflow": (choices or {}).get((model, "tensorflow")),
+                    "bare_same_config_torch_img_s": median(same_torch.values()),
+                    "bare_same_config_tensorflow_img_s": median(same_tf.values()),
+                    "agreement_same_config": run_ratio / same_ratio if run_ratio and same_ratio else None,
                     "target": f"within {TOLERANCE:.0%}",
                     "meets": "yes" if agreement is not None and abs(agreement - 1) <= TOLERANCE else "no"})
     return out
@@ -189,11 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         args.sweep_steps, args.sweep_rounds = 3, 1
         args.models, dims = split(args.models)[0], dims or ["mode"]
     started = time.perf_counter()
+    choices: dict[tuple[str, str], ExecutionConfig] = {}
     if not args.quick:  # --quick: the run takes the cache or the fallback, no search
         tune_args = ["tune", "--models", args.models, "--backends", "torch,tensorflow", "--data", args.data,
-                     "--batch-size", str(args.batch_size)] + (["--retune"] if args.retune else [])
+                     "--batch-size", str(args.batch_size), "--json"] + (["--retune"] if args.retune else [])
         tuned = dualbench_cli(tune_args, "dualbench tune")
-        print((tuned.stdout if tuned else "dualbench tune: timed out")[-3000:], file=sys.stderr)
+        print((tuned.stderr if tuned else "dualbench tune: timed out")[-3000:], file=sys.stderr)
+        choices = run_choices(json_list(tuned, "dualbench tune"))
+        print("the run's configurations: " + "; ".join(f"{m} {b}: {c.label()}" for (m, b), c in choices.items()),
+              file=sys.stderr, flush=True)
     tune_s = time.perf_counter() - started
     every = {(model, backend): bare_configs(backend, dims)
              for model, backend in itertools.product(split(args.models), ("torch", "tensorflow"))}
@@ -201,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_index in range(args.sweep_rounds):
         print(f"sweep {round_index + 1}/{args.sweep_rounds}", file=sys.stderr, flush=True)
         rows += bare_side(args, round_index, every, "sweep", args.sweep_steps)
-    final = finalists(rows, every)
+    final = with_run_choices(finalists(rows, every), choices)
     print("finalists: " + "; ".join(f"{m} {b}: {', '.join(c.label() for c in cs)}" for (m, b), cs in final.items()),
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="dualbench-best-bare-") as tmp:
@@ -209,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {round_index + 1}/{args.rounds}: {side}", file=sys.stderr, flush=True)
             rows += (run_side(args, Path(tmp), round_index) if side == "run"
                      else bare_side(args, round_index, final, "bare", args.steps))
-    summary = summarise(rows)
+    summary = summarise(rows, {key: config.label() for key, config in choices.items()})
     for row in summary:
         row["tune_s"] = round(tune_s, 1)
     print(machine_header(args.threads))

@@ -256,6 +256,29 @@ def test_best_bare_ratio_reads_the_bare_loop_as_the_run_is_read_and_ignores_the_
     assert row["agreement_per_round"] == "0.909 1.111"
 
 
+def test_best_bare_ratio_also_times_the_runs_own_configuration_bare_and_compares_like_with_like():
+    from common.execution import ExecutionConfig
+
+    eager, compiled = ExecutionConfig("eager", channels_last=True), ExecutionConfig("compile", channels_last=True)
+    graph = ExecutionConfig("graph", onednn=True, malloc_tuning=False)
+    records = [{"model": "m", "backend": "torch", "config": eager.to_dict()},
+               {"model": "m", "backend": "tensorflow", "config": graph.replace(data_threads=1).to_dict()}]
+    choices = best_bare_ratio.run_choices(records)
+    assert choices[("m", "tensorflow")] == graph  # a bare loop has no tf.data pool: the same bare configuration
+    final = best_bare_ratio.with_run_choices({("m", "torch"): [compiled], ("m", "tensorflow"): [graph]}, choices)
+    assert final[("m", "torch")] == [compiled, eager] and final[("m", "tensorflow")] == [graph]  # no duplicate
+    # the best bare torch loop is compile (300); the run chose eager, which runs 250 bare
+    rows = [{"round": 1, "side": "run", "model": "m", "ratio": 1.2}]
+    for backend, config, value in [("torch", compiled, 300.0), ("torch", eager, 250.0), ("tensorflow", graph, 300.0)]:
+        rows.append({"round": 1, "side": "bare", "model": "m", "backend": backend, "config": config.label(),
+                     "step_median_images_per_sec": value})
+    [row] = best_bare_ratio.summarise(rows, {key: c.label() for key, c in choices.items()})
+    assert row["agreement"] == pytest.approx(1.2) and row["meets"] == "no"  # the verdict: the best bare loops
+    assert row["agreement_same_config"] == pytest.approx(1.0)  # like for like: the choice, not the run, is off
+    assert row["bare_same_config_torch_img_s"] == 250.0 and row["run_config_torch"] == eager.label()
+    assert best_bare_ratio.summarise(rows)[0]["agreement_same_config"] is None  # no choices known (--quick)
+
+
 def test_machine_noise_compares_neighbouring_windows_of_the_same_work():
     # 1-s slices: a slow minute-scale swing (100, 100, 80, 80, 100, 100) under per-second jitter
     per_second = [100.0, 100.0, 80.0, 80.0, 100.0, 100.0]
