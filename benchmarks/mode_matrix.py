@@ -50,9 +50,11 @@ FALLBACK_PROBES = {
 }
 
 
-def configurations(backends: list[str], precisions: list[str]) -> list[tuple[str, str, str | None, str]]:
-    """(backend, mode, channels_last or None, precision), the backends interleaved."""
-    per_backend = {"torch": [("torch", m, cl, p) for p in precisions for m, cl in TORCH_CONFIGS],
+def configurations(backends: list[str], precisions: list[str],
+                   torch_configs: list[tuple[str, str]] | None = None) -> list[tuple[str, str, str | None, str]]:
+    """(backend, mode, channels_last or None, precision), the backends interleaved; torch's
+    ``torch_configs`` ((mode, channels_last) pairs; default all of TORCH_CONFIGS)."""
+    per_backend = {"torch": [("torch", m, cl, p) for p in precisions for m, cl in torch_configs or TORCH_CONFIGS],
                    "tensorflow": [("tensorflow", m, None, p) for p in precisions for m in TF_MODES],
                    "keras-torch": [("keras-torch", m, None, p) for p in precisions for m in KERAS_TORCH_MODES]}
     lists = [per_backend[b] for b in backends]
@@ -143,14 +145,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="repeats of the interleaved sequence, even for a balanced order")
     parser.add_argument("--no-fit", dest="fit", action="store_false",
                         help="Keras backends: the custom step only (default: also Keras's fit, and fit over custom)")
+    parser.add_argument("--torch-configs", default=None, metavar="MODE:CL,...",
+                        help="torch's configurations, e.g. eager:on,compile:on (default: "
+                             + ",".join(f"{m}:{cl}" for m, cl in TORCH_CONFIGS) + ")")
     args = parser.parse_args(argv)
+    torch_configs = [tuple(item.split(":")) for item in split(args.torch_configs)] if args.torch_configs else None
+    if torch_configs and not set(torch_configs) <= set(TORCH_CONFIGS):
+        parser.error(f"--torch-configs: each of {', '.join(f'{m}:{cl}' for m, cl in TORCH_CONFIGS)}")
     if args.quick:
         args.batch_size, args.steps, args.warmup, args.rounds = 16, 2, 1, 1
         args.models = split(args.models)[0]
     backends = split(args.backends)
     fallbacks = {b: run_json([sys.executable, "-c", FALLBACK_PROBES[b]], f"fallback-{b}")[0] or {} for b in backends}
     rows = []
-    configs = configurations(backends, split(args.precisions))
+    configs = configurations(backends, split(args.precisions), torch_configs)
     for round_index, config in abba(configs, args.rounds):
         print(f"round {round_index + 1}/{args.rounds}: {config}", file=sys.stderr, flush=True)
         rows += [{"round": round_index + 1, **r} for r in run_config(config, args)]

@@ -49,6 +49,8 @@ def test_mode_matrix_interleaves_frameworks_and_marks_the_winner():
     configs = mode_matrix.configurations(["torch", "tensorflow"], ["fp32"])
     assert [c[0] for c in configs[:6]] == ["torch", "tensorflow"] * 3
     assert len(configs) == len(mode_matrix.TORCH_CONFIGS) + len(mode_matrix.TF_MODES)
+    chosen = mode_matrix.configurations(["torch"], ["fp32"], [("eager", "on"), ("compile", "on")])
+    assert chosen == [("torch", "eager", "on", "fp32"), ("torch", "compile", "on", "fp32")]
     rows = [{"backend": "tensorflow", "model": "m", "precision": "fp32", "config": c, "batch_size": 8,
              "status": "ok", "images_per_sec": v, "compile_s": 1.0} for c, v in [("graph", 300.0), ("xla", 200.0)]]
     summary = mode_matrix.summarise(rows, {"tensorflow": {"config": "xla"}})
