@@ -240,13 +240,15 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     write_file_atomic(path, text.getvalue().encode("utf-8"))  # a killed script leaves the old file whole
 
 
-def write_results(out: str | Path, summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+def write_results(out: str | Path, summary: list[dict[str, Any]], rows: list[dict[str, Any]],
+                  extra: dict[str, Any] | None = None) -> None:
     """The summary table at ``out`` and every measurement at ``<out folder>/raw/<out name>``.
 
     Only summaries sit at the top of the results folder: benchmarks/readme_results.py
     renders every CSV found there (not in raw/) into the README, quoting the exact
     command from ``<out>.json`` (written here, beside the summary) so that the
-    README's numbers can be reproduced by the command it prints.
+    README's numbers can be reproduced by the command it prints. ``extra``: more
+    of the sitting's record for that JSON (e.g. the searches a benchmark ran).
     """
     out = Path(out)
     raw = out.parent / "raw" / out.name
@@ -256,5 +258,5 @@ def write_results(out: str | Path, summary: list[dict[str, Any]], rows: list[dic
     script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
     command = shlex.join([".venv/bin/python", script.as_posix(), *sys.argv[1:]])
     finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    write_json_atomic(out.with_suffix(".json"), {"command": command, "finished_utc": finished})
+    write_json_atomic(out.with_suffix(".json"), {"command": command, "finished_utc": finished, **(extra or {})})
     print(f"\nwrote {out} (summary) and {raw} (every measurement)")

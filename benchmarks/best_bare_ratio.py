@@ -234,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         args.models, dims = split(args.models)[0], dims or ["mode"]
     started = time.perf_counter()
     choices: dict[tuple[str, str], ExecutionConfig] = {}
+    records: list[dict] = []
     if not args.quick:  # --quick: the run takes the cache or the fallback, no search
         tune_args = ["tune", "--models", args.models, "--backends", "torch,tensorflow", "--data", args.data,
                      "--batch-size", str(args.batch_size), "--json"] + (["--retune"] if args.retune else [])
         tuned = dualbench_cli(tune_args, "dualbench tune")
         print((tuned.stderr if tuned else "dualbench tune: timed out")[-3000:], file=sys.stderr)
-        choices = run_choices(json_list(tuned, "dualbench tune"))
+        records = json_list(tuned, "dualbench tune")
+        choices = run_choices(records)
         print("the run's configurations: " + "; ".join(f"{m} {b}: {c.label()}" for (m, b), c in choices.items()),
               file=sys.stderr, flush=True)
     tune_s = time.perf_counter() - started
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_header(args.threads))
     print_table(f"tf/torch training images/s: dualbench run (--mode auto) vs the best bare loops, median of "
                 f"{args.rounds} round(s)", summary, list(summary[0]) if summary else [])
-    write_results(args.out, summary, rows)
+    write_results(args.out, summary, rows, {"tune_records": records})  # what the search measured and chose
     return 0
 
 

@@ -37,12 +37,13 @@ def build(model: str, data: str, batch_size: int, region: str) -> dict:
                    test_subset=batch_size, recipe=Recipe(batch_size=batch_size, eval_batch_size=batch_size, dropout=0.0),
                    execution=ExecutionConfig("compile", channels_last=True, malloc_tuning=False))
     if region == "model":
-        return tuning._prepare(get_backend("torch"), spec, gate_steps=2)
-    state = tuning._prepare(get_backend("torch"), replace(spec, execution=spec.execution.replace(mode="eager")), 1)
+        return tuning.prepare_candidate(get_backend("torch"), spec, gate_steps=2)
+    eager = replace(spec, execution=spec.execution.replace(mode="eager"))
+    state = tuning.prepare_candidate(get_backend("torch"), eager, 1)
     step = state["train_step"]
     step._model_forward = step.forward_model  # inside the compiled graph: the model, eager ...
     step._forward_loss = torch.compile(step._forward_loss, dynamic=False)  # ... compiled with loss and argmax
-    tuning._warm(state, 1)
+    tuning.warm_steps(state, 1)
     return state
 
 
@@ -53,8 +54,8 @@ def measure(model: str, data: str, batch_size: int, rounds: int, steps: int) -> 
     rows = []
     for round_index in range(rounds):
         for region in (REGIONS if round_index % 2 == 0 else REGIONS[::-1]):
-            tuning._warm(states[region], 1)
-            timed, _ = tuning._timed(states[region], steps)
+            tuning.warm_steps(states[region], 1)
+            timed, _ = tuning.timed_steps(states[region], steps)
             rows.append({"model": model, "round": round_index + 1, "region": region, "batch_size": batch_size,
                          "images_per_sec": batch_size / statistics.median(timed), "step_times_s": timed})
     return rows

@@ -94,7 +94,7 @@ def _training_batches(backend: Any, spec: RunSpec, num_train: int):
         yield from backend.train_batches(plan)
 
 
-def _prepare(backend: Any, spec: RunSpec, gate_steps: int, eval_now: bool = True) -> dict[str, Any]:
+def prepare_candidate(backend: Any, spec: RunSpec, gate_steps: int, eval_now: bool = True) -> dict[str, Any]:
     """Build ``spec`` on ``backend`` and compute its gate outputs from the initial state (step 1 above).
 
     ``eval_now`` False: the eval-mode logits wait (``_deferred_eval``, from the initial weights kept here):
@@ -144,12 +144,12 @@ def _deferred_eval(state: dict[str, Any]) -> None:
     state["eval_compile_s"] = time.perf_counter() - t0
 
 
-def _warm(state: dict[str, Any], steps: int) -> None:
+def warm_steps(state: dict[str, Any], steps: int) -> None:
     for _ in range(steps):
         state["train_step"](*next(state["batches"]), state["spec"].recipe.lr)
 
 
-def _timed(state: dict[str, Any], steps: int, stop_below: float | None = None) -> tuple[list[float], bool]:
+def timed_steps(state: dict[str, Any], steps: int, stop_below: float | None = None) -> tuple[list[float], bool]:
     """Up to ``steps`` timed steps (step 2 above); (their seconds, whether it stopped early)."""
     backend, train_step, lr = state["backend"], state["train_step"], state["spec"].recipe.lr
     batch, timed = state["spec"].recipe.batch_size, []
@@ -182,10 +182,10 @@ def _result(state: dict[str, Any], timed: list[float], wall: float, stopped_earl
 def measure_candidate(backend: Any, spec: RunSpec, *, gate_steps: int, warmup: int, steps: int,
                       stop_below: float | None = None) -> dict[str, Any]:
     """Gate outputs and steady-state throughput of ``spec`` (its ``execution`` set) in this process."""
-    state = _prepare(backend, spec, gate_steps)
-    _warm(state, warmup)
+    state = prepare_candidate(backend, spec, gate_steps)
+    warm_steps(state, warmup)
     started = time.perf_counter()
-    timed, stopped_early = _timed(state, steps, stop_below)
+    timed, stopped_early = timed_steps(state, steps, stop_below)
     return _result(state, timed, time.perf_counter() - started, stopped_early)
 
 
@@ -315,7 +315,7 @@ def measure_alternating(backend_name: str, specs: list[RunSpec], *, gate_steps: 
     for index, spec in enumerate(specs):
         backend = get_backend(backend_name)
         try:
-            states.append(_prepare(backend, spec, gate_steps, eval_now=index == 0))
+            states.append(prepare_candidate(backend, spec, gate_steps, eval_now=index == 0))
             results.append(None)
         except Exception as exc:  # noqa: BLE001 - recorded, the other variants go on
             traceback.print_exc(file=sys.stderr)
@@ -337,9 +337,9 @@ def measure_alternating(backend_name: str, specs: list[RunSpec], *, gate_steps: 
                 continue
             try:
                 began = time.monotonic()
-                _warm(state, warmup)
+                warm_steps(state, warmup)
                 started = time.perf_counter()
-                timed, _ = _timed(state, per_block)
+                timed, _ = timed_steps(state, per_block)
                 walls[index] += time.perf_counter() - started
                 blocks[index].append(timed)
                 spans[index].append((began, time.monotonic()))

@@ -47,3 +47,23 @@ def _no_real_execution_search(monkeypatch):
         return measure(self, config, stop_below)
 
     monkeypatch.setattr(tune.Search, "measure", guarded)
+
+
+def heavy_files_first(items: list) -> list:
+    """``items`` with the test files holding the most ``slow`` tests first (collection order otherwise).
+
+    pytest-xdist (``--dist loadfile``) hands whole files to its workers in collection order; the files
+    with end-to-end runs and module fixtures of minutes go first, so the short files fill the workers'
+    gaps at the end instead of one worker running a long file alone while the other idles."""
+    def path(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[path(item)] = slow.get(path(item), 0) + (item.get_closest_marker("slow") is not None)
+    order = {name: index for index, name in enumerate(slow)}  # first-seen order: the collection's
+    return sorted(items, key=lambda item: (-slow[path(item)], order[path(item)]))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items[:] = heavy_files_first(items)

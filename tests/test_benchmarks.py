@@ -281,6 +281,18 @@ def test_best_bare_ratio_also_times_the_runs_own_configuration_bare_and_compares
     assert best_bare_ratio.summarise(rows)[0]["agreement_same_config"] is None  # no choices known (--quick)
 
 
+def test_results_keep_the_command_and_the_sittings_record_beside_the_summary(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / "best_bare_ratio.py"), "--models", "m"])
+    out = tmp_path / "x.csv"
+    _common.write_results(out, [{"a": 1}], [{"b": 2}], {"tune_records": [{"model": "m"}]})
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["command"] == ".venv/bin/python benchmarks/best_bare_ratio.py --models m"
+    assert meta["tune_records"] == [{"model": "m"}]
+    assert (tmp_path / "raw" / "x.csv").read_text().splitlines() == ["b", "2"]
+
+
 def test_machine_noise_compares_neighbouring_windows_of_the_same_work():
     # 1-s slices: a slow minute-scale swing (100, 100, 80, 80, 100, 100) under per-second jitter
     per_second = [100.0, 100.0, 80.0, 80.0, 100.0, 100.0]
