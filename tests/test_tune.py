@@ -562,13 +562,13 @@ def test_in_process_variants_alternate_in_abba_blocks_each_gated_and_timed(fake_
 
     monkeypatch.setenv(TUNE_ENV, "mode=compile:x2;mode=xla:x4:wrong")
     order = []
-    timed = tuning._timed
+    timed = tuning.timed_steps
 
     def recording(state, steps, stop_below=None):
         order.append(state["spec"].execution.mode)
         return timed(state, steps, stop_below)
 
-    monkeypatch.setattr(tuning, "_timed", recording)
+    monkeypatch.setattr(tuning, "timed_steps", recording)
     base = _spec()
     specs = [base.__class__.from_dict({**base.to_dict(), "execution": ExecutionConfig(m, channels_last=False).to_dict()})
              for m in ("eager", "compile", "xla")]
@@ -603,14 +603,14 @@ def test_in_process_variants_alternate_in_abba_blocks_each_gated_and_timed(fake_
 def test_a_variant_that_fails_leaves_the_others_measured(fake_env, monkeypatch):
     from common import tuning
 
-    real_prepare = tuning._prepare
+    real_prepare = tuning.prepare_candidate
 
     def failing(backend, spec, gate_steps, **kwargs):
         if spec.execution.mode == "compile":
             raise RuntimeError("inductor failed")
         return real_prepare(backend, spec, gate_steps, **kwargs)
 
-    monkeypatch.setattr(tuning, "_prepare", failing)
+    monkeypatch.setattr(tuning, "prepare_candidate", failing)
     base = _spec()
     specs = [base.__class__.from_dict({**base.to_dict(), "execution": ExecutionConfig(m).to_dict()})
              for m in ("eager", "compile")]
