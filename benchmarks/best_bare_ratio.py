@@ -167,10 +167,8 @@ def best_config(rows: list[dict], model: str, backend: str) -> tuple[str | None,
     Not the fastest configuration of each round: the maximum of 8-12 noisy figures is biased upwards
     (one lucky process), and more so for the side with more configurations.
     """
-    by_config: dict[str, dict[int, float]] = {}
-    for r in rows:
-        if (r["side"], r["model"], r.get("backend")) == ("bare", model, backend) and speed(r):
-            by_config.setdefault(r["config"], {})[r["round"]] = speed(r)
+    labels = dict.fromkeys(r["config"] for r in rows if (r["side"], r["model"], r.get("backend")) == ("bare", model, backend))
+    by_config = {label: found for label in labels if (found := config_speeds(rows, model, backend, label))}
     if not by_config:
         return None, {}
     best = max(by_config, key=lambda config: median(by_config[config].values()))
